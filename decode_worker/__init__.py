@@ -1,0 +1,1 @@
+"""kvrelay: decode_worker."""

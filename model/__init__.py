@@ -1,0 +1,1 @@
+"""The transformer: config parsing, weight loading, presets, tokenizer, forward pass, sampling."""

@@ -1,0 +1,1 @@
+"""kvrelay: protos."""
