@@ -1,1 +1,1 @@
-"""kvrelay: rpc."""
+"""gRPC plumbing shared by every service: server builder, channels, limits."""

@@ -1,0 +1,77 @@
+"""The workers the router knows: who they are, where, and how loaded.
+
+Workers register, heartbeat and deregister; one that misses heartbeats for
+`expiry_s` is dropped. Load used for routing is the router's own count of calls in
+flight to each worker (exact and current), not the heartbeat's (late by up to one
+interval); heartbeat figures are kept for `kvrelay status`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Role(Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass
+class WorkerEntry:
+    worker_id: str
+    role: Role
+    address: str
+    num_inflight: int = 0
+    """Calls the router has in flight to this worker."""
+    num_waiting: int = 0
+    """From the last heartbeat."""
+    num_running: int = 0
+    """From the last heartbeat."""
+    kv_usage: float = 0.0
+    """From the last heartbeat."""
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+class WorkerRegistry:
+    """Workers by id. Not thread-safe: the router uses it from its event loop."""
+
+    def __init__(self, expiry_s: float, clock=time.monotonic) -> None:
+        self._workers: dict[str, WorkerEntry] = {}
+        self._expiry_s = expiry_s
+        self._clock = clock
+
+    def register(self, worker_id: str, role: Role, address: str) -> WorkerEntry:
+        """Adds a worker, or replaces the entry of a worker that restarted."""
+        entry = WorkerEntry(worker_id, role, address, last_seen=self._clock())
+        self._workers[worker_id] = entry
+        return entry
+
+    def heartbeat(
+        self, worker_id: str, num_waiting: int, num_running: int, kv_usage: float
+    ) -> bool:
+        """Records load; False when the worker is unknown (it must register again)."""
+        entry = self._workers.get(worker_id)
+        if entry is None:
+            return False
+        entry.num_waiting, entry.num_running, entry.kv_usage = num_waiting, num_running, kv_usage
+        entry.last_seen = self._clock()
+        return True
+
+    def deregister(self, worker_id: str) -> WorkerEntry | None:
+        return self._workers.pop(worker_id, None)
+
+    def expire(self) -> list[WorkerEntry]:
+        """Drops and returns workers whose last heartbeat is older than the expiry."""
+        now = self._clock()
+        dead = [w for w in self._workers.values() if now - w.last_seen > self._expiry_s]
+        for entry in dead:
+            del self._workers[entry.worker_id]
+        return dead
+
+    def get(self, worker_id: str) -> WorkerEntry | None:
+        return self._workers.get(worker_id)
+
+    def workers(self, role: Role | None = None) -> list[WorkerEntry]:
+        return [w for w in self._workers.values() if role is None or w.role is role]
