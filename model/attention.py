@@ -10,8 +10,10 @@ lets one model run both phases; `model/` never imports a worker.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 
 class AttentionBackend(ABC):
@@ -39,3 +41,110 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:
         """query: [num_tokens, num_heads, head_dim]; key, value: [num_tokens,
         num_kv_heads, head_dim]. Returns [num_tokens, num_heads, head_dim]."""
+
+
+class ContiguousKVAttention(AttentionBackend):
+    """Causal attention for sequences whose cached K/V is one contiguous tensor each.
+
+    This is the prefill backend (and the reference decode loop's): each sequence
+    brings `new_lens[i]` new tokens, flattened in sequence order, and optionally the
+    K/V of the prefix it continues, `[num_layers, 2, prefix_len, num_kv_heads,
+    head_dim]` (the KV block layout of DESIGN.md, blocks concatenated along tokens).
+    New token j of sequence i attends to the whole prefix and to new tokens 0..j.
+    The new K/V of every layer is recorded, so after the forward pass `new_kv(i)`
+    hands back the sequence's contribution in the same layout, ready to be cut into
+    blocks or appended to its prefix for the next chunk or decode step.
+    """
+
+    def __init__(
+        self,
+        new_lens: Sequence[int],
+        prefix_kvs: Sequence[torch.Tensor | None] | None = None,
+    ) -> None:
+        if any(n <= 0 for n in new_lens):
+            raise ValueError(f"every sequence needs at least one new token, got {list(new_lens)}")
+        if prefix_kvs is not None and len(prefix_kvs) != len(new_lens):
+            raise ValueError(f"{len(prefix_kvs)} prefix K/V tensors for {len(new_lens)} sequences")
+        self.new_lens = list(new_lens)
+        self.prefix_kvs: list[torch.Tensor | None] = (
+            list(prefix_kvs) if prefix_kvs is not None else [None] * len(new_lens)
+        )
+        # _new_keys[seq_idx][layer_idx] is that layer's K for the sequence's new tokens.
+        self._new_keys: list[list[torch.Tensor]] = [[] for _ in new_lens]
+        self._new_values: list[list[torch.Tensor]] = [[] for _ in new_lens]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.new_lens)
+
+    def prefix_len(self, seq_idx: int) -> int:
+        prefix = self.prefix_kvs[seq_idx]
+        return 0 if prefix is None else prefix.shape[2]
+
+    def attend(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        if query.shape[0] != self.num_tokens:
+            raise ValueError(f"expected {self.num_tokens} tokens, got {query.shape[0]}")
+        num_queries_per_kv = query.shape[1] // key.shape[1]
+        outputs = []
+        for seq_idx, (q, k, v) in enumerate(
+            zip(
+                query.split(self.new_lens),
+                key.split(self.new_lens),
+                value.split(self.new_lens),
+                strict=True,
+            )
+        ):
+            assert len(self._new_keys[seq_idx]) == layer_idx, "layers must be attended in order"
+            self._new_keys[seq_idx].append(k)
+            self._new_values[seq_idx].append(v)
+            prefix = self.prefix_kvs[seq_idx]
+            if prefix is not None:
+                k = torch.cat((prefix[layer_idx, 0].to(k.dtype), k))
+                v = torch.cat((prefix[layer_idx, 1].to(v.dtype), v))
+            outputs.append(_causal_attention(q, k, v, scale, num_queries_per_kv))
+        return torch.cat(outputs)
+
+    def new_kv(self, seq_idx: int) -> torch.Tensor:
+        """`[num_layers, 2, new_len, num_kv_heads, head_dim]`: what the forward pass added."""
+        keys, values = self._new_keys[seq_idx], self._new_values[seq_idx]
+        if not keys:
+            raise RuntimeError("new_kv() before the model ran a forward pass with this backend")
+        return torch.stack((torch.stack(keys), torch.stack(values)), dim=1)
+
+
+def _causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, num_queries_per_kv: int
+) -> torch.Tensor:
+    """q: [new_len, num_heads, d]; k, v: [total_len, num_kv_heads, d], the last
+    new_len of which are q's own tokens. Returns [new_len, num_heads, d]."""
+    new_len, total_len = q.shape[0], k.shape[0]
+    if num_queries_per_kv > 1:
+        k = k.repeat_interleave(num_queries_per_kv, dim=1)
+        v = v.repeat_interleave(num_queries_per_kv, dim=1)
+    if new_len == 1:
+        mask, is_causal = None, False  # one query sees everything before it
+    elif new_len == total_len:
+        mask, is_causal = None, True
+    else:
+        # SDPA's is_causal aligns the diagonal top-left; with a prefix the new tokens
+        # sit bottom-right, so the mask is explicit.
+        offset = total_len - new_len
+        rows = torch.arange(new_len, device=q.device)[:, None]
+        cols = torch.arange(total_len, device=q.device)[None, :]
+        mask, is_causal = cols <= rows + offset, False
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.transpose(0, 1),
+        v.transpose(0, 1),
+        attn_mask=mask,
+        is_causal=is_causal,
+        scale=scale,
+    )
+    return out.transpose(0, 1)

@@ -1,0 +1,245 @@
+"""`ModelConfig`: the shape of a Llama-family decoder, parsed from a HF `config.json`.
+
+Accepts Llama, Mistral and Qwen2 configs as older (`rope_theta` + `rope_scaling`) and
+current (`rope_parameters`) `transformers` versions write them. Anything this
+model code would silently compute differently (another architecture, a sliding
+window shorter than the context, an unknown rope type) is refused with a
+`ModelLoadError` rather than served wrong.
+
+This module does not import torch: the router reads configs too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model.errors import ModelLoadError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling; `None` in `ModelConfig` means plain RoPE."""
+
+    rope_type: str
+    """`linear` (positions divided by `factor`) or `llama3` (Llama 3.1 banded scaling)."""
+    factor: float
+    """How much longer the context is than at pretraining."""
+    low_freq_factor: float = 1.0
+    """llama3 only: wavelengths above `original_max_position_embeddings / low_freq_factor` are scaled fully."""
+    high_freq_factor: float = 4.0
+    """llama3 only: wavelengths below `original_max_position_embeddings / high_freq_factor` are kept."""
+    original_max_position_embeddings: int = 8192
+    """llama3 only: the pretraining context length."""
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ("linear", "llama3"):
+            raise ModelLoadError(f"unsupported rope scaling type {self.rope_type!r}")
+        if self.factor <= 0:
+            raise ModelLoadError(f"rope scaling factor must be > 0, got {self.factor}")
+        if self.rope_type == "llama3" and not (
+            self.high_freq_factor > self.low_freq_factor > 0
+            and self.original_max_position_embeddings > 0
+        ):
+            raise ModelLoadError(
+                "llama3 rope scaling needs high_freq_factor > low_freq_factor > 0 "
+                "and original_max_position_embeddings > 0"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape and constants of one Llama-family decoder."""
+
+    architecture: str
+    """HF architecture name, one of `SUPPORTED_ARCHITECTURES`."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    """Width of the SwiGLU MLP."""
+    num_layers: int
+    num_heads: int
+    """Query heads."""
+    num_kv_heads: int
+    """Key/value heads: equal to `num_heads` for MHA, fewer for GQA, 1 for MQA."""
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    """The output projection reuses the embedding matrix (no `lm_head.weight`)."""
+    attention_bias: bool = False
+    """q/k/v projections carry a bias (Qwen2); the output projection never does."""
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    """Any of these ends generation (unless the request ignores EOS)."""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(
+                f"unsupported architecture {self.architecture!r} "
+                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
+            if getattr(self, name) <= 0:
+                raise ModelLoadError(f"config {name} must be > 0, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ModelLoadError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2 != 0:
+            raise ModelLoadError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
+            raise ModelLoadError("config rms_norm_eps and rope_theta must be > 0")
+        for token_id in (*self.eos_token_ids, self.bos_token_id):
+            if token_id is not None and not 0 <= token_id < self.vocab_size:
+                raise ModelLoadError(
+                    f"special token id {token_id} outside vocab of {self.vocab_size}"
+                )
+
+    @property
+    def num_queries_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
+        """Parse a HF `config.json` dict; raises `ModelLoadError` for what is unsupported."""
+        architectures = hf.get("architectures") or []
+        if len(architectures) != 1:
+            raise ModelLoadError(
+                f"config.json must name exactly one architecture, got {architectures}"
+            )
+        architecture = architectures[0]
+        try:
+            num_heads = int(hf["num_attention_heads"])
+            hidden_size = int(hf["hidden_size"])
+            max_position_embeddings = int(hf.get("max_position_embeddings", 2048))
+            _check_no_short_sliding_window(hf, max_position_embeddings)
+            _check_plain_llama_block(hf)
+            rope_theta, rope_scaling = _parse_rope(hf, max_position_embeddings)
+            return cls(
+                architecture=architecture,
+                vocab_size=int(hf["vocab_size"]),
+                hidden_size=hidden_size,
+                intermediate_size=int(hf["intermediate_size"]),
+                num_layers=int(hf["num_hidden_layers"]),
+                num_heads=num_heads,
+                num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+                # `head_dim` is explicit in Mistral/Qwen3-style configs and may differ
+                # from hidden_size / num_heads.
+                head_dim=int(hf.get("head_dim") or hidden_size // num_heads),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope_theta=rope_theta,
+                rope_scaling=rope_scaling,
+                max_position_embeddings=max_position_embeddings,
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                # Qwen2 always has q/k/v bias and its config has no flag for it.
+                attention_bias=architecture == "Qwen2ForCausalLM"
+                or bool(hf.get("attention_bias", False)),
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_ids=_as_id_tuple(hf.get("eos_token_id")),
+            )
+        except KeyError as exc:
+            raise ModelLoadError(f"config.json is missing {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ModelLoadError(f"config.json has a bad value: {exc}") from None
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    """Read `model_dir/config.json` (and EOS ids from `generation_config.json`, if any)."""
+    path = Path(model_dir) / "config.json"
+    hf = _read_json(path)
+    config = ModelConfig.from_hf_dict(hf)
+    generation_path = Path(model_dir) / "generation_config.json"
+    if generation_path.is_file():
+        # Chat models list extra end-of-turn ids here (Llama 3's <|eot_id|>).
+        extra_eos = _as_id_tuple(_read_json(generation_path).get("eos_token_id"))
+        merged = tuple(dict.fromkeys((*config.eos_token_ids, *extra_eos)))
+        if merged != config.eos_token_ids:
+            config = ModelConfig(**{**config.__dict__, "eos_token_ids": merged})
+    return config
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ModelLoadError(f"missing {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} is not a JSON object")
+    return data
+
+
+def _as_id_tuple(value: int | list[int] | None) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _check_no_short_sliding_window(hf: dict[str, Any], max_position_embeddings: int) -> None:
+    # Qwen2 carries a `sliding_window` value but only applies it with use_sliding_window.
+    if hf.get("architectures") == ["Qwen2ForCausalLM"] and not hf.get("use_sliding_window", False):
+        return
+    window = hf.get("sliding_window")
+    if window is not None and int(window) < max_position_embeddings:
+        raise ModelLoadError(
+            f"unsupported sliding_window {window} shorter than the context "
+            f"({max_position_embeddings} positions)"
+        )
+
+
+def _check_plain_llama_block(hf: dict[str, Any]) -> None:
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ModelLoadError(f"unsupported hidden_act {hf['hidden_act']!r} (only silu)")
+    if hf.get("mlp_bias", False):
+        raise ModelLoadError("unsupported mlp_bias=true")
+    if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ModelLoadError("unsupported partial_rotary_factor != 1")
+
+
+def _parse_rope(
+    hf: dict[str, Any], max_position_embeddings: int
+) -> tuple[float, RopeScaling | None]:
+    """Both spellings: `rope_parameters` (transformers >= 5) holds theta and scaling in
+    one dict; older configs have a top-level `rope_theta` and an optional `rope_scaling`."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ModelLoadError("rope_parameters must be a JSON object")
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise ModelLoadError("unsupported per-layer-type rope_parameters")
+    rope_theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ModelLoadError(
+            f"unsupported rope type {rope_type!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
+    if rope_type == "default":
+        return rope_theta, None
+    return rope_theta, RopeScaling(
+        rope_type=rope_type,
+        factor=float(params["factor"]),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(
+            params.get("original_max_position_embeddings", max_position_embeddings)
+        ),
+    )

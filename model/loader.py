@@ -1,0 +1,81 @@
+"""`load_model`: a local HF directory or a `dummy:*` preset, ready to run.
+
+Local files only: no network, no pickle, no remote code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig, load_config
+from model.errors import ModelLoadError
+from model.presets import is_preset, preset_config, preset_tensors
+from model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from model.transformer import Transformer, build_transformer, checkpoint_tensor_shapes
+from model.weights import load_safetensors
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for inference (eval mode, no grad) and what goes with it."""
+
+    name: str
+    """The spec it was loaded from (a preset name or the directory as given)."""
+    config: ModelConfig
+    model: Transformer
+    tokenizer: Tokenizer | None
+    """None for a HF directory without `tokenizer.json` (token ids only)."""
+    dtype: torch.dtype
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        if self.model.training:
+            raise ValueError("LoadedModel.model must be in eval mode")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """float32 on CPU (bf16 matmuls are slow there); bfloat16 on CUDA."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def load_model(
+    spec: str,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Load `spec` (a local HF model directory or `dummy:tiny` / `dummy:135m`).
+
+    Raises `ModelLoadError` (one-line message) for anything that cannot be loaded.
+    """
+    device = torch.device(device)
+    dtype = dtype or default_dtype(device)
+    if is_preset(spec):
+        config = preset_config(spec)
+        tensors = {
+            name: t.to(device=device, dtype=dtype) for name, t in preset_tensors(spec).items()
+        }
+        tokenizer: Tokenizer | None = ByteTokenizer()
+    else:
+        model_dir = Path(spec)
+        if not model_dir.is_dir():
+            raise ModelLoadError(f"model {spec!r} is neither a directory nor a dummy:* preset")
+        config = load_config(model_dir)
+        # Tied checkpoints sometimes still carry the (identical) output matrix.
+        optional = frozenset({"lm_head.weight"}) if config.tie_word_embeddings else frozenset()
+        tensors = load_safetensors(
+            model_dir,
+            checkpoint_tensor_shapes(config),
+            dtype=dtype,
+            device=device,
+            optional_names=optional,
+        )
+        eos = config.eos_token_ids[0] if config.eos_token_ids else None
+        tokenizer = load_tokenizer(model_dir, config.bos_token_id, eos)
+    model = build_transformer(config, tensors, dtype=dtype, device=device)
+    return LoadedModel(
+        name=spec, config=config, model=model, tokenizer=tokenizer, dtype=dtype, device=device
+    )

@@ -1,0 +1,167 @@
+"""Tokenizers (byte-level and HF `tokenizer.json`) and incremental detokenization.
+
+This module must not import torch: the router tokenizes and detokenizes, and it
+has to start fast and stay small.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+from model.errors import ModelLoadError
+
+TOKENIZER_FILE_NAME = "tokenizer.json"
+# What a decoder emits for bytes that are not (yet) a whole UTF-8 character.
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids.
+
+    Contract: `decode` drops special tokens (BOS/EOS/pad) and turns invalid or
+    incomplete UTF-8 into U+FFFD; it never raises on any id in `[0, vocab_size)`.
+    """
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def bos_token_id(self) -> int | None: ...
+
+    @property
+    @abstractmethod
+    def eos_token_id(self) -> int | None: ...
+
+    @abstractmethod
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of `text`, with the BOS id first when `add_bos` and the tokenizer has one."""
+
+    @abstractmethod
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of `token_ids`, special tokens skipped."""
+
+
+class ByteTokenizer(Tokenizer):
+    """Ids 0..255 are the UTF-8 bytes; then BOS, EOS and pad. The dummy presets use it."""
+
+    NUM_BYTES = 256
+    BOS_ID = 256
+    EOS_ID = 257
+    PAD_ID = 258
+    VOCAB_SIZE = 259
+
+    @property
+    def vocab_size(self) -> int:
+        return self.VOCAB_SIZE
+
+    @property
+    def bos_token_id(self) -> int:
+        return self.BOS_ID
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.EOS_ID
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        return [self.BOS_ID, *ids] if add_bos else ids
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        data = bytes(t for t in token_ids if 0 <= t < self.NUM_BYTES)
+        return data.decode("utf-8", errors="replace")
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizer.json` run by the `tokenizers` library (no `transformers`, no remote code)."""
+
+    def __init__(
+        self, path: str | Path, bos_token_id: int | None, eos_token_id: int | None
+    ) -> None:
+        from tokenizers import Tokenizer as _RustTokenizer
+
+        try:
+            self._tokenizer = _RustTokenizer.from_file(str(path))
+        except Exception as exc:  # the Rust side raises a bare Exception
+            raise ModelLoadError(f"cannot read tokenizer {path}: {exc}") from None
+        self._bos_token_id = bos_token_id
+        self._eos_token_id = eos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._bos_token_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._eos_token_id
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        # The post-processor would add BOS on its own for some tokenizers and not for
+        # others; adding it here, once, makes `add_bos` mean the same for all.
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        if add_bos and self._bos_token_id is not None:
+            return [self._bos_token_id, *ids]
+        return ids
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+
+def load_tokenizer(
+    model_dir: str | Path, bos_token_id: int | None, eos_token_id: int | None
+) -> Tokenizer | None:
+    """The `tokenizer.json` of a HF model directory, or None when it has none."""
+    path = Path(model_dir) / TOKENIZER_FILE_NAME
+    if not path.is_file():
+        return None
+    return HFTokenizer(path, bos_token_id, eos_token_id)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    Invariant: a delta never ends in the middle of a character. Text whose decoding
+    still ends in U+FFFD (an incomplete UTF-8 sequence, or a byte-fallback token
+    waiting for its partners) is held back until more tokens complete it or
+    `flush` is called; the concatenation of all deltas plus `flush()` equals
+    `decode(all ids)`.
+
+    Only the tokens since the last emitted delta are re-decoded (with the previous
+    delta's tokens as left context, which keeps SentencePiece's leading-space rule
+    right), so the cost per token stays constant.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._token_ids: list[int] = []
+        self._prefix_offset = 0  # start of the context window re-decoded each time
+        self._read_offset = 0  # tokens before this are already emitted as text
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        """Append tokens; return the text that is now complete ("" if none)."""
+        self._token_ids.extend(token_ids)
+        prefix_text = self._tokenizer.decode(
+            self._token_ids[self._prefix_offset : self._read_offset]
+        )
+        new_text = self._tokenizer.decode(self._token_ids[self._prefix_offset :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR):
+            return ""
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._token_ids)
+        return new_text[len(prefix_text) :]
+
+    def flush(self) -> str:
+        """The held-back rest (possibly ending in U+FFFD); call once when the sequence ends."""
+        prefix_text = self._tokenizer.decode(
+            self._token_ids[self._prefix_offset : self._read_offset]
+        )
+        new_text = self._tokenizer.decode(self._token_ids[self._prefix_offset :])
+        self._prefix_offset = self._read_offset = len(self._token_ids)
+        return new_text[len(prefix_text) :]

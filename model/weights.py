@@ -1,0 +1,87 @@
+"""Reading checkpoint tensors from `*.safetensors` files, single or sharded.
+
+safetensors only: no pickle, no remote code, no network. The caller says which
+tensors it expects and their shapes; anything missing, unexpected or of the wrong
+shape is a `ModelLoadError` that names it, before any tensor reaches a model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from model.errors import ModelLoadError
+
+SHARD_INDEX_NAME = "model.safetensors.index.json"
+SINGLE_FILE_NAME = "model.safetensors"
+
+# Tensors some checkpoints carry that this model recomputes or shares: ignored, not
+# "unexpected". (Tied checkpoints sometimes still store lm_head.weight.)
+_IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of `model_dir`: the shards its index names, or the single file."""
+    index_path = model_dir / SHARD_INDEX_NAME
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"bad shard index {index_path}: {exc!r}") from None
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+    elif (model_dir / SINGLE_FILE_NAME).is_file():
+        files = [model_dir / SINGLE_FILE_NAME]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors weights in {model_dir}")
+    for path in files:
+        if not path.is_file():
+            raise ModelLoadError(f"missing weight file {path}")
+    return files
+
+
+def load_safetensors(
+    model_dir: str | Path,
+    expected_shapes: dict[str, tuple[int, ...]],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    optional_names: frozenset[str] = frozenset(),
+) -> dict[str, torch.Tensor]:
+    """Read exactly the tensors of `expected_shapes` from `model_dir`, converted to `dtype`
+    on `device`. Names in `optional_names` may be present (and are then dropped)."""
+    model_dir = Path(model_dir)
+    tensors: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for path in checkpoint_files(model_dir):
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                    if name not in expected_shapes:
+                        if name not in optional_names and not name.endswith(_IGNORABLE_SUFFIXES):
+                            unexpected.append(name)
+                        continue
+                    tensor = f.get_tensor(name)
+                    if tuple(tensor.shape) != expected_shapes[name]:
+                        raise ModelLoadError(
+                            f"tensor {name} in {path.name} has shape {tuple(tensor.shape)}, "
+                            f"expected {expected_shapes[name]}"
+                        )
+                    tensors[name] = tensor.to(device=device, dtype=dtype)
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(f"cannot read {path}: {exc}") from None
+    if unexpected:
+        raise ModelLoadError(f"unexpected tensors in {model_dir}: {_name_list(unexpected)}")
+    missing = [name for name in expected_shapes if name not in tensors]
+    if missing:
+        raise ModelLoadError(f"missing tensors in {model_dir}: {_name_list(missing)}")
+    return tensors
+
+
+def _name_list(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
