@@ -1,0 +1,101 @@
+import math
+
+import pytest
+
+from protos import generator_pb2 as pb
+from router.validation import (
+    InvalidRequest,
+    ModelLimits,
+    RequestLimits,
+    validate_prompt_shape,
+    validate_prompt_tokens,
+    validate_sampling,
+)
+
+LIMITS = RequestLimits(max_tokens=100, max_request_bytes=10_000)
+MODEL = ModelLimits(vocab_size=300, max_context_len=64)
+
+
+def test_defaults_are_filled():
+    sampling = validate_sampling(pb.SamplingParams(), LIMITS)
+    assert sampling.max_tokens == 16
+    assert sampling.top_p == 1.0
+    assert sampling.temperature == 0.0
+    assert sampling.top_k == 0
+    assert not sampling.HasField("seed")
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (pb.SamplingParams(max_tokens=0), "sampling.max_tokens must be at least 1"),
+        (
+            pb.SamplingParams(max_tokens=101),
+            "sampling.max_tokens is 101; this server allows at most 100",
+        ),
+        (pb.SamplingParams(temperature=-0.5), "sampling.temperature must be a finite number >= 0"),
+        (
+            pb.SamplingParams(temperature=math.inf),
+            "sampling.temperature must be a finite number >= 0",
+        ),
+        (
+            pb.SamplingParams(temperature=math.nan),
+            "sampling.temperature must be a finite number >= 0",
+        ),
+        (pb.SamplingParams(top_p=0.0), "sampling.top_p must be in (0, 1], got 0.0"),
+        (pb.SamplingParams(top_p=1.5), "sampling.top_p must be in (0, 1], got 1.5"),
+        (pb.SamplingParams(top_p=math.nan), "sampling.top_p must be in (0, 1]"),
+        (pb.SamplingParams(top_k=-1), "sampling.top_k must be >= 0"),
+        (pb.SamplingParams(stop=["x"] * 17), "sampling.stop has 17 strings; at most 16"),
+        (
+            pb.SamplingParams(stop=["a", "é" * 129]),
+            "sampling.stop[1] is 258 bytes; the limit is 256",
+        ),
+        (pb.SamplingParams(stop=[""]), "sampling.stop[0] is empty"),
+    ],
+    ids=lambda v: "" if isinstance(v, str) else str(v).replace("\n", " ").strip(),
+)
+def test_sampling_refusals_name_the_field(params, message):
+    with pytest.raises(InvalidRequest) as err:
+        validate_sampling(params, LIMITS)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_valid_edges_pass():
+    params = pb.SamplingParams(max_tokens=100, top_p=1.0, top_k=0, stop=["x"] * 16)
+    assert validate_sampling(params, LIMITS).max_tokens == 100
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (pb.GenerateRequest(), "prompt is empty"),
+        (
+            pb.GenerateRequest(prompt="hi", prompt_token_ids=[1]),
+            "set only one of prompt and prompt_token_ids",
+        ),
+        (pb.GenerateRequest(prompt="x" * 20_000), "request is 2000"),
+    ],
+    ids=["neither", "both", "too-big"],
+)
+def test_prompt_shape_refusals(request_, message):
+    with pytest.raises(InvalidRequest) as err:
+        validate_prompt_shape(request_, LIMITS)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_token_ids_must_be_in_vocab():
+    with pytest.raises(
+        InvalidRequest,
+        match=r"prompt_token_ids\[2\] is 300; token ids must be below the vocabulary size 300",
+    ):
+        validate_prompt_tokens([1, 2, 300], 4, MODEL, "prompt_token_ids")
+
+
+def test_context_overflow_names_both_numbers():
+    validate_prompt_tokens([1] * 60, 4, MODEL, "prompt")  # exactly fits
+    with pytest.raises(
+        InvalidRequest,
+        match=r"prompt has 60 tokens and sampling.max_tokens is 5: together over the model's context of 64",
+    ):
+        validate_prompt_tokens([1] * 60, 5, MODEL, "prompt")
