@@ -1,0 +1,129 @@
+"""`kvrelay generate`: flags, and their mapping onto a `LocalGenerateRequest`.
+
+Only `--local` (in-process) generation exists today; `--target` (a router over gRPC)
+is reserved here so the remote client can be added without changing the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from deploy.cli_errors import UsageError
+
+EPILOG = """\
+examples:
+  kvrelay generate --local "Hello from kvrelay"
+  kvrelay generate --local --model dummy:135m --max-tokens 64 --temperature 0.8 --seed 7 "Once upon"
+  kvrelay generate --local --model /models/SmolLM-135M --json "The capital of France is"
+  kvrelay generate --local --model /models/tiny --prompt-token-ids 1,15043,29892
+  kvrelay generate --local --prompts-file prompts.txt --json > out.jsonl
+
+--model takes a local Hugging Face directory (config.json, *.safetensors, optional
+tokenizer.json) or a preset: dummy:tiny (tests) or dummy:135m (SmolLM-135M's shape),
+both with seeded weights and a byte-level tokenizer. Nothing is downloaded.
+With one prompt the text is streamed as it is generated; --json prints one object
+per prompt per line: {"prompt_index", "token_ids", "text", "finish_reason"}.
+"""
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate text from prompts",
+        description="Generate text for one or more prompts.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    where = parser.add_argument_group("where to run")
+    where.add_argument("--local", action="store_true", help="run the model in this process")
+    where.add_argument(
+        "--target", metavar="HOST:PORT", help="a kvrelay router (not available yet; use --local)"
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        default="dummy:tiny",
+        help="HF directory or dummy:tiny / dummy:135m (default: %(default)s)",
+    )
+    model.add_argument(
+        "--dtype", choices=DTYPES, default="auto", help="auto = float32 on CPU, bfloat16 on CUDA"
+    )
+    model.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    prompts = parser.add_argument_group("prompts")
+    prompts.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text")
+    prompts.add_argument(
+        "--prompt-token-ids",
+        action="append",
+        default=[],
+        metavar="IDS",
+        help="a prompt as comma-separated token ids, e.g. 1,2,3 (repeatable)",
+    )
+    prompts.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--max-tokens", type=int, default=16, help="default: %(default)s")
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus mass, (0, 1]")
+    sampling.add_argument("--top-k", type=int, default=0, help="0 = off")
+    sampling.add_argument("--seed", type=int, help="makes sampling reproducible")
+    sampling.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    output = parser.add_argument_group("output")
+    output.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    output.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.target is not None:
+        raise UsageError("remote generation (--target) is not available yet; use --local")
+    if not args.local:
+        raise UsageError("say where to run: --local (in this process)")
+    # Imported here so `kvrelay --help` does not pay for importing torch.
+    from deploy.local_generate import LocalGenerateRequest, run_local_generate
+    from model.sampling import SamplingParams
+
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            ignore_eos=args.ignore_eos,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    request = LocalGenerateRequest(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        text_prompts=tuple(args.prompts) + _read_prompts_file(args.prompts_file),
+        token_id_prompts=tuple(_parse_token_ids(s) for s in args.prompt_token_ids),
+        params=params,
+        is_json=args.json,
+    )
+    return run_local_generate(request)
+
+
+def _read_prompts_file(path: Path | None) -> tuple[str, ...]:
+    if path is None:
+        return ()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read --prompts-file {path}: {exc.strerror or exc}") from None
+    return tuple(line for line in lines if line.strip())
+
+
+def _parse_token_ids(text: str) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(
+            f"--prompt-token-ids {text!r} is not a comma-separated list of integers"
+        ) from None
+    if any(i < 0 for i in ids):
+        raise UsageError(f"--prompt-token-ids {text!r} has a negative id")
+    return ids
