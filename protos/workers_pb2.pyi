@@ -28,20 +28,22 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generator_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
 
 class PrefillResult(_message.Message):
-    __slots__ = ("first_token_id", "first_logprob", "block_hashes", "has_tail", "num_cached_tokens", "num_computed_tokens")
+    __slots__ = ("first_token_id", "first_logprob", "block_hashes", "has_tail", "num_cached_tokens", "num_computed_tokens", "finish_reason")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     HAS_TAIL_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     first_logprob: float
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     has_tail: bool
     num_cached_tokens: int
     num_computed_tokens: int
-    def __init__(self, first_token_id: _Optional[int] = ..., first_logprob: _Optional[float] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., has_tail: _Optional[bool] = ..., num_cached_tokens: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ...) -> None: ...
+    finish_reason: _generator_pb2.FinishReason
+    def __init__(self, first_token_id: _Optional[int] = ..., first_logprob: _Optional[float] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., has_tail: _Optional[bool] = ..., num_cached_tokens: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[_generator_pb2.FinishReason, str]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("result", "worker_id")
@@ -152,16 +154,26 @@ class StoreStats(_message.Message):
     def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., corrupt_blocks: _Optional[int] = ..., errors: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "model")
+    __slots__ = ("worker_id", "role", "address", "model", "kv_fingerprint", "block_size", "vocab_size", "max_context_len", "max_local_prefill_len")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    KV_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_LEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOCAL_PREFILL_LEN_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     address: str
     model: str
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    kv_fingerprint: bytes
+    block_size: int
+    vocab_size: int
+    max_context_len: int
+    max_local_prefill_len: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., kv_fingerprint: _Optional[bytes] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_context_len: _Optional[int] = ..., max_local_prefill_len: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("heartbeat_interval_s",)

@@ -36,6 +36,9 @@ class RoutingPolicy(ABC):
     def on_prefilled(self, worker: WorkerEntry, block_hashes: Sequence[BlockHash]) -> None:  # noqa: B027
         """Called after `worker` prefilled a prompt with these block hashes."""
 
+    def forget_worker(self, worker_id: str) -> None:  # noqa: B027
+        """Called when a worker leaves the cluster."""
+
 
 class PrefixIndex:
     """Which prefill worker last computed each block hash: an approximate map (the
@@ -97,3 +100,6 @@ class PrefixLoadPolicy(RoutingPolicy):
 
     def on_prefilled(self, worker: WorkerEntry, block_hashes: Sequence[BlockHash]) -> None:
         self.prefix_index.record(worker.worker_id, block_hashes)
+
+    def forget_worker(self, worker_id: str) -> None:
+        self.prefix_index.forget_worker(worker_id)

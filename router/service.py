@@ -1,0 +1,160 @@
+"""The router's gRPC servicers (Generator, Registry) and its serve loop.
+
+Servicers are thin: they convert statuses and call `RequestRelay` / `Cluster`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from model.tokenizer import Tokenizer
+from protos import generator_pb2 as pb
+from protos import generator_pb2_grpc as pb_grpc
+from protos import workers_pb2 as wpb
+from protos import workers_pb2_grpc as wgrpc
+from router.cluster import Cluster, RegistrationRefused
+from router.registry import Role
+from router.relay import RelayError, RequestRelay
+from router.routing import PrefixLoadPolicy
+from router.validation import InvalidRequest, RequestLimits
+from rpc.server import RunningServer, ServiceBinding, start_server
+from telemetry.propagation import caller_context
+
+log = logging.getLogger(__name__)
+
+_ROLE_PB = {Role.PREFILL: wpb.WORKER_ROLE_PREFILL, Role.DECODE: wpb.WORKER_ROLE_DECODE}
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How a router runs."""
+
+    model: str
+    """Model name or directory; workers must register with the same."""
+    address: str = "0.0.0.0:50051"
+    """host:port to serve Generator and Registry on."""
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    """What requests may ask for."""
+    max_inflight: int = 256
+    """Requests served at once; past it, RESOURCE_EXHAUSTED."""
+    worker_expiry_s: float = 6.0
+    """A worker silent for this long is dropped; it heartbeats every third of it."""
+
+    def __post_init__(self) -> None:
+        if self.max_inflight < 1:
+            raise ValueError("max_inflight must be >= 1")
+        if self.worker_expiry_s <= 0:
+            raise ValueError("worker_expiry_s must be > 0")
+
+
+class GeneratorServicer(pb_grpc.GeneratorServicer):
+    def __init__(self, relay: RequestRelay) -> None:
+        self.relay = relay
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        responses = self.relay.generate(request, context.time_remaining(), caller_context(context))
+        try:
+            async for response in responses:
+                yield response
+        except InvalidRequest as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except RelayError as err:
+            await context.abort(err.code, err.message)
+
+
+class RegistryServicer(wgrpc.RegistryServicer):
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    async def Register(self, request, context):
+        try:
+            await self.cluster.register(request)
+        except RegistrationRefused as err:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        return wpb.RegisterResponse(heartbeat_interval_s=self.cluster.heartbeat_interval_s)
+
+    async def Heartbeat(self, request, context):
+        return wpb.HeartbeatResponse(known=self.cluster.heartbeat(request))
+
+    async def Deregister(self, request, context):
+        await self.cluster.remove(request.worker_id)
+        return wpb.DeregisterResponse()
+
+    async def ListWorkers(self, request, context):
+        now = time.monotonic()
+        return wpb.ListWorkersResponse(
+            model=self.cluster.model_name,
+            workers=[
+                wpb.WorkerInfo(
+                    worker_id=w.worker_id,
+                    role=_ROLE_PB[w.role],
+                    address=w.address,
+                    num_waiting=w.num_waiting,
+                    num_running=w.num_running,
+                    kv_usage=w.kv_usage,
+                    last_seen_s=now - w.last_seen,
+                )
+                for w in self.cluster.registry.workers()
+            ],
+        )
+
+
+@dataclass
+class Router:
+    """A running router: its server, cluster view and relay."""
+
+    server: RunningServer
+    cluster: Cluster
+    relay: RequestRelay
+    _expiry_task: asyncio.Task
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        self._expiry_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._expiry_task
+        await self.server.stop(grace_s)
+        await self.cluster.close()
+
+
+async def start_router(config: RouterConfig, tokenizer: Tokenizer) -> Router:
+    cluster = Cluster(config.model, PrefixLoadPolicy(), config.worker_expiry_s)
+    relay = RequestRelay(cluster, tokenizer, config.limits, config.max_inflight)
+    server = await start_server(
+        [
+            ServiceBinding(
+                pb_grpc.add_GeneratorServicer_to_server,
+                GeneratorServicer(relay),
+                "kvrelay.v1.Generator",
+            ),
+            ServiceBinding(
+                wgrpc.add_RegistryServicer_to_server,
+                RegistryServicer(cluster),
+                "kvrelay.v1.Registry",
+            ),
+        ],
+        config.address,
+        # Room above the validated limit, so an oversized request reaches
+        # validation and gets a message that says what to change.
+        max_message_bytes=config.limits.max_request_bytes * 4,
+    )
+
+    async def expire_forever() -> None:
+        while True:
+            await asyncio.sleep(cluster.heartbeat_interval_s)
+            await cluster.expire()
+
+    log.info("router serving %s on port %d", config.model, server.port)
+    return Router(server, cluster, relay, asyncio.ensure_future(expire_forever()))
