@@ -119,7 +119,10 @@ class BlockCodec:
         anything is written to `out`.
         """
         shape, checksum = self._check_header(header, key, is_tail)
-        payload_bytes = np.frombuffer(payload, dtype=np.uint8)
+        try:
+            payload_bytes = np.frombuffer(payload, dtype=np.uint8)
+        except (TypeError, ValueError) as exc:
+            raise BlockCodecError(f"payload is not a byte buffer: {exc}") from exc
         expected_len = shape[2] * self._bytes_per_token
         if payload_bytes.nbytes != expected_len:
             raise BlockCodecError(
@@ -142,8 +145,12 @@ class BlockCodec:
         self, header: Buffer, key: BlockHash, is_tail: bool
     ) -> tuple[tuple[int, ...], int]:
         """The payload shape and checksum `header` announces, once every field checks out."""
-        if memoryview(header).nbytes != HEADER_LEN:
-            raise BlockCodecError(f"header is {memoryview(header).nbytes} bytes, not {HEADER_LEN}")
+        try:
+            header_len = memoryview(header).nbytes
+        except TypeError as exc:
+            raise BlockCodecError(f"header is not a byte buffer: {exc}") from exc
+        if header_len != HEADER_LEN:
+            raise BlockCodecError(f"header is {header_len} bytes, not {HEADER_LEN}")
         magic, version, dtype_code, ndim, *shape_list, fingerprint, stored_key, _, checksum = (
             _HEADER.unpack(header)
         )

@@ -1,0 +1,107 @@
+"""KV-store fixtures: a tiny block spec, real `redis-server`s on free ports, local Ray.
+
+Every server a test starts is stopped by its fixture's finalizer; nothing touches a
+Redis the machine may already run on 6379.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A `redis-server` child process on its own port, which tests may kill and restart."""
+
+    def __init__(self, workdir: Path, *extra_args: str) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.extra_args = extra_args
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Starts (or restarts, on the same port) and waits until it accepts connections."""
+        assert self.process is None, "already running"
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        self.process = subprocess.Popen([*args, *self.extra_args], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def pause(self) -> None:
+        """Freezes the server (SIGSTOP): connections stay open, replies never come."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+
+@pytest.fixture(scope="session")
+def redis_binary() -> str:
+    path = shutil.which("redis-server")
+    if path is None:
+        pytest.skip("redis-server is not installed")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_redis(
+    redis_binary: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RedisServer]:
+    """One server for the contract tests (each test flushes it first)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-shared"))
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def own_redis(redis_binary: str, tmp_path: Path) -> Iterator[RedisServer]:
+    """A private server a fault test may kill, freeze and restart."""
+    server = RedisServer(tmp_path)
+    yield server
+    server.kill()  # SIGKILL ends a frozen (SIGSTOPped) server too
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """A one-CPU local Ray instance for a test module, shut down after it."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()

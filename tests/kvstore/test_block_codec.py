@@ -1,0 +1,120 @@
+"""The block codec: round trips, and one test per kind of bad payload."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+import pytest
+import torch
+from tiny_blocks import TINY_SPEC, make_block
+
+from kvstore.codec import HEADER_LEN, BlockCodec, BlockCodecError, tail_key
+from kvstore.hashing import hash_token_blocks
+from kvstore.spec import BlockSpec
+
+HASH_A, HASH_B = hash_token_blocks(list(range(8)), 4, TINY_SPEC.fingerprint)
+CODEC = BlockCodec(TINY_SPEC)
+
+
+def encoded(seed: int = 1) -> bytes:
+    return CODEC.encode_bytes(HASH_A, make_block(seed))
+
+
+def test_round_trip_is_exact() -> None:
+    block = make_block(7)
+    data = CODEC.encode_bytes(HASH_A, block)
+    assert len(data) == HEADER_LEN + TINY_SPEC.nbytes == 80 + 256
+    assert data[:4] == b"KVRB"
+    assert torch.equal(CODEC.decode(data, HASH_A), block)
+
+
+def test_encode_does_not_copy_a_contiguous_block() -> None:
+    block = make_block(1)
+    _, payload = CODEC.encode(HASH_A, block)
+    block[0, 0, 0, 0, 0] = -5.0  # the payload is a view of the tensor's memory
+    assert struct.unpack_from("<f", payload, 0) == (-5.0,)
+
+
+def test_decode_into_preallocated_tensor() -> None:
+    out = torch.zeros(TINY_SPEC.shape)
+    result = CODEC.decode(encoded(3), HASH_A, out=out)
+    assert result is out
+    assert torch.equal(out, make_block(3))
+
+
+def test_non_contiguous_block_is_encoded_by_value() -> None:
+    block = make_block(2).transpose(2, 4).contiguous().transpose(2, 4)
+    assert not block.is_contiguous()
+    assert torch.equal(CODEC.decode(CODEC.encode_bytes(HASH_A, block), HASH_A), make_block(2))
+
+
+def test_bfloat16_round_trip() -> None:
+    spec = BlockSpec(
+        "test:bf16", num_layers=2, num_kv_heads=1, head_dim=4, block_size=4, dtype=torch.bfloat16
+    )
+    codec = BlockCodec(spec)
+    block = make_block(4, spec)
+    assert torch.equal(codec.decode(codec.encode_bytes(HASH_A, block), HASH_A), block)
+
+
+def test_tail_round_trip() -> None:
+    tail = make_block(5, num_tokens=3)
+    key = tail_key("req-1")
+    data = CODEC.encode_bytes(key, tail)
+    assert torch.equal(CODEC.decode(data, key, is_tail=True), tail)
+    with pytest.raises(BlockCodecError, match="shape"):
+        CODEC.decode(data, key)  # a tail is not a full block
+
+
+def test_encode_rejects_wrong_shape_or_dtype() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        CODEC.encode(HASH_A, torch.zeros(2, 2, 4, 1, 5))
+    with pytest.raises(ValueError, match="dtype"):
+        CODEC.encode(HASH_A, torch.zeros(TINY_SPEC.shape, dtype=torch.float16))
+
+
+def _patch(offset: int, value: bytes) -> Callable[[bytes], bytes]:
+    return lambda data: data[:offset] + value + data[offset + len(value) :]
+
+
+CORRUPTIONS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
+    "empty": (lambda data: b"", "truncated header"),
+    "truncated_header": (lambda data: data[:40], "truncated header"),
+    "truncated_payload": (lambda data: data[:-1], "payload is 255 bytes"),
+    "extra_bytes": (lambda data: data + b"\0", "payload is 257 bytes"),
+    "bad_magic": (_patch(0, b"XXXX"), "magic"),
+    "bad_version": (_patch(4, struct.pack("<H", 9)), "version"),
+    "bad_dtype": (_patch(6, bytes([2])), "dtype"),
+    "bad_ndim": (_patch(7, bytes([4])), "shape"),
+    "bad_shape": (_patch(8 + 4 * 3, struct.pack("<I", 2)), "shape"),
+    "other_fingerprint": (_patch(28, bytes(16)), "fingerprint"),
+    "other_hash": (_patch(44, HASH_B), "another hash"),
+    "bad_checksum_field": (_patch(68, bytes(8)), "checksum"),
+    "flipped_payload_byte": (lambda data: data[:-1] + bytes([data[-1] ^ 1]), "checksum"),
+    "garbage": (lambda data: bytes(range(256)) * 2, "magic"),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_every_corruption_raises_block_codec_error(corruption: str) -> None:
+    corrupt, message = CORRUPTIONS[corruption]
+    out = torch.full(TINY_SPEC.shape, 9.0)
+    with pytest.raises(BlockCodecError, match=message):
+        CODEC.decode(corrupt(encoded()), HASH_A, out=out)
+    assert torch.equal(out, torch.full(TINY_SPEC.shape, 9.0)), "out written before the check"
+
+
+def test_block_of_another_model_is_rejected() -> None:
+    other = BlockSpec("test:other", num_layers=2, num_kv_heads=1, head_dim=4, block_size=4)
+    data = BlockCodec(other).encode_bytes(HASH_A, make_block(1))
+    with pytest.raises(BlockCodecError, match="fingerprint"):
+        CODEC.decode(data, HASH_A)
+
+
+def test_non_buffer_parts_are_codec_errors() -> None:
+    header, payload = CODEC.encode(HASH_A, make_block(1))
+    with pytest.raises(BlockCodecError, match="header"):
+        CODEC.decode_parts("not bytes", payload, HASH_A)  # type: ignore[arg-type]
+    with pytest.raises(BlockCodecError, match="payload"):
+        CODEC.decode_parts(header, 12345, HASH_A)  # type: ignore[arg-type]

@@ -1,0 +1,114 @@
+"""The hash chain and the fingerprint, pinned to fixed vectors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kvstore.hashing import hash_block, hash_token_blocks
+from kvstore.spec import BlockSpec
+
+SPEC_135M = BlockSpec("dummy:135m", num_layers=30, num_kv_heads=3, head_dim=64)
+
+# Computed once with blake2b and written down: if these change, every stored
+# block in every deployed store silently becomes unreachable.
+FINGERPRINT_135M = "3e8474dd895c6457de040cd0038a489a"
+HASHES_135M_0_TO_39 = [
+    "48555048f4ef229eabd4bb720f2835c3",
+    "b0ca572e92bcb7e83c7d1846d5a30a3d",
+]
+
+
+def test_fingerprint_is_fixed() -> None:
+    assert SPEC_135M.fingerprint.hex() == FINGERPRINT_135M
+
+
+def test_hash_chain_is_fixed() -> None:
+    hashes = hash_token_blocks(list(range(40)), 16, SPEC_135M.fingerprint)
+    assert [h.hex() for h in hashes] == HASHES_135M_0_TO_39
+
+
+def test_chain_is_blake2b_of_parent_and_uint32_tokens() -> None:
+    import hashlib
+    import struct
+
+    parent = SPEC_135M.fingerprint
+    expected = hashlib.blake2b(parent + struct.pack("<16I", *range(16)), digest_size=16)
+    assert hash_block(parent, list(range(16))) == expected.digest()
+
+
+def test_same_in_another_process_with_another_hash_seed() -> None:
+    code = (
+        "from kvstore import BlockSpec, hash_token_blocks;"
+        "s = BlockSpec('dummy:135m', num_layers=30, num_kv_heads=3, head_dim=64);"
+        "print(','.join(h.hex() for h in hash_token_blocks(list(range(40)), 16, s.fingerprint)))"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().split(",") == HASHES_135M_0_TO_39
+
+
+def test_partial_last_block_has_no_hash() -> None:
+    seed = SPEC_135M.fingerprint
+    assert hash_token_blocks(list(range(15)), 16, seed) == []
+    assert hash_token_blocks(list(range(47)), 16, seed) == hash_token_blocks(
+        list(range(32)), 16, seed
+    )
+
+
+def test_chain_can_be_extended_from_a_parent() -> None:
+    seed = SPEC_135M.fingerprint
+    full = hash_token_blocks(list(range(48)), 16, seed)
+    assert hash_token_blocks(list(range(16, 48)), 16, full[0]) == full[1:]
+
+
+def test_a_block_hash_depends_on_its_whole_prefix() -> None:
+    seed = SPEC_135M.fingerprint
+    a = hash_token_blocks([1] * 16 + [2] * 16, 16, seed)
+    b = hash_token_blocks([3] * 16 + [2] * 16, 16, seed)
+    assert a[1] != b[1]
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        BlockSpec("dummy:other", num_layers=30, num_kv_heads=3, head_dim=64),
+        BlockSpec("dummy:135m", num_layers=30, num_kv_heads=3, head_dim=64, dtype=torch.bfloat16),
+        BlockSpec("dummy:135m", num_layers=30, num_kv_heads=3, head_dim=64, block_size=32),
+        BlockSpec("dummy:135m", num_layers=29, num_kv_heads=3, head_dim=64),
+    ],
+    ids=["model", "dtype", "block_size", "shape"],
+)
+def test_other_models_never_share_hashes(other: BlockSpec) -> None:
+    tokens = list(range(64))
+    assert other.fingerprint != SPEC_135M.fingerprint
+    assert set(hash_token_blocks(tokens, 16, other.fingerprint)).isdisjoint(
+        hash_token_blocks(tokens, 16, SPEC_135M.fingerprint)
+    )
+
+
+def test_bad_arguments_are_rejected() -> None:
+    with pytest.raises(ValueError, match="token ids"):
+        hash_block(SPEC_135M.fingerprint, [-1] * 16)
+    with pytest.raises(ValueError, match="seed"):
+        hash_token_blocks(list(range(16)), 16, b"short")
+    with pytest.raises(ValueError, match="block_size"):
+        hash_token_blocks(list(range(16)), 0, SPEC_135M.fingerprint)
+
+
+def test_spec_shape_and_size() -> None:
+    assert SPEC_135M.shape == (30, 2, 16, 3, 64)
+    assert SPEC_135M.nbytes == 737_280
+    assert SPEC_135M.tail_shape(5) == (30, 2, 5, 3, 64)
+    with pytest.raises(ValueError, match="num_tokens"):
+        SPEC_135M.tail_shape(17)
+    with pytest.raises(ValueError, match="num_layers"):
+        BlockSpec("m", num_layers=0, num_kv_heads=1, head_dim=1)
+    with pytest.raises(ValueError, match="dtype"):
+        BlockSpec("m", num_layers=1, num_kv_heads=1, head_dim=1, dtype=torch.int64)
