@@ -1,0 +1,237 @@
+"""The PrefillWorker gRPC servicer and the worker's start-up.
+
+The servicer is thin: it loads the cached prefix from the store, hands the job to
+the engine thread, and publishes the new blocks and the tail, with the store's
+blocking calls off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import grpc
+import torch
+from opentelemetry import trace
+
+from kvstore import BlockSpec, KVStore, StoreUnavailableError, hash_token_blocks, open_store
+from model.loader import LoadedModel, load_model
+from model.sampling import finish_reason
+from prefill_worker.config import PrefillConfig
+from prefill_worker.engine import PrefillCancelled, PrefillEngine
+from prefill_worker.store_io import load_cached_prefix, publish_prompt_kv
+from protos import workers_pb2 as wpb
+from protos import workers_pb2_grpc as wgrpc
+from rpc.registration import RouterMembership
+from rpc.sampling_proto import finish_reason_to_proto, sampling_from_proto
+from rpc.server import RunningServer, ServiceBinding, start_server
+from rpc.store_stats import store_stats_to_proto
+from telemetry import names
+from telemetry.propagation import caller_context
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("kvrelay.prefill")
+
+
+class PrefillServicer(wgrpc.PrefillWorkerServicer):
+    def __init__(self, worker_id: str, loaded: LoadedModel, engine: PrefillEngine, store: KVStore):
+        self.worker_id = worker_id
+        self.loaded = loaded
+        self.engine = engine
+        self.store = store
+        self.block_size = store.spec.block_size
+
+    async def Prefill(self, request: wpb.PrefillRequest, context: grpc.aio.ServicerContext):
+        with tracer.start_as_current_span(
+            names.SPAN_PREFILL, context=caller_context(context), kind=trace.SpanKind.SERVER
+        ) as span:
+            span.set_attribute(names.REQUEST_ID, request.request_id)
+            token_ids = list(request.prompt_token_ids)
+            try:
+                sampling = sampling_from_proto(request.sampling)
+                self._check_prompt(token_ids)
+            except ValueError as err:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            hashes = hash_token_blocks(token_ids, self.block_size, self.store.spec.fingerprint)
+            job = self.engine.new_job(request.request_id, token_ids, sampling)
+            with tracer.start_as_current_span(names.SPAN_STORE_LOOKUP) as lookup_span:
+                num_present, job.num_cached_tokens = await asyncio.to_thread(
+                    load_cached_prefix, self.store, hashes, job.kv
+                )
+                lookup_span.set_attribute(names.NUM_HITS, num_present)
+                lookup_span.set_attribute(names.CACHED_PROMPT_TOKENS, job.num_cached_tokens)
+            with tracer.start_as_current_span(names.SPAN_PREFILL_FORWARD) as forward_span:
+                forward_span.set_attribute(names.CACHED_PROMPT_TOKENS, job.num_cached_tokens)
+                forward_span.set_attribute(
+                    names.COMPUTED_PROMPT_TOKENS, len(token_ids) - job.num_cached_tokens
+                )
+                try:
+                    output = await asyncio.wrap_future(self.engine.submit(job))
+                except asyncio.CancelledError:
+                    self.engine.cancel(job)
+                    raise
+                except PrefillCancelled:
+                    await context.abort(grpc.StatusCode.CANCELLED, "prefill cancelled")
+            finished = finish_reason(
+                output.first_token_id, 1, sampling, self.loaded.config.eos_token_ids
+            )
+            with tracer.start_as_current_span(names.SPAN_STORE_PUT) as put_span:
+                put_span.set_attribute(names.NUM_BLOCKS, len(hashes) - num_present)
+                try:
+                    await asyncio.to_thread(
+                        publish_prompt_kv,
+                        self.store,
+                        request.request_id,
+                        hashes,
+                        output.kv,
+                        num_present,
+                        finished is None,
+                    )
+                except StoreUnavailableError as err:
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"KV store unreachable, cannot hand off KV: {err}",
+                    )
+            return wpb.PrefillResponse(
+                worker_id=self.worker_id,
+                result=wpb.PrefillResult(
+                    first_token_id=output.first_token_id,
+                    first_logprob=output.first_logprob,
+                    block_hashes=hashes,
+                    has_tail=finished is None and len(token_ids) % self.block_size != 0,
+                    num_cached_tokens=job.num_cached_tokens,
+                    num_computed_tokens=len(token_ids) - job.num_cached_tokens,
+                    finish_reason=finish_reason_to_proto(finished),
+                ),
+            )
+
+    def _check_prompt(self, token_ids: list[int]) -> None:
+        config = self.loaded.config
+        if not token_ids:
+            raise ValueError("prompt_token_ids is empty")
+        if max(token_ids) >= config.vocab_size:
+            raise ValueError(
+                f"prompt_token_ids must be below the vocabulary size {config.vocab_size}"
+            )
+        if len(token_ids) >= config.max_position_embeddings:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens; the model's context is {config.max_position_embeddings}"
+            )
+
+    async def Release(self, request: wpb.ReleaseRequest, context: grpc.aio.ServicerContext):
+        try:
+            await asyncio.to_thread(self.store.delete_tail, request.request_id)
+        except StoreUnavailableError as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV store unreachable: {err}")
+        return wpb.ReleaseResponse()
+
+    async def GetStats(self, request: wpb.StatsRequest, context: grpc.aio.ServicerContext):
+        counters = self.engine.counters
+        num_tails = await asyncio.to_thread(_num_tails_or_zero, self.store)
+        return wpb.WorkerStats(
+            worker_id=self.worker_id,
+            role="prefill",
+            num_waiting=self.engine.num_waiting,
+            num_running=self.engine.num_running,
+            num_computed_tokens_total=counters.num_computed_tokens_total,
+            num_cached_tokens_total=counters.num_cached_tokens_total,
+            num_finished_requests_total=counters.num_finished_requests_total,
+            store=store_stats_to_proto(self.store.stats()),
+            num_live_tails=num_tails,
+        )
+
+
+def _num_tails_or_zero(store: KVStore) -> int:
+    try:
+        return store.num_tails()
+    except StoreUnavailableError:
+        return 0
+
+
+@dataclass
+class PrefillWorker:
+    """A running prefill worker."""
+
+    worker_id: str
+    server: RunningServer
+    engine: PrefillEngine
+    store: KVStore
+    membership: RouterMembership | None
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        if self.membership is not None:
+            await self.membership.stop()
+        await self.server.stop(grace_s)
+        await asyncio.to_thread(self.engine.stop)
+        self.store.close()
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"dtype {name!r} is not supported; use one of {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+async def start_prefill_worker(config: PrefillConfig) -> PrefillWorker:
+    torch.set_num_threads(config.num_threads or available_cores())
+    loaded = await asyncio.to_thread(
+        load_model, config.model, dtype=parse_dtype(config.dtype), device=config.device
+    )
+    spec = BlockSpec.for_model(config.model, loaded.config, loaded.dtype, config.block_size)
+    store = await asyncio.to_thread(open_store, config.store_url, spec)
+    engine = PrefillEngine(loaded, config.token_budget)
+    engine.start()
+    host = config.address.rsplit(":", 1)[0]
+    servicer = PrefillServicer("", loaded, engine, store)
+    server = await start_server(
+        [
+            ServiceBinding(
+                wgrpc.add_PrefillWorkerServicer_to_server, servicer, "kvrelay.v1.PrefillWorker"
+            )
+        ],
+        config.address,
+        max_message_bytes=16 * 1024 * 1024,
+    )
+    advertise = config.advertise_address or f"{_dialable(host)}:{server.port}"
+    worker_id = config.worker_id or f"prefill-{advertise}"
+    servicer.worker_id = worker_id
+    membership = None
+    if config.router:
+        membership = RouterMembership(
+            config.router,
+            wpb.RegisterRequest(
+                worker_id=worker_id,
+                role=wpb.WORKER_ROLE_PREFILL,
+                address=advertise,
+                model=config.model,
+                kv_fingerprint=spec.fingerprint,
+                block_size=spec.block_size,
+                vocab_size=loaded.config.vocab_size,
+                max_context_len=loaded.config.max_position_embeddings,
+            ),
+            lambda: wpb.HeartbeatRequest(
+                num_waiting=engine.num_waiting, num_running=engine.num_running
+            ),
+        )
+        membership.start()
+    log.info("prefill worker %s serving %s on %s", worker_id, config.model, advertise)
+    return PrefillWorker(worker_id, server, engine, store, membership)
+
+
+def _dialable(host: str) -> str:
+    """A bind address like 0.0.0.0 is not something a router can dial."""
+    return socket.gethostname() if host in ("0.0.0.0", "[::]", "") else host

@@ -1,0 +1,84 @@
+"""A worker's membership in a router's cluster: register, heartbeat, deregister.
+
+The heartbeat loop re-registers when the router says it does not know the worker
+(the router restarted) and keeps trying while the router is unreachable, so
+workers and routers can be started and restarted in any order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from protos import workers_pb2 as wpb
+from protos import workers_pb2_grpc as wgrpc
+from rpc.channel import open_channel
+
+log = logging.getLogger(__name__)
+
+RETRY_INTERVAL_S = 1.0
+CALL_TIMEOUT_S = 2.0
+
+LoadProbe = Callable[[], wpb.HeartbeatRequest]
+"""Returns the worker's current load (worker_id is filled in by the membership)."""
+
+
+class RouterMembership:
+    """Keeps one worker registered with one router until `stop()`."""
+
+    def __init__(
+        self, router_address: str, registration: wpb.RegisterRequest, load: LoadProbe
+    ) -> None:
+        self.registration = registration
+        self._load = load
+        self._channel = open_channel(router_address)
+        self._stub = wgrpc.RegistryStub(self._channel)
+        self._task: asyncio.Task | None = None
+        self.is_registered = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _register(self) -> float:
+        response = await self._stub.Register(self.registration, timeout=CALL_TIMEOUT_S)
+        self.is_registered.set()
+        log.info("registered with the router as %s", self.registration.worker_id)
+        return response.heartbeat_interval_s
+
+    async def _run(self) -> None:
+        interval = RETRY_INTERVAL_S
+        known = False
+        while True:
+            try:
+                if not known:
+                    interval = await self._register()
+                    known = True
+                beat = self._load()
+                beat.worker_id = self.registration.worker_id
+                known = (await self._stub.Heartbeat(beat, timeout=CALL_TIMEOUT_S)).known
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    log.error("the router refused this worker: %s", err.details())
+                else:
+                    log.warning("router unreachable (%s); retrying", err.code().name)
+                known = False
+                self.is_registered.clear()
+                interval = RETRY_INTERVAL_S
+            await asyncio.sleep(interval)
+
+    async def stop(self) -> None:
+        """Stops heartbeating and leaves the cluster, so no new work arrives."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self._stub.Deregister(
+                wpb.DeregisterRequest(worker_id=self.registration.worker_id),
+                timeout=CALL_TIMEOUT_S,
+            )
+        await self._channel.close()
