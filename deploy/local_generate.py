@@ -48,8 +48,9 @@ class LocalGenerateRequest:
             raise UsageError("an empty --prompt-token-ids prompt")
 
 
-def run_local_generate(request: LocalGenerateRequest, out: TextIO = sys.stdout) -> int:
-    """Generate and print; returns the exit status."""
+def run_local_generate(request: LocalGenerateRequest, out: TextIO | None = None) -> int:
+    """Generate and print to `out` (default: stdout); returns the exit status."""
+    out = out or sys.stdout
     loaded = load_model(
         request.model,
         dtype=None if request.dtype == "auto" else _DTYPES[request.dtype],
