@@ -73,7 +73,7 @@ class ByteBudgetLRU(Generic[K, V]):
             self.num_bytes -= entry[1]
             return entry[0]
 
-    def keys(self) -> list[K]:
+    def lru_order(self) -> list[K]:
         """Keys from least to most recently used (a copy)."""
         with self._lock:
             return list(self._entries)

@@ -28,7 +28,7 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
-from kvstore.codec import HEADER_LEN, BlockCodec, BlockCodecError, tail_key
+from kvstore.codec import BlockCodec, BlockCodecError, tail_key
 from kvstore.hashing import BlockHash
 from kvstore.lru import ByteBudgetLRU
 from kvstore.spec import BlockSpec
@@ -80,8 +80,8 @@ class BlockIndex:
         for block_hash in hashes:
             self._blocks.pop(block_hash)
 
-    def put_tail(self, request_id: str, box: RefBox) -> None:
-        self._tails.put(request_id, box)
+    def put_tail(self, request_id: str, box: RefBox, ttl_s: float) -> None:
+        self._tails.put(request_id, box, ttl_s)
 
     def get_tail(self, request_id: str) -> RefBox | None:
         return self._tails.get(request_id)
@@ -95,6 +95,13 @@ class BlockIndex:
     def num_blocks(self) -> int:
         return len(self._blocks)
 
+    def clear(self) -> None:
+        """Drops every block and tail (an operator's reset; tests use it between cases)."""
+        for block_hash in self._blocks.lru_order():
+            self._blocks.pop(block_hash)
+        for request_id in self._tails.request_ids():
+            self._tails.delete(request_id)
+
 
 class RayStore(KVStore):
     """Blocks in the Ray object store of the cluster this process is connected to.
@@ -102,8 +109,11 @@ class RayStore(KVStore):
     Connects with `ray.init()` (honouring `RAY_ADDRESS`) if Ray is not initialized
     yet. The index actor is named `kvrelay-kvindex-<fingerprint hex>` in Ray
     namespace `namespace`, created by the first store that asks for it
-    (`num_cpus=0`, so it never takes a worker's CPU). `budget_bytes` is the
-    index's byte budget, fixed by whoever creates the actor. Every Ray call is
+    (`num_cpus=0`, so it never takes a worker's CPU). It is detached by default:
+    a non-detached actor dies with the handles of the process that created it,
+    which would wipe the index shared by every worker when one of them stops.
+    `budget_bytes` is the index's byte budget, fixed by whoever creates the actor;
+    `tail_ttl_s` applies to the tails this store object writes. Every Ray call is
     bounded by `timeout_s`; a timeout or a dead actor raises
     `StoreUnavailableError`, and the next call looks the actor up again (a
     restarted index starts empty). Thread-safe.
@@ -117,13 +127,14 @@ class RayStore(KVStore):
         budget_bytes: int = DEFAULT_BUDGET_BYTES,
         tail_ttl_s: float = DEFAULT_TAIL_TTL_S,
         timeout_s: float = DEFAULT_TIMEOUT_S,
-        is_detached: bool = False,
+        is_detached: bool = True,
     ) -> None:
         super().__init__(spec)
         if not ray.is_initialized():
             ray.init()
         self.namespace = namespace
         self.timeout_s = timeout_s
+        self.tail_ttl_s = tail_ttl_s
         self._actor_name = f"kvrelay-kvindex-{spec.fingerprint.hex()}"
         self._actor_options = {
             "name": self._actor_name,
@@ -132,7 +143,7 @@ class RayStore(KVStore):
             "num_cpus": 0,
             "lifetime": "detached" if is_detached else None,
         }
-        self._actor_args = (budget_bytes, tail_ttl_s)
+        self._actor_args = (budget_bytes, DEFAULT_TAIL_TTL_S)
         self._codec = BlockCodec(spec)
         self._stats = StatsRecorder()
         self._lock = threading.Lock()
@@ -179,7 +190,8 @@ class RayStore(KVStore):
 
     def put_tail(self, request_id: str, kv: torch.Tensor) -> None:
         self.spec.check_payload(kv, is_tail=True)
-        self._call("put_tail", request_id, [self._put_object(tail_key(request_id), kv)])
+        box = [self._put_object(tail_key(request_id), kv)]
+        self._call("put_tail", request_id, box, self.tail_ttl_s)
         self._stats.add(bytes_in=kv.nbytes)
 
     def get_tail(self, request_id: str) -> torch.Tensor | None:
@@ -205,6 +217,10 @@ class RayStore(KVStore):
             return ray.is_initialized() and self._call("ping")
         except StoreUnavailableError:
             return False
+
+    def clear_index(self) -> None:
+        """Drops every block and tail of this fingerprint from the shared index."""
+        self._call("clear")
 
     def close(self) -> None:
         # The index actor is shared with other stores; only our handle goes.
@@ -255,7 +271,7 @@ class RayStore(KVStore):
         except BlockCodecError:
             self._stats.add(misses=1, corrupt_blocks=1)
             return None
-        self._stats.add(hits=1, bytes_out=HEADER_LEN + payload.nbytes)
+        self._stats.add(hits=1, bytes_out=kv.nbytes)
         return kv
 
     def _call(self, method: str, *args: object) -> object:

@@ -113,7 +113,7 @@ class RedisStore(KVStore):
                 pipe.set(self.block_key(block_hash), value, ex=self.block_ttl_s)
 
         self._pipeline(run)
-        self._stats.add(bytes_in=sum(value.nbytes for _, value in encoded))
+        self._stats.add(bytes_in=len(blocks) * self.spec.nbytes)
 
     def get(self, hashes: Sequence[BlockHash]) -> list[torch.Tensor | None]:
         return self._get(hashes, [None] * len(hashes))
@@ -144,7 +144,7 @@ class RedisStore(KVStore):
         value = ScatterValue(self._codec.encode(tail_key(request_id), kv))
         with self._translate_errors():
             self._client.set(self.tail_key(request_id), value, ex=self.tail_ttl_s)
-        self._stats.add(bytes_in=value.nbytes)
+        self._stats.add(bytes_in=kv.nbytes)
 
     def get_tail(self, request_id: str) -> torch.Tensor | None:
         with self._translate_errors():
@@ -186,7 +186,7 @@ class RedisStore(KVStore):
         except BlockCodecError:
             self._stats.add(misses=1, corrupt_blocks=1)
             return None
-        self._stats.add(hits=1, bytes_out=len(value))
+        self._stats.add(hits=1, bytes_out=kv.nbytes)
         return kv
 
     def _pipeline(self, fill: Callable[[redis.client.Pipeline], None]) -> list:

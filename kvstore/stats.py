@@ -16,9 +16,9 @@ class StoreStats:
     misses: int = 0
     """Blocks (and tails) asked for and absent, evicted, expired or corrupt."""
     bytes_in: int = 0
-    """Payload bytes written to the store."""
+    """KV payload bytes written (tensor bytes; codec headers not counted)."""
     bytes_out: int = 0
-    """Payload bytes read back from the store."""
+    """KV payload bytes returned to callers (tensor bytes)."""
     corrupt_blocks: int = 0
     """Stored payloads the codec rejected (each also counted as a miss)."""
     errors: int = 0

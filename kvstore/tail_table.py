@@ -10,7 +10,8 @@ V = TypeVar("V")
 
 
 class ExpiringTable(Generic[V]):
-    """Maps request ids to values that vanish `ttl_s` seconds after their last `put`.
+    """Maps request ids to values that vanish `ttl_s` seconds (or the `put`'s own
+    `ttl_s`) after their last `put`.
 
     Expired entries are purged lazily on every call, so there is no timer
     thread to stop. Thread-safe.
@@ -23,10 +24,10 @@ class ExpiringTable(Generic[V]):
         self._entries: dict[str, tuple[V, float]] = {}
         self._lock = threading.Lock()
 
-    def put(self, request_id: str, value: V) -> None:
+    def put(self, request_id: str, value: V, ttl_s: float | None = None) -> None:
         with self._lock:
             self._purge()
-            self._entries[request_id] = (value, time.monotonic() + self.ttl_s)
+            self._entries[request_id] = (value, time.monotonic() + (ttl_s or self.ttl_s))
 
     def get(self, request_id: str) -> V | None:
         with self._lock:
@@ -37,6 +38,11 @@ class ExpiringTable(Generic[V]):
     def delete(self, request_id: str) -> None:
         with self._lock:
             self._entries.pop(request_id, None)
+
+    def request_ids(self) -> list[str]:
+        with self._lock:
+            self._purge()
+            return list(self._entries)
 
     def __len__(self) -> int:
         with self._lock:
