@@ -52,15 +52,12 @@ def test_json_output_for_text_and_token_id_prompts(tmp_path) -> None:
     assert len(records[1]["token_ids"]) == 4
 
 
-def test_streamed_text_equals_json_text() -> None:
-    streamed = kvrelay(
-        "generate", "--local", "--max-tokens", "6", "--ignore-eos", "Hello from kvrelay"
-    )
-    assert streamed.returncode == 0, streamed.stderr
-    as_json = kvrelay(
-        "generate", "--local", "--json", "--max-tokens", "6", "--ignore-eos", "Hello from kvrelay"
-    )
-    assert streamed.stdout == json.loads(as_json.stdout)["text"] + "\n"
+def test_streamed_text_equals_json_text(capsys) -> None:
+    args = ["generate", "--local", "--max-tokens", "6", "--ignore-eos", "Hello from kvrelay"]
+    assert main(args) == 0
+    streamed = capsys.readouterr().out
+    assert main([*args, "--json"]) == 0
+    assert streamed == json.loads(capsys.readouterr().out)["text"] + "\n"
 
 
 @pytest.mark.slow
@@ -120,7 +117,13 @@ def test_loader_errors_are_one_line(broken_checkpoints, case, needle) -> None:
         "1,2",
     )
     _assert_one_line_error(kvrelay(*args), 1, needle)
-    with_debug = kvrelay(*args, "--debug")
+
+
+@pytest.mark.slow
+def test_debug_shows_the_traceback(broken_checkpoints) -> None:
+    model_dir = str(broken_checkpoints["shape"])
+    args = ("generate", "--local", "--model", model_dir, "--prompt-token-ids", "1", "--debug")
+    with_debug = kvrelay(*args)
     assert with_debug.returncode == 1
     assert "Traceback" in with_debug.stderr and "ModelLoadError" in with_debug.stderr
 
