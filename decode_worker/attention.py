@@ -161,7 +161,7 @@ def paged_attention_torch(
     keys = gather(key_cache)
     values = gather(value_cache)
     group_size = num_heads // num_kv_heads
-    queries = query.float().view(num_seqs, num_kv_heads, group_size, head_dim) * scale
+    queries = query.float().reshape(num_seqs, num_kv_heads, group_size, head_dim) * scale
     scores = torch.matmul(queries, keys.transpose(-1, -2))  # [s, kvh, group, t]
     positions = torch.arange(padded_len, device=query.device)
     is_padding = positions[None, :] >= context_lens[:, None]  # [s, t]

@@ -217,6 +217,11 @@ def paged_attention_triton(
     num_partitions = triton.cdiv(max_blocks_per_seq, blocks_per_partition)
     is_single_partition = num_partitions == 1
     group_size = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group_size)
+    # The broadcast products hold GROUP_PAD * BLOCK_SIZE * HEAD_DIM floats; spread big
+    # tiles over more warps so they stay in registers instead of spilling.
+    tile_size = group_pad * block_size * head_dim
+    num_warps = 4 if tile_size <= 8192 else 8
     if is_single_partition:
         partial_max = partial_sum = partial_out = out  # unused by the kernel
     else:
@@ -251,11 +256,12 @@ def paged_attention_triton(
         out.stride(1),
         num_partitions,
         GROUP_SIZE=group_size,
-        GROUP_PAD=triton.next_power_of_2(group_size),
+        GROUP_PAD=group_pad,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         BLOCKS_PER_PARTITION=blocks_per_partition,
         IS_SINGLE_PARTITION=is_single_partition,
+        num_warps=num_warps,
     )
     if not is_single_partition:
         _paged_attention_reduce_kernel[(num_seqs, num_heads)](
