@@ -12,7 +12,8 @@ Lifetime: Ray >= 2.56 removed `ray.put(_owner=...)`, so every object is owned by
 the process that put it and is lost when that process exits, whatever the index
 says. A lost block is found on `get` (Ray raises `ObjectLostError`/`OwnerDiedError`),
 counted as a miss and dropped from the index; `lookup` can count such a block as
-present until then. Blocks written by a long-lived worker therefore live as long as
+present until then. (A process that already read a block may keep being served
+its own cached copy; blocks are immutable, so that copy is still right.) Blocks written by a long-lived worker therefore live as long as
 that worker.
 
 Only `bytes` and numpy arrays are stored; Ray's own serialization carries them.
