@@ -205,17 +205,23 @@ class BlockPool:
         return self.kv[layer_idx, 1]
 
     def write_block(self, block_id: int, payload: torch.Tensor) -> None:
-        """Copy a store payload `[num_layers, 2, block_size, kvh, d]` into `block_id`."""
-        if tuple(payload.shape) != self.config.block_payload_shape:
+        """Copy a store payload `[num_layers, 2, n, kvh, d]` into the first n slots of
+        `block_id`: n is block_size for a full block, fewer for a prompt's tail."""
+        layers, kv, _, heads, dim = self.config.block_payload_shape
+        num_tokens = payload.shape[2] if payload.dim() == 5 else 0
+        if (
+            tuple(payload.shape) != (layers, kv, num_tokens, heads, dim)
+            or not 0 < num_tokens <= self.block_size
+        ):
             raise ValueError(
                 f"block payload shape {list(payload.shape)} != "
-                f"{list(self.config.block_payload_shape)}"
+                f"{list(self.config.block_payload_shape)} (or fewer tokens)"
             )
         if payload.dtype != self.config.dtype:
             raise ValueError(
                 f"block payload dtype {payload.dtype} != pool dtype {self.config.dtype}"
             )
-        self.kv[:, :, block_id].copy_(payload)
+        self.kv[:, :, block_id, :num_tokens].copy_(payload)
 
     def read_block(self, block_id: int) -> torch.Tensor:
         """A contiguous copy of `block_id` as a store payload `[num_layers, 2, bs, kvh, d]`."""

@@ -26,7 +26,8 @@ from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 
 from decode_worker.block_pool import BlockHash, BlockPool
-from decode_worker.sequence import FinishReason, Sequence, SequenceRequest, SequenceStatus
+from decode_worker.sequence import Sequence, SequenceRequest, SequenceStatus
+from model.sampling import FinishReason
 
 HashBlockFn = Callable[[BlockHash | None, SequenceOf[int]], BlockHash]
 """`hash_block(parent, token_ids)`: hash of a full block given its predecessor's hash
@@ -266,6 +267,10 @@ class Scheduler:
         # never taken from the cache, even if full and resident.
         num_reusable = (seq.num_tokens - 1) // block_size
         num_resident = self.pool.lookup_prefix(hashes[:num_reusable])
+        if num_resident < seq.provided_start_block:
+            # Blocks between the resident prefix and the provided ones were evicted since
+            # the caller looked: the provided K/V would leave a gap, so recompute instead.
+            seq.num_provided_tokens = 0
         resident_hashes = hashes[:num_resident]
         num_reclaimed = sum(
             self.pool.ref_count(self.pool.cached_block(h)) == 0 for h in resident_hashes

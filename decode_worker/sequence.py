@@ -13,15 +13,7 @@ import enum
 from dataclasses import dataclass, field
 
 from decode_worker.block_pool import BlockHash
-
-
-class FinishReason(enum.Enum):
-    STOP = "stop"
-    """A stop token was sampled, or the router matched a stop string."""
-    LENGTH = "length"
-    """`max_new_tokens` tokens were generated."""
-    ABORT = "abort"
-    """The client cancelled, a deadline passed, or the worker gave up on the request."""
+from model.sampling import FinishReason
 
 
 class SequenceStatus(enum.Enum):
@@ -48,6 +40,10 @@ class SequenceRequest:
     """Leading tokens whose K/V the caller copies into the pool when the scheduler admits
     the request (blocks fetched from the KV store and the prefill worker's tail block),
     instead of the model computing them. At least the last token is always computed."""
+    provided_start_block: int = 0
+    """First block the caller holds K/V for: blocks before it were resident in the pool
+    when the caller looked. If some of them were evicted by admission time, the provided
+    K/V cannot be used (there would be a gap) and the tokens are recomputed instead."""
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -81,6 +77,8 @@ class Sequence:
     num_provided_tokens: int = 0
     """Leading tokens whose K/V the caller copies in on admission (0 after preemption:
     the copies are gone, only hash-resident blocks survive)."""
+    provided_start_block: int = 0
+    """See `SequenceRequest.provided_start_block`."""
     num_computed_tokens: int = 0
     """Leading tokens whose K/V is in the pool."""
     block_ids: list[int] = field(default_factory=list)
@@ -103,6 +101,7 @@ class Sequence:
             stop_token_ids=request.stop_token_ids,
             arrival_index=arrival_index,
             num_provided_tokens=request.num_provided_tokens,
+            provided_start_block=request.provided_start_block,
         )
 
     @property

@@ -69,6 +69,9 @@ class FinishReason(enum.Enum):
     """A stop token, EOS or a stop string."""
     LENGTH = "length"
     """max_tokens reached."""
+    ABORT = "abort"
+    """Cancelled by the client, a deadline, or the worker giving up; never sent as a
+    finish reason (the call ends with a gRPC status instead)."""
 
 
 def finish_reason(

@@ -1,0 +1,198 @@
+"""The decode engine: continuous batching over the paged KV pool.
+
+One `step()` is the loop from DESIGN.md: schedule, copy in provided K/V, run one
+batched forward pass, sample, and update. Requests arrive with as much of their
+K/V as the caller has (blocks resident in the pool, blocks fetched from the KV
+store, the prefill worker's tail); whatever is missing the engine computes itself,
+so the same engine serves disaggregated requests, colocated prefill, and
+recompute after preemption. Single-threaded: `EngineLoop` owns it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from decode_worker.block_pool import BlockPool, BlockPoolConfig
+from decode_worker.model_runner import ModelRunner
+from decode_worker.scheduler import Scheduler, SchedulerConfig
+from decode_worker.sequence import SequenceRequest, SequenceStatus
+from kvstore.hashing import BlockHash, hash_block
+from model.loader import LoadedModel
+from model.sampling import FinishReason, SamplingParams, sample
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Pool and batch sizes of one decode engine."""
+
+    kv_cache_bytes: int = 512 * 1024 * 1024
+    """Memory for the KV pool; the number of blocks follows from the model's shape."""
+    num_blocks: int | None = None
+    """Pool size in blocks; overrides kv_cache_bytes (tests use tiny pools)."""
+    block_size: int = 16
+    """Tokens per block; must match the KV store's."""
+    max_num_seqs: int = 64
+    """Running sequences at most."""
+    max_num_batched_tokens: int = 512
+    """Tokens per forward pass; longer prompts are prefilled in chunks."""
+    watermark: float = 0.01
+    """Fraction of blocks admission keeps free for running sequences to grow into."""
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_bytes <= 0 or (self.num_blocks is not None and self.num_blocks <= 0):
+            raise ValueError("kv_cache_bytes and num_blocks must be positive")
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """A request for the engine to continue."""
+
+    request_id: str
+    prompt_token_ids: Sequence[int]
+    sampling: SamplingParams
+    first_token: tuple[int, float] | None = None
+    """(token id, logprob) of output token 0 when a prefill worker sampled it."""
+    provided_kv: Sequence[torch.Tensor] = ()
+    """K/V payloads `[L, 2, n, H, D]` of consecutive blocks from `provided_start_block`
+    on; every block is full except possibly the last (the prompt's tail)."""
+    provided_start_block: int = 0
+    """First block of `provided_kv`; blocks before it are expected resident in the pool."""
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    """One sampled token."""
+
+    request_id: str
+    token_id: int
+    logprob: float
+    finish_reason: FinishReason | None
+    """Set on the request's last token."""
+
+
+@dataclass
+class EngineCounters:
+    num_computed_tokens_total: int = 0
+    num_generated_tokens_total: int = 0
+    num_finished_requests_total: int = 0
+    num_preemptions_total: int = 0
+
+
+@dataclass
+class _Request:
+    sampling: SamplingParams
+    provided_kv: Sequence[torch.Tensor] = field(default_factory=tuple)
+    provided_start_block: int = 0
+
+
+class DecodeEngine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, fingerprint: bytes) -> None:
+        model_config = loaded.config
+        pool_config = BlockPoolConfig(
+            num_blocks=config.num_blocks or 1,
+            block_size=config.block_size,
+            num_layers=model_config.num_layers,
+            num_kv_heads=model_config.num_kv_heads,
+            head_dim=model_config.head_dim,
+            dtype=loaded.dtype,
+            device=str(loaded.device),
+        )
+        if config.num_blocks is None:
+            bytes_per_block = torch.Size(pool_config.block_payload_shape).numel() * (
+                torch.empty((), dtype=loaded.dtype).element_size()
+            )
+            num_blocks = max(config.kv_cache_bytes // bytes_per_block, 1)
+            pool_config = BlockPoolConfig(**{**pool_config.__dict__, "num_blocks": num_blocks})
+        self.loaded = loaded
+        self.config = config
+        self.fingerprint = fingerprint
+        self.pool = BlockPool(pool_config)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.watermark),
+            self.pool,
+            self._hash_block,
+        )
+        self.runner = ModelRunner(loaded, self.pool)
+        self.counters = EngineCounters()
+        self._requests: dict[str, _Request] = {}
+
+    def _hash_block(self, parent: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
+        return hash_block(parent or self.fingerprint, token_ids)
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Queues a request. Raises RequestTooLargeError when it could never fit in
+        the pool, ValueError for a duplicate id or an inconsistent request."""
+        sampling = request.sampling
+        output = (request.first_token[0],) if request.first_token else ()
+        stop_ids = set(sampling.stop_token_ids)
+        if not sampling.ignore_eos:
+            stop_ids.update(self.loaded.config.eos_token_ids)
+        num_provided = (
+            request.provided_start_block * self.config.block_size
+            + sum(kv.shape[2] for kv in request.provided_kv)
+            if request.provided_kv
+            else 0
+        )
+        self.scheduler.add_request(
+            SequenceRequest(
+                request_id=request.request_id,
+                prompt_token_ids=tuple(request.prompt_token_ids),
+                output_token_ids=output,
+                max_new_tokens=sampling.max_tokens,
+                stop_token_ids=frozenset(stop_ids),
+                num_provided_tokens=num_provided,
+                provided_start_block=request.provided_start_block,
+            )
+        )
+        self._requests[request.request_id] = _Request(
+            sampling, request.provided_kv, request.provided_start_block
+        )
+
+    def abort(self, request_id: str) -> bool:
+        """Ends a request wherever it is and frees its blocks; False if unknown."""
+        self._requests.pop(request_id, None)
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[TokenOutput]:
+        step = self.scheduler.schedule()
+        self.counters.num_preemptions_total += len(step.preempted_request_ids)
+        for fill in step.kv_fills:
+            request = self._requests[fill.request_id]
+            payload = request.provided_kv[fill.logical_block_idx - request.provided_start_block]
+            self.pool.write_block(fill.block_id, payload)
+        self._drop_admitted_provided_kv()
+        if step.is_empty:
+            self.scheduler.update({})
+            return []
+        request_ids, logits = self.runner.run(step)
+        self.counters.num_computed_tokens_total += step.num_scheduled_tokens
+        sequences = [self.scheduler.get(rid) for rid in request_ids]
+        token_ids, logprobs = sample(
+            logits,
+            [self._requests[rid].sampling for rid in request_ids],
+            [seq.num_output_tokens for seq in sequences],
+        )
+        self.scheduler.update(dict(zip(request_ids, token_ids, strict=True)))
+        outputs = []
+        for seq, token_id, logprob in zip(sequences, token_ids, logprobs, strict=True):
+            outputs.append(TokenOutput(seq.request_id, token_id, logprob, seq.finish_reason))
+            if seq.finish_reason is not None:
+                del self._requests[seq.request_id]
+                self.counters.num_finished_requests_total += 1
+        self.counters.num_generated_tokens_total += len(outputs)
+        return outputs
+
+    def _drop_admitted_provided_kv(self) -> None:
+        # Provided K/V is used once, at admission; after a preemption the sequence
+        # recomputes instead, so keeping the tensors would only hold memory.
+        for request_id, request in self._requests.items():
+            if request.provided_kv:
+                seq = self.scheduler.get(request_id)
+                if seq is not None and seq.status is SequenceStatus.RUNNING:
+                    request.provided_kv = ()

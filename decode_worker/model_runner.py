@@ -1,0 +1,132 @@
+"""Runs one scheduled step of the model over the paged KV pool.
+
+The step's tokens are flattened decodes first, then prefill chunks. Every layer
+writes the step's K/V into the pool by slot mapping; decodes attend with the
+paged-attention op, prefill chunks with causal attention over their blocks
+gathered from the pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from decode_worker.attention import paged_attention
+from decode_worker.block_pool import BlockPool
+from decode_worker.kv_cache_write import write_kv_cache
+from decode_worker.scheduler import ScheduledSequence, SchedulerOutput
+from model.attention import AttentionBackend
+from model.loader import LoadedModel
+
+
+class PagedAttentionBackend(AttentionBackend):
+    """Attention for one step whose K/V lives in a `BlockPool`."""
+
+    def __init__(
+        self,
+        pool: BlockPool,
+        decodes: Sequence[ScheduledSequence],
+        prefills: Sequence[ScheduledSequence],
+        device: torch.device,
+    ) -> None:
+        self.pool = pool
+        self.num_decode_tokens = len(decodes)
+        self.prefills = list(prefills)
+        steps = [*decodes, *prefills]
+        self.slot_mapping = torch.tensor(
+            [slot for s in steps for slot in s.slot_mapping], dtype=torch.long, device=device
+        )
+        if decodes:
+            width = max(len(s.block_table) for s in decodes)
+            self.block_tables = torch.tensor(
+                [[*s.block_table, *[0] * (width - len(s.block_table))] for s in decodes],
+                dtype=torch.int32,
+                device=device,
+            )
+            self.context_lens = torch.tensor(
+                [s.context_len for s in decodes], dtype=torch.int32, device=device
+            )
+
+    def attend(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        key_cache = self.pool.key_cache(layer_idx)
+        value_cache = self.pool.value_cache(layer_idx)
+        write_kv_cache(key, value, key_cache, value_cache, self.slot_mapping)
+        outputs = []
+        n = self.num_decode_tokens
+        if n:
+            outputs.append(
+                paged_attention(
+                    query[:n], key_cache, value_cache, self.block_tables, self.context_lens, scale
+                )
+            )
+        start = n
+        for chunk in self.prefills:
+            q = query[start : start + chunk.num_tokens]
+            start += chunk.num_tokens
+            outputs.append(_chunk_attention(q, key_cache, value_cache, chunk, scale))
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def _chunk_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    chunk: ScheduledSequence,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of a prefill chunk over its sequence's blocks (the chunk's own
+    K/V already written), q: [chunk_len, num_heads, d]."""
+    block_size = key_cache.shape[1]
+    context_len = chunk.context_len
+    blocks = torch.tensor(chunk.block_table[: -(-context_len // block_size)], device=q.device)
+    k = key_cache[blocks].flatten(0, 1)[:context_len]
+    v = value_cache[blocks].flatten(0, 1)[:context_len]
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    rows = torch.arange(chunk.num_tokens, device=q.device)[:, None] + chunk.start_pos
+    mask = torch.arange(context_len, device=q.device)[None, :] <= rows
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+    )
+    return out.transpose(0, 1)
+
+
+class ModelRunner:
+    """Turns a SchedulerOutput into logits for the sequences that sample."""
+
+    def __init__(self, loaded: LoadedModel, pool: BlockPool) -> None:
+        self.loaded = loaded
+        self.pool = pool
+
+    @torch.inference_mode()
+    def run(self, step: SchedulerOutput) -> tuple[list[str], torch.Tensor]:
+        """Returns the request ids that sample this step and their logits [n, vocab]."""
+        device = self.loaded.device
+        steps = [*step.decodes, *step.prefills]
+        input_ids = torch.tensor([t for s in steps for t in s.token_ids], device=device)
+        positions = torch.tensor(
+            [p for s in steps for p in range(s.start_pos, s.context_len)], device=device
+        )
+        attention = PagedAttentionBackend(self.pool, step.decodes, step.prefills, device)
+        hidden = self.loaded.model(input_ids, positions, attention)
+        last_rows, sampled_ids, end = [], [], 0
+        for s in steps:
+            end += s.num_tokens
+            if s.is_sampled:
+                last_rows.append(end - 1)
+                sampled_ids.append(s.request_id)
+        if not last_rows:
+            return [], hidden.new_empty((0, self.loaded.config.vocab_size))
+        rows = torch.tensor(last_rows, device=device)
+        return sampled_ids, self.loaded.model.compute_logits(hidden[rows])
