@@ -1,0 +1,261 @@
+"""KV-store throughput: put-then-get of real KV blocks, next to the raw baseline.
+
+    python -m benchmarks.kvstore --backend redis --url redis://127.0.0.1:6379 --mib 256
+    python -m benchmarks.kvstore --backend all --mib 256   # starts its own redis-server and Ray
+
+Blocks have the `dummy:135m` shape (30 layers, 3 KV heads, head_dim 64, block 16,
+float32: 720 KiB each). "ours" is the `KVStore` (codec, checksums, index, stats);
+"raw" moves byte strings of the same size with the client library alone: redis-py
+pipelined SET/GET, or `ray.put`/`ray.get` of numpy arrays ("raw+copy" also copies
+each array it gets into preallocated memory, since `ray.get` alone returns views
+of shared memory without moving a byte, while a KV consumer needs the block in
+its own pool). Both run in the same
+process against the same server, in batches of `--batch` blocks; each number is the
+best of `--repeats` runs (the machine is shared, so the best run is the least
+disturbed one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvstore.factory import open_store
+from kvstore.hashing import hash_token_blocks
+from kvstore.spec import BlockSpec
+from kvstore.store import KVStore
+
+SPEC_135M = BlockSpec("dummy:135m", num_layers=30, num_kv_heads=3, head_dim=64, block_size=16)
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Best put and get throughput of one client over the same data, in GB/s."""
+
+    put_gbps: float
+    get_gbps: float
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One client's put-all and get-all over `num_bytes` of blocks."""
+
+    put_all: Callable[[], None]
+    get_all: Callable[[], None]
+    num_bytes: int
+    check: Callable[[], None] | None = None
+    """Verifies what the last `get_all` read (run once, after the timed runs)."""
+
+
+def measure(workloads: list[Workload], num_repeats: int) -> list[Throughput]:
+    """Best-of-`num_repeats` throughput of each workload, runs interleaved.
+
+    Interleaving (ours put, raw put, ours get, raw get, again...) exposes every
+    client to the same background load, which matters on a shared machine.
+    """
+    best_put_s = [float("inf")] * len(workloads)
+    best_get_s = [float("inf")] * len(workloads)
+    for _ in range(num_repeats):
+        for i, workload in enumerate(workloads):
+            best_put_s[i] = min(best_put_s[i], _timed(workload.put_all))
+        for i, workload in enumerate(workloads):
+            best_get_s[i] = min(best_get_s[i], _timed(workload.get_all))
+    for workload in workloads:
+        if workload.check is not None:
+            workload.check()
+    return [
+        Throughput(w.num_bytes / put_s / 1e9, w.num_bytes / get_s / 1e9)
+        for w, put_s, get_s in zip(workloads, best_put_s, best_get_s, strict=True)
+    ]
+
+
+def _timed(run: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def batches(num_items: int, batch_size: int) -> Iterator[slice]:
+    for start in range(0, num_items, batch_size):
+        yield slice(start, min(start + batch_size, num_items))
+
+
+def store_workload(store: KVStore, num_blocks: int, batch_size: int) -> Workload:
+    spec = store.spec
+    tokens = list(range(num_blocks * spec.block_size))
+    hashes = hash_token_blocks(tokens, spec.block_size, spec.fingerprint)
+    blocks = [torch.randn(spec.shape, dtype=spec.dtype) for _ in range(num_blocks)]
+    out = [torch.empty(spec.shape, dtype=spec.dtype) for _ in range(num_blocks)]
+
+    def put_all() -> None:
+        for part in batches(num_blocks, batch_size):
+            store.put(list(zip(hashes[part], blocks[part], strict=True)))
+
+    def get_all() -> None:
+        for part in batches(num_blocks, batch_size):
+            found = store.get_into(hashes[part], out[part])
+            assert all(found), "a block was missing: is the server's memory large enough?"
+
+    def check() -> None:
+        assert all(torch.equal(a, b) for a, b in zip(blocks, out, strict=True)), "wrong bytes"
+
+    return Workload(put_all, get_all, num_blocks * spec.nbytes, check)
+
+
+def raw_redis_workload(url: str, num_blocks: int, nbytes: int, batch_size: int) -> Workload:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    values = [np.random.bytes(nbytes) for _ in range(num_blocks)]
+    keys = [f"kvbench:raw:{i}".encode() for i in range(num_blocks)]
+
+    def put_all() -> None:
+        for part in batches(num_blocks, batch_size):
+            pipe = client.pipeline(transaction=False)
+            for key, value in zip(keys[part], values[part], strict=True):
+                pipe.set(key, value, ex=600)
+            pipe.execute()
+
+    def get_all() -> None:
+        for part in batches(num_blocks, batch_size):
+            pipe = client.pipeline(transaction=False)
+            for key in keys[part]:
+                pipe.get(key)
+            assert all(v is not None for v in pipe.execute())
+
+    return Workload(put_all, get_all, num_blocks * nbytes)
+
+
+def raw_ray_workload(num_blocks: int, nbytes: int, batch_size: int, is_copied: bool) -> Workload:
+    """`ray.put`/`ray.get` of numpy arrays; with `is_copied`, each array got is also
+    copied into preallocated memory, as any consumer of KV blocks must do."""
+    import ray
+
+    arrays = [np.random.randint(0, 255, nbytes, dtype=np.uint8) for _ in range(num_blocks)]
+    out = [np.empty(nbytes, dtype=np.uint8) for _ in range(num_blocks)]
+    refs: list[ray.ObjectRef] = []
+
+    def put_all() -> None:
+        refs.clear()
+        for part in batches(num_blocks, batch_size):
+            refs.extend(ray.put(array) for array in arrays[part])
+
+    def get_all() -> None:
+        for part in batches(num_blocks, batch_size):
+            got = ray.get(refs[part])
+            if is_copied:
+                for dest, array in zip(out[part], got, strict=True):
+                    np.copyto(dest, array)
+
+    return Workload(put_all, get_all, num_blocks * nbytes)
+
+
+@contextmanager
+def own_redis_server() -> Iterator[str]:
+    """A throwaway `redis-server` on a free port (no persistence), stopped on exit."""
+    if shutil.which("redis-server") is None:
+        raise SystemExit("no --url given and no redis-server binary to start")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as workdir:
+        process = subprocess.Popen(
+            [
+                *("redis-server", "--port", str(port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "no", "--dir", workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            for _ in range(200):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                    break
+                except OSError:
+                    time.sleep(0.025)
+            yield f"redis://127.0.0.1:{port}"
+        finally:
+            process.kill()
+            process.wait()
+
+
+def report(name: str, ours: Throughput, raw: Throughput | None, raw_name: str = "raw") -> None:
+    if raw is None:
+        print(f"{name:8s} ours put {ours.put_gbps:6.2f} GB/s  get {ours.get_gbps:6.2f} GB/s")
+        return
+    print(
+        f"{name:8s} ours put {ours.put_gbps:6.2f} GB/s  get {ours.get_gbps:6.2f} GB/s | "
+        f"{raw_name} put {raw.put_gbps:6.2f} GB/s  get {raw.get_gbps:6.2f} GB/s | "
+        f"ratio put {ours.put_gbps / raw.put_gbps:4.2f}  get {ours.get_gbps / raw.get_gbps:4.2f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=["memory", "redis", "ray", "all"], default="all")
+    parser.add_argument("--url", help="Redis URL; default: start a redis-server for the run")
+    parser.add_argument("--mib", type=int, default=256, help="MiB moved each way (default 256)")
+    parser.add_argument("--batch", type=int, default=16, help="blocks per call (default 16)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per number (best kept)")
+    args = parser.parse_args()
+
+    spec = SPEC_135M
+    num_blocks = max(1, args.mib * 2**20 // spec.nbytes)
+    print(
+        f"{num_blocks} blocks of {spec.nbytes / 2**10:.0f} KiB ({num_blocks * spec.nbytes / 2**20:.0f} MiB)"
+        f" each way, batch {args.batch}, best of {args.repeats}"
+    )
+    backends = ["memory", "redis", "ray"] if args.backend == "all" else [args.backend]
+    for backend in backends:
+        if backend == "memory":
+            store = open_store("memory", spec, budget_bytes=2 * num_blocks * spec.nbytes)
+            (ours,) = measure([store_workload(store, num_blocks, args.batch)], args.repeats)
+            report("memory", ours, None)
+        elif backend == "redis":
+            with own_redis_server() if args.url is None else _given(args.url) as url:
+                store = open_store(url, spec, timeout_s=30)
+                ours, raw = measure(
+                    [
+                        store_workload(store, num_blocks, args.batch),
+                        raw_redis_workload(url, num_blocks, spec.nbytes, args.batch),
+                    ],
+                    args.repeats,
+                )
+                store.close()
+                report("redis", ours, raw)
+        else:
+            import ray
+
+            ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+            budget_bytes = 4 * num_blocks * spec.nbytes
+            store = open_store("ray", spec, namespace="kvbench", budget_bytes=budget_bytes)
+            ours, raw, raw_copied = measure(
+                [
+                    store_workload(store, num_blocks, args.batch),
+                    raw_ray_workload(num_blocks, spec.nbytes, args.batch, is_copied=False),
+                    raw_ray_workload(num_blocks, spec.nbytes, args.batch, is_copied=True),
+                ],
+                args.repeats,
+            )
+            report("ray", ours, raw)
+            report("ray", ours, raw_copied, raw_name="raw+copy")
+            ray.shutdown()
+
+
+@contextmanager
+def _given(url: str) -> Iterator[str]:
+    yield url
+
+
+if __name__ == "__main__":
+    main()
