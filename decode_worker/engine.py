@@ -71,6 +71,9 @@ class TokenOutput:
     logprob: float
     finish_reason: FinishReason | None
     """Set on the request's last token."""
+    num_cached_tokens: int
+    """Prompt tokens whose K/V was found resident in the pool when the request was
+    first admitted (0 for K/V provided by the caller)."""
 
 
 @dataclass
@@ -86,6 +89,8 @@ class _Request:
     sampling: SamplingParams
     provided_kv: Sequence[torch.Tensor] = field(default_factory=tuple)
     provided_start_block: int = 0
+    is_admitted: bool = False
+    num_cached_tokens: int = 0
 
 
 class DecodeEngine:
@@ -166,33 +171,51 @@ class DecodeEngine:
             request = self._requests[fill.request_id]
             payload = request.provided_kv[fill.logical_block_idx - request.provided_start_block]
             self.pool.write_block(fill.block_id, payload)
-        self._drop_admitted_provided_kv()
+        self._note_admissions()
         if step.is_empty:
             self.scheduler.update({})
             return []
-        request_ids, logits = self.runner.run(step)
+        try:
+            request_ids, logits = self.runner.run(step)
+            sequences = [self.scheduler.get(rid) for rid in request_ids]
+            token_ids, logprobs = sample(
+                logits,
+                [self._requests[rid].sampling for rid in request_ids],
+                [seq.num_output_tokens for seq in sequences],
+            )
+        except BaseException:
+            # A failed step fails every request, and leaves the engine usable: all
+            # blocks are freed and the scheduler is ready for the next step.
+            for request_id in list(self._requests):
+                self.abort(request_id)
+            self.scheduler.update({})
+            raise
         self.counters.num_computed_tokens_total += step.num_scheduled_tokens
-        sequences = [self.scheduler.get(rid) for rid in request_ids]
-        token_ids, logprobs = sample(
-            logits,
-            [self._requests[rid].sampling for rid in request_ids],
-            [seq.num_output_tokens for seq in sequences],
-        )
         self.scheduler.update(dict(zip(request_ids, token_ids, strict=True)))
         outputs = []
         for seq, token_id, logprob in zip(sequences, token_ids, logprobs, strict=True):
-            outputs.append(TokenOutput(seq.request_id, token_id, logprob, seq.finish_reason))
+            request = self._requests[seq.request_id]
+            outputs.append(
+                TokenOutput(
+                    seq.request_id, token_id, logprob, seq.finish_reason, request.num_cached_tokens
+                )
+            )
             if seq.finish_reason is not None:
                 del self._requests[seq.request_id]
                 self.counters.num_finished_requests_total += 1
         self.counters.num_generated_tokens_total += len(outputs)
         return outputs
 
-    def _drop_admitted_provided_kv(self) -> None:
-        # Provided K/V is used once, at admission; after a preemption the sequence
-        # recomputes instead, so keeping the tensors would only hold memory.
+    def _note_admissions(self) -> None:
+        """Records what each newly admitted request found resident, and drops provided
+        K/V once copied in: after a preemption the sequence recomputes instead, so
+        keeping the tensors would only hold memory."""
         for request_id, request in self._requests.items():
-            if request.provided_kv:
-                seq = self.scheduler.get(request_id)
-                if seq is not None and seq.status is SequenceStatus.RUNNING:
-                    request.provided_kv = ()
+            if request.is_admitted:
+                continue
+            seq = self.scheduler.get(request_id)
+            if seq is not None and seq.status is SequenceStatus.RUNNING:
+                request.is_admitted = True
+                if not request.provided_kv:
+                    request.num_cached_tokens = seq.num_computed_tokens
+                request.provided_kv = ()

@@ -12,6 +12,7 @@ import hashlib
 import struct
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 
@@ -61,6 +62,21 @@ class BlockSpec:
         if self.dtype not in DTYPE_CODES:
             supported = ", ".join(str(d) for d in DTYPE_CODES)
             raise ValueError(f"dtype {self.dtype} is not supported; use one of {supported}")
+
+    @classmethod
+    def for_model(
+        cls, model_id: str, config: Any, dtype: torch.dtype, block_size: int = 16
+    ) -> BlockSpec:
+        """The spec of a model whose config has `num_layers`, `num_kv_heads` and
+        `head_dim` (duck-typed, so the store does not depend on the model package)."""
+        return cls(
+            model_id=model_id,
+            num_layers=config.num_layers,
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            block_size=block_size,
+            dtype=dtype,
+        )
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:

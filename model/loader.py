@@ -5,6 +5,7 @@ Local files only: no network, no pickle, no remote code.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,28 @@ class LoadedModel:
     def __post_init__(self) -> None:
         if self.model.training:
             raise ValueError("LoadedModel.model must be in eval mode")
+
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+"""Run dtypes by the name flags and configs use."""
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """`None` or "auto" means the device's default; raises ValueError for an unknown name."""
+    if name in (None, "auto"):
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; use auto or one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity), for sizing torch's thread pool."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

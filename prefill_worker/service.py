@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 from dataclasses import dataclass
 
 import grpc
@@ -18,7 +16,7 @@ import torch
 from opentelemetry import trace
 
 from kvstore import BlockSpec, KVStore, StoreUnavailableError, hash_token_blocks, open_store
-from model.loader import LoadedModel, load_model
+from model.loader import LoadedModel, available_cores, load_model, parse_dtype
 from model.sampling import finish_reason
 from prefill_worker.config import PrefillConfig
 from prefill_worker.engine import PrefillCancelled, PrefillEngine
@@ -27,7 +25,7 @@ from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
 from rpc.registration import RouterMembership
 from rpc.sampling_proto import finish_reason_to_proto, sampling_from_proto
-from rpc.server import RunningServer, ServiceBinding, start_server
+from rpc.server import RunningServer, ServiceBinding, dialable_address, start_server
 from rpc.store_stats import store_stats_to_proto
 from telemetry import names
 from telemetry.propagation import caller_context
@@ -173,19 +171,6 @@ class PrefillWorker:
         self.store.close()
 
 
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise ValueError(f"dtype {name!r} is not supported; use one of {', '.join(dtypes)}")
-    return dtypes[name]
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 async def start_prefill_worker(config: PrefillConfig) -> PrefillWorker:
     torch.set_num_threads(config.num_threads or available_cores())
     loaded = await asyncio.to_thread(
@@ -195,7 +180,6 @@ async def start_prefill_worker(config: PrefillConfig) -> PrefillWorker:
     store = await asyncio.to_thread(open_store, config.store_url, spec)
     engine = PrefillEngine(loaded, config.token_budget)
     engine.start()
-    host = config.address.rsplit(":", 1)[0]
     servicer = PrefillServicer("", loaded, engine, store)
     server = await start_server(
         [
@@ -206,7 +190,7 @@ async def start_prefill_worker(config: PrefillConfig) -> PrefillWorker:
         config.address,
         max_message_bytes=16 * 1024 * 1024,
     )
-    advertise = config.advertise_address or f"{_dialable(host)}:{server.port}"
+    advertise = config.advertise_address or dialable_address(config.address, server.port)
     worker_id = config.worker_id or f"prefill-{advertise}"
     servicer.worker_id = worker_id
     membership = None
@@ -230,8 +214,3 @@ async def start_prefill_worker(config: PrefillConfig) -> PrefillWorker:
         membership.start()
     log.info("prefill worker %s serving %s on %s", worker_id, config.model, advertise)
     return PrefillWorker(worker_id, server, engine, store, membership)
-
-
-def _dialable(host: str) -> str:
-    """A bind address like 0.0.0.0 is not something a router can dial."""
-    return socket.gethostname() if host in ("0.0.0.0", "[::]", "") else host

@@ -6,6 +6,7 @@ reflection, so `grpcurl` and load balancers work without the `.proto` files.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -72,3 +73,12 @@ async def start_server(
     for name in ["", *names]:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server=server, port=port, health=health)
+
+
+def dialable_address(bind_address: str, port: int) -> str:
+    """The host:port peers should dial for a server bound to `bind_address`: a
+    wildcard host (0.0.0.0, [::]) is not dialable, so the machine's name stands in."""
+    host = bind_address.rsplit(":", 1)[0]
+    if host in ("0.0.0.0", "[::]", ""):
+        host = socket.gethostname()
+    return f"{host}:{port}"

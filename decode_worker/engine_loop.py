@@ -1,0 +1,127 @@
+"""The decode engine's thread, and the thread-safe doors into it.
+
+gRPC handlers run on the event loop; the engine runs on this thread and never
+waits for them. Handlers `submit` a request with a sink that receives each
+`TokenOutput` (or the exception that ended the request) and `abort` it when the
+client goes away. Commands are applied between steps, so the engine itself stays
+single-threaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from decode_worker.engine import DecodeEngine, EngineRequest, TokenOutput
+from decode_worker.scheduler import RequestTooLargeError
+from kvstore.hashing import BlockHash
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[TokenOutput | BaseException], None]
+"""Receives a request's outputs on the engine thread; must not block."""
+
+
+@dataclass(frozen=True)
+class _Submit:
+    request: EngineRequest
+    sink: Sink
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+class EngineLoop:
+    def __init__(self, engine: DecodeEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[_Submit | _Abort | None] = queue.SimpleQueue()
+        self._sinks: dict[str, Sink] = {}
+        self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ends the thread; requests still running are aborted (their blocks freed)."""
+        self._inbox.put(None)
+        self._thread.join()
+
+    def submit(self, request: EngineRequest, sink: Sink) -> None:
+        self._inbox.put(_Submit(request, sink))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(_Abort(request_id))
+
+    def count_resident(self, block_hashes: Sequence[BlockHash]) -> int:
+        """Leading blocks resident in the pool. Read from another thread without a lock:
+        each lookup is one dict read, and the answer is advice (admission re-checks)."""
+        return self.engine.pool.lookup_prefix(block_hashes)
+
+    @property
+    def num_waiting(self) -> int:
+        return self.engine.scheduler.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return self.engine.scheduler.num_running
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            if not self._apply_commands(block=not self.engine.has_unfinished()):
+                break
+            if self.engine.has_unfinished():
+                self._step()
+        for request_id in list(self._sinks):
+            self.engine.abort(request_id)
+            self._sinks.pop(request_id)(RuntimeError("decode worker shutting down"))
+
+    def _apply_commands(self, block: bool) -> bool:
+        """Applies queued submits and aborts; False when asked to stop."""
+        try:
+            command = self._inbox.get(block=block)
+            while True:
+                if command is None:
+                    return False
+                if isinstance(command, _Abort):
+                    self.engine.abort(command.request_id)
+                    self._sinks.pop(command.request_id, None)
+                else:
+                    self._add(command)
+                command = self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+
+    def _add(self, command: _Submit) -> None:
+        try:
+            self.engine.add_request(command.request)
+        except (RequestTooLargeError, ValueError) as err:
+            command.sink(err)
+            return
+        self._sinks[command.request.request_id] = command.sink
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except (
+            Exception
+        ) as err:  # a bug fails the requests (the engine aborted them), not the worker
+            log.exception("decode step failed")
+            for sink in self._sinks.values():
+                sink(err)
+            self._sinks.clear()
+            return
+        for out in outputs:
+            sink = self._sinks.get(out.request_id)
+            if sink is None:
+                continue
+            if out.finish_reason is not None:
+                del self._sinks[out.request_id]
+            sink(out)

@@ -1,0 +1,239 @@
+"""The DecodeWorker gRPC servicer and the worker's start-up.
+
+The servicer is thin: it fetches the request's missing blocks from the store
+beside the engine loop, submits the request, and relays each sampled token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+import torch
+from opentelemetry import trace
+
+from decode_worker.config import DecodeConfig
+from decode_worker.engine import DecodeEngine, EngineRequest, TokenOutput
+from decode_worker.engine_loop import EngineLoop
+from decode_worker.kv_fetch import fetch_prompt_kv
+from decode_worker.scheduler import RequestTooLargeError
+from kvstore import BlockSpec, KVStore, open_store
+from model.loader import LoadedModel, available_cores, load_model, parse_dtype
+from protos import generator_pb2 as pb
+from protos import workers_pb2 as wpb
+from protos import workers_pb2_grpc as wgrpc
+from rpc.registration import RouterMembership
+from rpc.sampling_proto import finish_reason_to_proto, sampling_from_proto
+from rpc.server import RunningServer, ServiceBinding, dialable_address, start_server
+from rpc.store_stats import store_stats_to_proto
+from telemetry import names
+from telemetry.propagation import caller_context
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("kvrelay.decode")
+
+
+class DecodeServicer(wgrpc.DecodeWorkerServicer):
+    def __init__(self, worker_id: str, loaded: LoadedModel, loop: EngineLoop, store: KVStore):
+        self.worker_id = worker_id
+        self.loaded = loaded
+        self.loop = loop
+        self.store = store
+
+    async def Decode(self, request: wpb.DecodeRequest, context: grpc.aio.ServicerContext):
+        with tracer.start_as_current_span(
+            names.SPAN_DECODE, context=caller_context(context), kind=trace.SpanKind.SERVER
+        ) as span:
+            span.set_attribute(names.REQUEST_ID, request.request_id)
+            try:
+                engine_request, num_resident = await self._engine_request(request)
+            except ValueError as err:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            outputs: asyncio.Queue[TokenOutput | BaseException] = asyncio.Queue()
+            event_loop = asyncio.get_running_loop()
+            self.loop.submit(
+                engine_request,
+                lambda item: event_loop.call_soon_threadsafe(outputs.put_nowait, item),
+            )
+            num_fetched = len(engine_request.provided_kv)
+            is_first, is_finished, num_tokens = True, False, 0
+            try:
+                with tracer.start_as_current_span(names.SPAN_DECODE_GENERATION) as gen_span:
+                    while not is_finished:
+                        batch = [await outputs.get()]
+                        while not outputs.empty():  # coalesce if the client reads slower
+                            batch.append(outputs.get_nowait())
+                        error = next((b for b in batch if isinstance(b, BaseException)), None)
+                        if error is not None:
+                            is_finished = True
+                            await context.abort(*_status_for(error))
+                        message = _decode_response(batch)
+                        num_tokens += len(message.token_ids)
+                        is_finished = message.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+                        if is_first:
+                            message.num_resident_blocks = num_resident
+                            message.num_fetched_blocks = num_fetched
+                            is_first = False
+                        yield message
+                    gen_span.set_attribute(names.NUM_GENERATED_TOKENS, num_tokens)
+            finally:
+                if not is_finished:  # cancelled, deadline passed, or the client left
+                    self.loop.abort(request.request_id)
+
+    async def _engine_request(self, request: wpb.DecodeRequest) -> tuple[EngineRequest, int]:
+        """Validates, and fetches what the pool lacks of a prefilled prompt."""
+        sampling = sampling_from_proto(request.sampling)
+        token_ids = list(request.prompt_token_ids)
+        config = self.loaded.config
+        if not token_ids:
+            raise ValueError("prompt_token_ids is empty")
+        if max(token_ids) >= config.vocab_size:
+            raise ValueError(
+                f"prompt_token_ids must be below the vocabulary size {config.vocab_size}"
+            )
+        if len(token_ids) + sampling.max_tokens > config.max_position_embeddings:
+            raise ValueError(
+                f"prompt ({len(token_ids)} tokens) plus max_tokens ({sampling.max_tokens}) "
+                f"exceeds the model's context of {config.max_position_embeddings}"
+            )
+        if not request.HasField("prefill"):
+            return EngineRequest(request.request_id, token_ids, sampling), 0
+        prefill = request.prefill
+        hashes = list(prefill.block_hashes)
+        with tracer.start_as_current_span(names.SPAN_DECODE_ADMISSION) as span:
+            num_resident = self.loop.count_resident(hashes)
+            with tracer.start_as_current_span(names.SPAN_STORE_GET) as get_span:
+                provided = await asyncio.to_thread(
+                    fetch_prompt_kv,
+                    self.store,
+                    hashes[num_resident:],
+                    request.request_id,
+                    prefill.has_tail,
+                )
+                get_span.set_attribute(names.NUM_BLOCKS, len(provided))
+                get_span.set_attribute(names.NUM_BYTES, sum(t.nbytes for t in provided))
+            span.set_attribute(names.NUM_RESIDENT_BLOCKS, num_resident)
+            span.set_attribute(names.NUM_FETCHED_BLOCKS, len(provided))
+        return (
+            EngineRequest(
+                request.request_id,
+                token_ids,
+                sampling,
+                first_token=(prefill.first_token_id, prefill.first_logprob),
+                provided_kv=[t.to(self.loaded.device, self.loaded.dtype) for t in provided],
+                provided_start_block=num_resident,
+            ),
+            num_resident,
+        )
+
+    async def CountResident(self, request: wpb.CountResidentRequest, context):
+        return wpb.CountResidentResponse(
+            num_resident_blocks=self.loop.count_resident(list(request.block_hashes))
+        )
+
+    async def GetStats(self, request: wpb.StatsRequest, context):
+        engine = self.loop.engine
+        counters = engine.counters
+        return wpb.WorkerStats(
+            worker_id=self.worker_id,
+            role="decode",
+            num_waiting=self.loop.num_waiting,
+            num_running=self.loop.num_running,
+            num_blocks=engine.pool.num_blocks,
+            num_used_blocks=engine.pool.num_used_blocks,
+            num_computed_tokens_total=counters.num_computed_tokens_total,
+            num_generated_tokens_total=counters.num_generated_tokens_total,
+            num_finished_requests_total=counters.num_finished_requests_total,
+            num_preemptions_total=counters.num_preemptions_total,
+            store=store_stats_to_proto(self.store.stats()),
+        )
+
+
+def _decode_response(batch: list[TokenOutput]) -> wpb.DecodeResponse:
+    last = batch[-1]
+    return wpb.DecodeResponse(
+        token_ids=[out.token_id for out in batch],
+        logprobs=[out.logprob for out in batch],
+        finish_reason=finish_reason_to_proto(last.finish_reason),
+        num_cached_tokens=last.num_cached_tokens if last.finish_reason is not None else 0,
+    )
+
+
+def _status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(error, RequestTooLargeError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+    if isinstance(error, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    return grpc.StatusCode.INTERNAL, f"decode failed: {error}"
+
+
+@dataclass
+class DecodeWorker:
+    """A running decode worker."""
+
+    worker_id: str
+    server: RunningServer
+    loop: EngineLoop
+    store: KVStore
+    membership: RouterMembership | None
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        if self.membership is not None:
+            await self.membership.stop()
+        await self.server.stop(grace_s)
+        await asyncio.to_thread(self.loop.stop)
+        self.store.close()
+
+
+async def start_decode_worker(config: DecodeConfig) -> DecodeWorker:
+    torch.set_num_threads(config.num_threads or available_cores())
+    loaded = await asyncio.to_thread(
+        load_model, config.model, dtype=parse_dtype(config.dtype), device=config.device
+    )
+    spec = BlockSpec.for_model(config.model, loaded.config, loaded.dtype, config.engine.block_size)
+    store = await asyncio.to_thread(open_store, config.store_url, spec)
+    loop = EngineLoop(DecodeEngine(loaded, config.engine, spec.fingerprint))
+    loop.start()
+    servicer = DecodeServicer("", loaded, loop, store)
+    server = await start_server(
+        [
+            ServiceBinding(
+                wgrpc.add_DecodeWorkerServicer_to_server, servicer, "kvrelay.v1.DecodeWorker"
+            )
+        ],
+        config.address,
+        max_message_bytes=16 * 1024 * 1024,
+    )
+    advertise = config.advertise_address or dialable_address(config.address, server.port)
+    worker_id = config.worker_id or f"decode-{advertise}"
+    servicer.worker_id = worker_id
+    membership = None
+    if config.router:
+        membership = RouterMembership(
+            config.router,
+            wpb.RegisterRequest(
+                worker_id=worker_id,
+                role=wpb.WORKER_ROLE_DECODE,
+                address=advertise,
+                model=config.model,
+                kv_fingerprint=spec.fingerprint,
+                block_size=spec.block_size,
+                vocab_size=loaded.config.vocab_size,
+                max_context_len=loaded.config.max_position_embeddings,
+                max_local_prefill_len=config.max_local_prefill_len,
+            ),
+            lambda: wpb.HeartbeatRequest(
+                num_waiting=loop.num_waiting,
+                num_running=loop.num_running,
+                kv_usage=loop.engine.pool.usage(),
+            ),
+        )
+        membership.start()
+    log.info("decode worker %s serving %s on %s", worker_id, config.model, advertise)
+    return DecodeWorker(worker_id, server, loop, store, membership)
