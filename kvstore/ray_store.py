@@ -1,12 +1,14 @@
 """`ray`: blocks in the Ray object store, indexed by one named actor per model.
 
-Each block is `ray.put` as `(header bytes, payload uint8 ndarray)`: the put copies
-the tensor's bytes once into shared memory, and `ray.get` on the same node returns
-the array as a zero-copy view of it (measured on this machine: a numpy payload
-reads back ~5x faster than `bytes`, which Ray copies). The index actor maps block
-hash → `[ObjectRef]` (wrapped in a list so Ray passes the ref instead of resolving
-it); holding the ref keeps the object alive, dropping it (LRU past the budget)
-frees it.
+Each block's payload is `ray.put` as a uint8 numpy array viewing the tensor: the
+put copies the bytes once into shared memory, and `ray.get` on the same node
+returns a zero-copy view of it (measured on this machine: a numpy payload reads
+back ~5x faster than `bytes`, which Ray copies on get). The 80-byte codec header
+lives in the index actor beside the ref, so the object store holds exactly what
+the raw `ray.put` of an array would. The index maps block hash → `(header,
+[ObjectRef])` (the ref wrapped in a list so Ray passes the ref instead of
+resolving it); holding the ref keeps the object alive, dropping it (LRU past the
+budget) frees it.
 
 Lifetime: Ray >= 2.56 removed `ray.put(_owner=...)`, so every object is owned by
 the process that put it and is lost when that process exits, whatever the index
@@ -16,7 +18,8 @@ present until then. (A process that already read a block may keep being served
 its own cached copy; blocks are immutable, so that copy is still right.) Blocks written by a long-lived worker therefore live as long as
 that worker.
 
-Only `bytes` and numpy arrays are stored; Ray's own serialization carries them.
+Only `bytes` and uint8 numpy arrays are stored; Ray's own serialization carries
+them, and the codec checks every header and payload on the way out.
 """
 
 from __future__ import annotations
@@ -42,19 +45,21 @@ DEFAULT_BUDGET_BYTES = 4 << 30
 DEFAULT_TAIL_TTL_S = 60.0
 DEFAULT_TIMEOUT_S = 10.0
 
-RefBox = list  # [ObjectRef]: a list so that Ray ships the ref, not the object
+# (codec header, [ObjectRef] of the payload): the ref sits in a list so that Ray
+# ships the ref itself to and from the index actor, instead of resolving it.
+IndexEntry = tuple[bytes, list]
 
 
 class BlockIndex:
-    """The index actor's state: hash → boxed ref (byte-budgeted LRU) and tails.
+    """The index actor's state: hash → entry (byte-budgeted LRU) and tails.
 
     Runs as a Ray actor (one per fingerprint and namespace); plain methods so the
     logic is testable without Ray.
     """
 
     def __init__(self, budget_bytes: int, tail_ttl_s: float) -> None:
-        self._blocks: ByteBudgetLRU[BlockHash, RefBox] = ByteBudgetLRU(budget_bytes)
-        self._tails: ExpiringTable[RefBox] = ExpiringTable(tail_ttl_s)
+        self._blocks: ByteBudgetLRU[BlockHash, IndexEntry] = ByteBudgetLRU(budget_bytes)
+        self._tails: ExpiringTable[IndexEntry] = ExpiringTable(tail_ttl_s)
 
     def ping(self) -> bool:
         return True
@@ -67,24 +72,24 @@ class BlockIndex:
             num_present += 1
         return num_present
 
-    def put(self, entries: Sequence[tuple[BlockHash, RefBox]], num_bytes: int) -> None:
-        for block_hash, box in entries:
+    def put(self, entries: Sequence[tuple[BlockHash, IndexEntry]], num_bytes: int) -> None:
+        for block_hash, entry in entries:
             # Idempotent: keep the first copy, so concurrent writers of the same
             # block do not keep replacing (and freeing) each other's objects.
             if self._blocks.get(block_hash) is None:
-                self._blocks.put(block_hash, box, num_bytes)
+                self._blocks.put(block_hash, entry, num_bytes)
 
-    def get(self, hashes: Sequence[BlockHash]) -> list[RefBox | None]:
+    def get(self, hashes: Sequence[BlockHash]) -> list[IndexEntry | None]:
         return [self._blocks.get(block_hash) for block_hash in hashes]
 
     def forget(self, hashes: Sequence[BlockHash]) -> None:
         for block_hash in hashes:
             self._blocks.pop(block_hash)
 
-    def put_tail(self, request_id: str, box: RefBox, ttl_s: float) -> None:
-        self._tails.put(request_id, box, ttl_s)
+    def put_tail(self, request_id: str, entry: IndexEntry, ttl_s: float) -> None:
+        self._tails.put(request_id, entry, ttl_s)
 
-    def get_tail(self, request_id: str) -> RefBox | None:
+    def get_tail(self, request_id: str) -> IndexEntry | None:
         return self._tails.get(request_id)
 
     def delete_tail(self, request_id: str) -> None:
@@ -158,7 +163,7 @@ class RayStore(KVStore):
             self.spec.check_payload(kv)
         if not blocks:
             return
-        entries = [(h, [self._put_object(h, kv)]) for h, kv in blocks]
+        entries = [(h, self._put_object(h, kv)) for h, kv in blocks]
         self._call("put", entries, self.spec.nbytes)
         self._stats.add(bytes_in=len(blocks) * self.spec.nbytes)
 
@@ -175,30 +180,33 @@ class RayStore(KVStore):
     ) -> list[torch.Tensor | None]:
         if not hashes:
             return []
-        boxes = self._call("get", list(hashes))
-        refs = [box[0] for box in boxes if box is not None]
-        objects = iter(self._fetch(refs))
+        entries = self._call("get", list(hashes))
+        refs = [entry[1][0] for entry in entries if entry is not None]
+        payloads = iter(self._fetch(refs))
         blocks: list[torch.Tensor | None] = []
         lost: list[BlockHash] = []
-        for block_hash, box, dest in zip(hashes, boxes, out, strict=True):
-            obj = None if box is None else next(objects)
-            if box is not None and obj is None:
+        for block_hash, entry, dest in zip(hashes, entries, out, strict=True):
+            payload = None if entry is None else next(payloads)
+            if entry is not None and payload is None:
                 lost.append(block_hash)
-            blocks.append(self._decode(obj, block_hash, is_tail=False, out=dest))
+            header = None if entry is None else entry[0]
+            blocks.append(self._decode(header, payload, block_hash, is_tail=False, out=dest))
         if lost:
             self._call("forget", lost)
         return blocks
 
     def put_tail(self, request_id: str, kv: torch.Tensor) -> None:
         self.spec.check_payload(kv, is_tail=True)
-        box = [self._put_object(tail_key(request_id), kv)]
-        self._call("put_tail", request_id, box, self.tail_ttl_s)
+        entry = self._put_object(tail_key(request_id), kv)
+        self._call("put_tail", request_id, entry, self.tail_ttl_s)
         self._stats.add(bytes_in=kv.nbytes)
 
     def get_tail(self, request_id: str) -> torch.Tensor | None:
-        box = self._call("get_tail", request_id)
-        obj = None if box is None else self._fetch([box[0]])[0]
-        return self._decode(obj, tail_key(request_id), is_tail=True, out=None)
+        entry = self._call("get_tail", request_id)
+        if entry is None:
+            return self._decode(None, None, tail_key(request_id), is_tail=True, out=None)
+        payload = self._fetch([entry[1][0]])[0]
+        return self._decode(entry[0], payload, tail_key(request_id), is_tail=True, out=None)
 
     def delete_tail(self, request_id: str) -> None:
         self._call("delete_tail", request_id)
@@ -228,11 +236,11 @@ class RayStore(KVStore):
         with self._lock:
             self._actor = None
 
-    def _put_object(self, key: BlockHash, kv: torch.Tensor) -> ray.ObjectRef:
+    def _put_object(self, key: BlockHash, kv: torch.Tensor) -> IndexEntry:
         header, payload = self._codec.encode(key, kv)
-        return ray.put((header, np.frombuffer(payload, dtype=np.uint8)))
+        return header, [ray.put(np.frombuffer(payload, dtype=np.uint8))]
 
-    def _fetch(self, refs: list[ray.ObjectRef]) -> list[tuple[bytes, np.ndarray] | None]:
+    def _fetch(self, refs: list[ray.ObjectRef]) -> list[np.ndarray | None]:
         """The objects behind `refs`; `None` for one whose owner is gone."""
         try:
             return ray.get(refs, timeout=self.timeout_s)
@@ -255,19 +263,17 @@ class RayStore(KVStore):
 
     def _decode(
         self,
-        obj: tuple[bytes, np.ndarray] | None,
+        header: bytes | None,
+        payload: np.ndarray | None,
         key: BlockHash,
         *,
         is_tail: bool,
         out: torch.Tensor | None,
     ) -> torch.Tensor | None:
-        if obj is None:
+        if header is None or payload is None:
             self._stats.add(misses=1)
             return None
         try:
-            if not (isinstance(obj, tuple) and len(obj) == 2):
-                raise BlockCodecError(f"stored object is a {type(obj).__name__}, not a block")
-            header, payload = obj
             kv = self._codec.decode_parts(header, payload, key, is_tail=is_tail, out=out)
         except BlockCodecError:
             self._stats.add(misses=1, corrupt_blocks=1)

@@ -212,3 +212,27 @@ def test_concurrent_callers(store: KVStore) -> None:
     assert errors == []
     assert store.lookup(HASHES) == 20
     assert store.stats().hits == 20
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_corrupt_objects_are_counted_misses(local_ray: None) -> None:
+    import numpy as np
+    import ray
+
+    from kvstore.codec import BlockCodec
+
+    store = open_store("ray://?namespace=test-contract", TINY_SPEC)
+    header, payload = BlockCodec(TINY_SPEC).encode(HASHES[0], make_block(0))
+    flipped = np.frombuffer(payload, dtype=np.uint8).copy()
+    flipped[7] ^= 1
+    entries = [
+        (HASHES[0], (header, [ray.put(flipped)])),  # payload bit flip
+        (HASHES[1], (header, [ray.put(np.frombuffer(payload, dtype=np.uint8))])),  # other hash
+        (HASHES[2], (header, [ray.put("not an array")])),
+    ]
+    store._call("put", entries, TINY_SPEC.nbytes)
+    assert store.get(HASHES[:3]) == [None, None, None]
+    assert store.stats() == StoreStats(misses=3, corrupt_blocks=3)
+    store.clear_index()
+    store.close()
