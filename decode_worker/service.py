@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 from opentelemetry import trace
+from opentelemetry.context import Context
 
 from decode_worker.config import DecodeConfig
 from decode_worker.engine import DecodeEngine, EngineRequest, TokenOutput
@@ -43,12 +44,19 @@ class DecodeServicer(wgrpc.DecodeWorkerServicer):
         self.store = store
 
     async def Decode(self, request: wpb.DecodeRequest, context: grpc.aio.ServicerContext):
-        with tracer.start_as_current_span(
+        # Spans are started, not made current: this is an async generator, and a
+        # context attached across a `yield` cannot be detached reliably.
+        span = tracer.start_span(
             names.SPAN_DECODE, context=caller_context(context), kind=trace.SpanKind.SERVER
-        ) as span:
-            span.set_attribute(names.REQUEST_ID, request.request_id)
+        )
+        span.set_attribute(names.REQUEST_ID, request.request_id)
+        generation_span = None
+        is_finished, num_tokens = False, 0
+        try:
             try:
-                engine_request, num_resident = await self._engine_request(request)
+                engine_request, num_resident = await self._engine_request(
+                    request, trace.set_span_in_context(span)
+                )
             except ValueError as err:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             outputs: asyncio.Queue[TokenOutput | BaseException] = asyncio.Queue()
@@ -57,32 +65,37 @@ class DecodeServicer(wgrpc.DecodeWorkerServicer):
                 engine_request,
                 lambda item: event_loop.call_soon_threadsafe(outputs.put_nowait, item),
             )
-            num_fetched = len(engine_request.provided_kv)
-            is_first, is_finished, num_tokens = True, False, 0
-            try:
-                with tracer.start_as_current_span(names.SPAN_DECODE_GENERATION) as gen_span:
-                    while not is_finished:
-                        batch = [await outputs.get()]
-                        while not outputs.empty():  # coalesce if the client reads slower
-                            batch.append(outputs.get_nowait())
-                        error = next((b for b in batch if isinstance(b, BaseException)), None)
-                        if error is not None:
-                            is_finished = True
-                            await context.abort(*_status_for(error))
-                        message = _decode_response(batch)
-                        num_tokens += len(message.token_ids)
-                        is_finished = message.finish_reason != pb.FINISH_REASON_UNSPECIFIED
-                        if is_first:
-                            message.num_resident_blocks = num_resident
-                            message.num_fetched_blocks = num_fetched
-                            is_first = False
-                        yield message
-                    gen_span.set_attribute(names.NUM_GENERATED_TOKENS, num_tokens)
-            finally:
-                if not is_finished:  # cancelled, deadline passed, or the client left
-                    self.loop.abort(request.request_id)
+            generation_span = tracer.start_span(
+                names.SPAN_DECODE_GENERATION, context=trace.set_span_in_context(span)
+            )
+            is_first = True
+            while not is_finished:
+                batch = [await outputs.get()]
+                while not outputs.empty():  # coalesce when the client reads slower
+                    batch.append(outputs.get_nowait())
+                error = next((b for b in batch if isinstance(b, BaseException)), None)
+                if error is not None:
+                    is_finished = True
+                    await context.abort(*_status_for(error))
+                message = _decode_response(batch)
+                num_tokens += len(message.token_ids)
+                is_finished = message.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+                if is_first:
+                    message.num_resident_blocks = num_resident
+                    message.num_fetched_blocks = len(engine_request.provided_kv)
+                    is_first = False
+                yield message
+        finally:
+            if not is_finished:  # cancelled, deadline passed, or the client left
+                self.loop.abort(request.request_id)
+            if generation_span is not None:
+                generation_span.set_attribute(names.NUM_GENERATED_TOKENS, num_tokens)
+                generation_span.end()
+            span.end()
 
-    async def _engine_request(self, request: wpb.DecodeRequest) -> tuple[EngineRequest, int]:
+    async def _engine_request(
+        self, request: wpb.DecodeRequest, parent: Context
+    ) -> tuple[EngineRequest, int]:
         """Validates, and fetches what the pool lacks of a prefilled prompt."""
         sampling = sampling_from_proto(request.sampling)
         token_ids = list(request.prompt_token_ids)
@@ -102,7 +115,7 @@ class DecodeServicer(wgrpc.DecodeWorkerServicer):
             return EngineRequest(request.request_id, token_ids, sampling), 0
         prefill = request.prefill
         hashes = list(prefill.block_hashes)
-        with tracer.start_as_current_span(names.SPAN_DECODE_ADMISSION) as span:
+        with tracer.start_as_current_span(names.SPAN_DECODE_ADMISSION, context=parent) as span:
             num_resident = self.loop.count_resident(hashes)
             with tracer.start_as_current_span(names.SPAN_STORE_GET) as get_span:
                 provided = await asyncio.to_thread(

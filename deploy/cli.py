@@ -21,7 +21,7 @@ from typing import NoReturn
 
 from deploy.cli_errors import UsageError
 
-SUBCOMMAND_MODULES = ("deploy.generate_command",)
+SUBCOMMAND_MODULES = ("deploy.generate_command", "deploy.serve_command")
 
 EXIT_RUNTIME_ERROR = 1
 EXIT_USAGE = 2
@@ -71,7 +71,12 @@ def _report(prog: str, exc: Exception, status: int, debug: bool) -> int:
         traceback.print_exc()
     # Our own error types carry a message written for the user; anything else is
     # prefixed with its type so it is still recognisable.
-    from_us = type(exc).__name__ in ("UsageError", "ModelLoadError")
+    from_us = type(exc).__name__ in (
+        "UsageError",
+        "ModelLoadError",
+        "RouterUnreachable",
+        "RouterError",
+    )
     message = str(exc) if from_us else f"{type(exc).__name__}: {exc}"
     print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
     return status

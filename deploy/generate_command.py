@@ -1,8 +1,5 @@
-"""`kvrelay generate`: flags, and their mapping onto a `LocalGenerateRequest`.
-
-Only `--local` (in-process) generation exists today; `--target` (a router over gRPC)
-is reserved here so the remote client can be added without changing the flags.
-"""
+"""`kvrelay generate`: flags, and their mapping onto a local (in-process) or remote
+(a router over gRPC) generation request."""
 
 from __future__ import annotations
 
@@ -13,7 +10,9 @@ from deploy.cli_errors import UsageError
 
 EPILOG = """\
 examples:
-  kvrelay generate --local "Hello from kvrelay"
+  kvrelay generate "Hello"                          # ask the router at localhost:50051
+  kvrelay generate --target host:50051 --json "Hi" "Hello"
+  kvrelay generate --local "Hello from kvrelay"      # no cluster: run the model here
   kvrelay generate --local --model dummy:135m --max-tokens 64 --temperature 0.8 --seed 7 "Once upon"
   kvrelay generate --local --model /models/SmolLM-135M --json "The capital of France is"
   kvrelay generate --local --model /models/tiny --prompt-token-ids 1,15043,29892
@@ -40,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     where = parser.add_argument_group("where to run")
     where.add_argument("--local", action="store_true", help="run the model in this process")
     where.add_argument(
-        "--target", metavar="HOST:PORT", help="a kvrelay router (not available yet; use --local)"
+        "--target", metavar="HOST:PORT", help="a kvrelay router (default: localhost:50051)"
     )
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -69,6 +68,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sampling.add_argument("--top-k", type=int, default=0, help="0 = off")
     sampling.add_argument("--seed", type=int, help="makes sampling reproducible")
     sampling.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    sampling.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop string (repeatable; --target)",
+    )
     output = parser.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     output.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -76,10 +82,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.target is not None:
-        raise UsageError("remote generation (--target) is not available yet; use --local")
+    if args.local and args.target is not None:
+        raise UsageError("choose one of --local (in this process) and --target (a router)")
+    text_prompts = tuple(args.prompts) + _read_prompts_file(args.prompts_file)
+    token_id_prompts = tuple(_parse_token_ids(s) for s in args.prompt_token_ids)
     if not args.local:
-        raise UsageError("say where to run: --local (in this process)")
+        return _run_remote(args, text_prompts, token_id_prompts)
     # Imported here so `kvrelay --help` does not pay for importing torch.
     from deploy.local_generate import LocalGenerateRequest, run_local_generate
     from model.sampling import SamplingParams
@@ -99,12 +107,41 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         dtype=args.dtype,
         device=args.device,
-        text_prompts=tuple(args.prompts) + _read_prompts_file(args.prompts_file),
-        token_id_prompts=tuple(_parse_token_ids(s) for s in args.prompt_token_ids),
+        text_prompts=text_prompts,
+        token_id_prompts=token_id_prompts,
         params=params,
         is_json=args.json,
     )
     return run_local_generate(request)
+
+
+def _run_remote(
+    args: argparse.Namespace,
+    text_prompts: tuple[str, ...],
+    token_id_prompts: tuple[tuple[int, ...], ...],
+) -> int:
+    from deploy.remote_generate import RemoteGenerateRequest, run_remote_generate
+    from protos import generator_pb2 as pb
+
+    if not text_prompts and not token_id_prompts:
+        raise UsageError("no prompt: give PROMPT text, --prompts-file or --prompt-token-ids")
+    sampling = pb.SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+    if args.seed is not None:
+        sampling.seed = args.seed
+    requests = [pb.GenerateRequest(prompt=p, sampling=sampling) for p in text_prompts]
+    requests += [
+        pb.GenerateRequest(prompt_token_ids=ids, sampling=sampling) for ids in token_id_prompts
+    ]
+    return run_remote_generate(
+        RemoteGenerateRequest(args.target or "localhost:50051", tuple(requests), args.json)
+    )
 
 
 def _read_prompts_file(path: Path | None) -> tuple[str, ...]:

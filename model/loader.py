@@ -14,7 +14,7 @@ import torch
 from model.config import ModelConfig, load_config
 from model.errors import ModelLoadError
 from model.presets import is_preset, preset_config, preset_tensors
-from model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from model.tokenizer import Tokenizer, tokenizer_for_model
 from model.transformer import Transformer, build_transformer, checkpoint_tensor_shapes
 from model.weights import load_safetensors
 
@@ -81,7 +81,6 @@ def load_model(
         tensors = {
             name: t.to(device=device, dtype=dtype) for name, t in preset_tensors(spec).items()
         }
-        tokenizer: Tokenizer | None = ByteTokenizer()
     else:
         model_dir = Path(spec)
         if not model_dir.is_dir():
@@ -96,9 +95,8 @@ def load_model(
             device=device,
             optional_names=optional,
         )
-        eos = config.eos_token_ids[0] if config.eos_token_ids else None
-        tokenizer = load_tokenizer(model_dir, config.bos_token_id, eos)
     model = build_transformer(config, tensors, dtype=dtype, device=device)
+    tokenizer = tokenizer_for_model(spec)
     return LoadedModel(
         name=spec, config=config, model=model, tokenizer=tokenizer, dtype=dtype, device=device
     )

@@ -165,3 +165,16 @@ class IncrementalDetokenizer:
         new_text = self._tokenizer.decode(self._token_ids[self._prefix_offset :])
         self._prefix_offset = self._read_offset = len(self._token_ids)
         return new_text[len(prefix_text) :]
+
+
+def tokenizer_for_model(spec: str) -> Tokenizer | None:
+    """The tokenizer of a model spec without loading weights (and without torch):
+    the byte tokenizer for `dummy:*` presets, `tokenizer.json` for a HF directory
+    (None when it has none: such a model takes token ids only)."""
+    from model.config import load_config
+
+    if spec.startswith("dummy:"):
+        return ByteTokenizer()
+    config = load_config(Path(spec))
+    eos = config.eos_token_ids[0] if config.eos_token_ids else None
+    return load_tokenizer(spec, config.bos_token_id, eos)

@@ -78,7 +78,7 @@ class RequestRelay:
     def __init__(
         self,
         cluster: Cluster,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | None,
         limits: RequestLimits,
         max_inflight: int,
     ) -> None:
@@ -102,7 +102,15 @@ class RequestRelay:
         if request.prompt_token_ids:
             token_ids, field = list(request.prompt_token_ids), "prompt_token_ids"
         else:
+            if self.tokenizer is None:
+                raise InvalidRequest(
+                    "this model has no tokenizer.json: send prompt_token_ids instead of prompt"
+                )
             token_ids, field = self.tokenizer.encode(request.prompt), "prompt"
+        if sampling.stop and self.tokenizer is None:
+            raise InvalidRequest(
+                "sampling.stop needs text, and this model has no tokenizer.json: use stop_token_ids"
+            )
         validate_prompt_tokens(
             token_ids,
             sampling.max_tokens,
@@ -125,9 +133,9 @@ class RequestRelay:
         """The whole request; raises InvalidRequest or RelayError before the first
         message, RelayError after it."""
         deadline = None if time_remaining is None else time.monotonic() + time_remaining
-        with tracer.start_as_current_span(
-            names.SPAN_GENERATE, context=parent, kind=trace.SpanKind.SERVER
-        ) as span:
+        # Started, not made current: this is an async generator (see outgoing_metadata).
+        span = tracer.start_span(names.SPAN_GENERATE, context=parent, kind=trace.SpanKind.SERVER)
+        try:
             if self.stats.num_inflight >= self.max_inflight:
                 self.stats.num_rejected += 1
                 raise RelayError(
@@ -143,17 +151,23 @@ class RequestRelay:
             finally:
                 self.stats.num_inflight -= 1
                 self.stats.num_finished += 1
+        except (InvalidRequest, RelayError) as err:
+            span.set_status(trace.StatusCode.ERROR, str(err))
+            raise
+        finally:
+            span.end()
 
     async def _run(
         self, req: PreparedRequest, deadline: float | None, span: trace.Span
     ) -> AsyncIterator[pb.GenerateResponse]:
-        emitter = _Emitter(req, IncrementalDetokenizer(self.tokenizer))
+        detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
+        emitter = _Emitter(req, detokenizer)
         prefill: wpb.PrefillResult | None = None
         prefill_worker: WorkerHandle | None = None
         tail_taken = False
         try:
             if self._needs_prefill(req):
-                prefill_worker, prefill = await self._prefill(req, deadline)
+                prefill_worker, prefill = await self._prefill(req, deadline, span)
                 span.set_attribute(names.PREFILL_WORKER, prefill_worker.entry.worker_id)
                 emitter.cached_prompt_tokens = prefill.num_cached_tokens
                 message = emitter.add([prefill.first_token_id], [prefill.first_logprob])
@@ -167,7 +181,7 @@ class RequestRelay:
                     yield message
             decode_worker = await self._pick_decode(req)
             span.set_attribute(names.DECODE_WORKER, decode_worker.entry.worker_id)
-            async for update in self._decode(decode_worker, req, prefill, deadline):
+            async for update in self._decode(decode_worker, req, prefill, deadline, span):
                 tail_taken = True
                 if update.num_cached_tokens:
                     emitter.cached_prompt_tokens = update.num_cached_tokens
@@ -200,7 +214,7 @@ class RequestRelay:
         return len(req.prompt_token_ids) > local_max
 
     async def _prefill(
-        self, req: PreparedRequest, deadline: float | None
+        self, req: PreparedRequest, deadline: float | None, parent: trace.Span
     ) -> tuple[WorkerHandle, wpb.PrefillResult]:
         tried: set[str] = set()
         while True:
@@ -219,7 +233,9 @@ class RequestRelay:
             entry.num_inflight += 1
             try:
                 with tracer.start_as_current_span(
-                    names.SPAN_PREFILL_CALL, kind=trace.SpanKind.CLIENT
+                    names.SPAN_PREFILL_CALL,
+                    context=trace.set_span_in_context(parent),
+                    kind=trace.SpanKind.CLIENT,
                 ):
                     response = await handle.stub.Prefill(
                         wpb.PrefillRequest(
@@ -262,29 +278,36 @@ class RequestRelay:
         req: PreparedRequest,
         prefill: wpb.PrefillResult | None,
         deadline: float | None,
+        parent: trace.Span,
     ) -> AsyncIterator[wpb.DecodeResponse]:
         handle.entry.num_inflight += 1
+        span = tracer.start_span(
+            names.SPAN_DECODE_CALL,
+            context=trace.set_span_in_context(parent),
+            kind=trace.SpanKind.CLIENT,
+        )
         call = None
         try:
-            with tracer.start_as_current_span(names.SPAN_DECODE_CALL, kind=trace.SpanKind.CLIENT):
-                call = handle.stub.Decode(
-                    wpb.DecodeRequest(
-                        request_id=req.request_id,
-                        prompt_token_ids=req.prompt_token_ids,
-                        sampling=req.sampling,
-                        prefill=prefill,
-                    ),
-                    timeout=_remaining(deadline),
-                    metadata=outgoing_metadata(),
-                )
-                async for update in call:
-                    yield update
+            call = handle.stub.Decode(
+                wpb.DecodeRequest(
+                    request_id=req.request_id,
+                    prompt_token_ids=req.prompt_token_ids,
+                    sampling=req.sampling,
+                    prefill=prefill,
+                ),
+                timeout=_remaining(deadline),
+                metadata=outgoing_metadata(trace.set_span_in_context(span)),
+            )
+            async for update in call:
+                yield update
         except grpc.aio.AioRpcError as err:
+            span.set_status(trace.StatusCode.ERROR, err.details() or "")
             raise RelayError(err.code(), f"decode failed: {err.details()}") from err
         finally:
             handle.entry.num_inflight -= 1
             if call is not None and not call.done():
                 call.cancel()
+            span.end()
 
     def _release_tail(self, handle: WorkerHandle | None, request_id: str) -> None:
         """Deletes a tail no decode worker took. Runs as its own task because the
@@ -306,7 +329,7 @@ class _Emitter:
     """Turns token ids into GenerateResponses: detokenizes, applies stop strings,
     and counts what was sent."""
 
-    def __init__(self, req: PreparedRequest, detokenizer: IncrementalDetokenizer) -> None:
+    def __init__(self, req: PreparedRequest, detokenizer: IncrementalDetokenizer | None) -> None:
         self.req = req
         self.detokenizer = detokenizer
         self.stop = StopStringMatcher(req.sampling.stop)
@@ -317,7 +340,8 @@ class _Emitter:
         self.finish_reason: int | None = None
 
     def add(self, token_ids: list[int], logprobs: list[float]) -> pb.GenerateResponse | None:
-        text, self.is_stopped = self.stop.feed(self.detokenizer.add(token_ids))
+        delta = self.detokenizer.add(token_ids) if self.detokenizer else ""
+        text, self.is_stopped = self.stop.feed(delta)
         self.num_sent_tokens += len(token_ids)
         if not token_ids and not text:
             return None
@@ -332,7 +356,8 @@ class _Emitter:
         if message is None:
             message = pb.GenerateResponse(request_id=self.req.request_id)
         if not self.is_stopped:
-            message.text += self.stop.feed(self.detokenizer.flush())[0] + self.stop.flush()
+            rest = self.detokenizer.flush() if self.detokenizer else ""
+            message.text += self.stop.feed(rest)[0] + self.stop.flush()
         self.finish_reason = reason
         message.finish_reason = reason
         message.usage.CopyFrom(

@@ -129,7 +129,7 @@ class Router:
         await self.cluster.close()
 
 
-async def start_router(config: RouterConfig, tokenizer: Tokenizer) -> Router:
+async def start_router(config: RouterConfig, tokenizer: Tokenizer | None) -> Router:
     cluster = Cluster(config.model, PrefixLoadPolicy(), config.worker_expiry_s)
     relay = RequestRelay(cluster, tokenizer, config.limits, config.max_inflight)
     server = await start_server(

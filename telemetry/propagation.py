@@ -11,10 +11,12 @@ from opentelemetry import propagate
 from opentelemetry.context import Context
 
 
-def outgoing_metadata() -> tuple[tuple[str, str], ...]:
-    """The current span's context as gRPC metadata (`traceparent`, `tracestate`)."""
+def outgoing_metadata(context: Context | None = None) -> tuple[tuple[str, str], ...]:
+    """A trace context (default: the current one) as gRPC metadata (`traceparent`,
+    `tracestate`). Async generators pass theirs explicitly: a context attached
+    across a `yield` cannot be detached reliably, so they never make spans current."""
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    propagate.inject(carrier, context=context)
     return tuple(carrier.items())
 
 
