@@ -1,0 +1,195 @@
+"""The Generate API through a real cluster: parity with `transformers`, prefix reuse,
+stopping and sampling as in local mode, and the trace of one request."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from model.generation import generate
+from model.loader import load_model
+from model.sampling import SamplingParams
+from protos import generator_pb2 as pb
+
+pytestmark = pytest.mark.slow
+
+
+def random_prompt(n: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 259, (n,), generator=generator).tolist()
+
+
+def tokens_of(responses: list[pb.GenerateResponse]) -> list[int]:
+    return [t for r in responses for t in r.token_ids]
+
+
+def text_of(responses: list[pb.GenerateResponse]) -> str:
+    return "".join(r.text for r in responses)
+
+
+@pytest.fixture(scope="module")
+def local(cluster_model):
+    return load_model(str(cluster_model))
+
+
+def test_eight_concurrent_requests_match_transformers_greedy(cluster, cluster_model):
+    reference = AutoModelForCausalLM.from_pretrained(cluster_model, dtype=torch.float32).eval()
+    prompts = [random_prompt(n, seed=n) for n in (1, 7, 16, 17, 33, 64, 100, 150)]
+    sampling = pb.SamplingParams(max_tokens=24, ignore_eos=True)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(
+            pool.map(lambda p: cluster.generate(prompt_token_ids=p, sampling=sampling), prompts)
+        )
+    for prompt, responses in zip(prompts, results, strict=True):
+        with torch.inference_mode():
+            expected = reference.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=24,
+                min_new_tokens=24,
+                do_sample=False,
+            )[0, len(prompt) :].tolist()
+        assert tokens_of(responses) == expected, f"prompt of {len(prompt)} tokens"
+        last = responses[-1]
+        assert last.finish_reason == pb.FINISH_REASON_LENGTH
+        assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(prompt), 24)
+
+
+def finished_per_decode_worker(cluster) -> dict[str, int]:
+    return {
+        worker_id: cluster.stats(worker_id).num_finished_requests_total
+        for worker_id in ("decode-0", "decode-1")
+    }
+
+
+def test_shared_prefix_is_reused_and_routed_to_the_worker_holding_it(cluster):
+    prefix = random_prompt(256, seed=1234)
+    first = prefix + random_prompt(20, seed=1)
+    second = prefix + random_prompt(30, seed=2)
+    sampling = pb.SamplingParams(max_tokens=4, ignore_eos=True)
+
+    before = finished_per_decode_worker(cluster)
+    responses = cluster.generate(prompt_token_ids=first, sampling=sampling)
+    after_first = finished_per_decode_worker(cluster)
+    holder = next(w for w in before if after_first[w] == before[w] + 1)
+    other = "decode-1" if holder == "decode-0" else "decode-0"
+    assert responses[-1].usage.cached_prompt_tokens == 0
+
+    # Keep a long request running on the holder, so that without prefix locality
+    # the router would send the next request to the idle worker.
+    blocker = cluster.generator.Generate(
+        pb.GenerateRequest(
+            prompt_token_ids=random_prompt(40, seed=3),
+            sampling=pb.SamplingParams(max_tokens=400, ignore_eos=True),
+        ),
+        timeout=60,
+    )
+    next(blocker)
+    busy = finished_per_decode_worker(cluster)
+    prefill_before = cluster.stats("prefill-0")
+    responses = cluster.generate(prompt_token_ids=second, sampling=sampling)
+    blocker.cancel()
+
+    usage = responses[-1].usage
+    assert usage.cached_prompt_tokens >= 256
+    prefill_after = cluster.stats("prefill-0")
+    computed = prefill_after.num_computed_tokens_total - prefill_before.num_computed_tokens_total
+    assert computed == len(second) - usage.cached_prompt_tokens
+    after_second = finished_per_decode_worker(cluster)
+    assert after_second[holder] == busy[holder] + 1, "the worker holding the prefix was not chosen"
+    assert after_second[other] == busy[other]
+
+
+def test_stop_string_max_tokens_and_stop_token_ids_behave_as_in_local_mode(cluster, local):
+    prompt = "The quick brown fox"
+    params = SamplingParams(max_tokens=32, ignore_eos=True)
+    expected = generate(local, [local.tokenizer.encode(prompt)], params)[0]
+    full_text = local.tokenizer.decode(expected.token_ids)
+
+    responses = cluster.generate(
+        prompt=prompt, sampling=pb.SamplingParams(max_tokens=32, ignore_eos=True)
+    )
+    assert tokens_of(responses) == expected.token_ids
+    assert text_of(responses) == full_text
+
+    # max_tokens
+    responses = cluster.generate(
+        prompt=prompt, sampling=pb.SamplingParams(max_tokens=5, ignore_eos=True)
+    )
+    assert tokens_of(responses) == expected.token_ids[:5]
+    assert responses[-1].finish_reason == pb.FINISH_REASON_LENGTH
+
+    # stop_token_ids: generation ends at (and includes) the first occurrence.
+    stop_id = expected.token_ids[6]
+    cut = expected.token_ids.index(stop_id) + 1
+    responses = cluster.generate(
+        prompt=prompt,
+        sampling=pb.SamplingParams(max_tokens=32, stop_token_ids=[stop_id], ignore_eos=True),
+    )
+    assert tokens_of(responses) == expected.token_ids[:cut]
+    assert responses[-1].finish_reason == pb.FINISH_REASON_STOP
+
+    # A stop string: neither it nor anything after it is sent.
+    stop = full_text[10:13]
+    responses = cluster.generate(
+        prompt=prompt, sampling=pb.SamplingParams(max_tokens=32, stop=[stop], ignore_eos=True)
+    )
+    assert text_of(responses) == full_text[: full_text.index(stop)]
+    assert responses[-1].finish_reason == pb.FINISH_REASON_STOP
+
+
+def test_seeded_sampling_matches_local_mode(cluster, local):
+    prompt = random_prompt(40, seed=9)
+    params = SamplingParams(
+        max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=77, ignore_eos=True
+    )
+    expected = generate(local, [prompt], params)[0].token_ids
+    sampling = pb.SamplingParams(
+        max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=77, ignore_eos=True
+    )
+    assert tokens_of(cluster.generate(prompt_token_ids=prompt, sampling=sampling)) == expected
+    assert tokens_of(cluster.generate(prompt_token_ids=prompt, sampling=sampling)) == expected
+
+
+def test_one_trace_spans_router_prefill_and_decode(cluster, span_collector):
+    request_id = f"traced-{time.monotonic_ns()}"
+    cluster.generate(
+        request_id=request_id,
+        prompt_token_ids=random_prompt(40, seed=5),
+        sampling=pb.SamplingParams(max_tokens=3, ignore_eos=True),
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        roots = [
+            s
+            for s in span_collector.spans
+            if s["name"] == "generate" and s["attributes"].get("kvrelay.request_id") == request_id
+        ]
+        trace = [s for s in span_collector.spans if roots and s["trace_id"] == roots[0]["trace_id"]]
+        if {"kvrelay-router", "kvrelay-prefill", "kvrelay-decode"} <= {
+            s["service"] for s in trace
+        } and any(s["name"] == "decode" for s in trace):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(
+            f"spans of {request_id} did not arrive: {[s['name'] for s in span_collector.spans]}"
+        )
+    by_id = {s["span_id"]: s for s in trace}
+    root = roots[0]
+    assert root["parent_id"] == ""
+    assert root["attributes"]["gen_ai.request.model"]
+    assert root["attributes"]["gen_ai.usage.input_tokens"] == 40
+    assert root["attributes"]["gen_ai.usage.output_tokens"] == 3
+    prefill = next(s for s in trace if s["name"] == "prefill")
+    decode = next(s for s in trace if s["name"] == "decode")
+    assert (prefill["service"], decode["service"]) == ("kvrelay-prefill", "kvrelay-decode")
+    # Worker spans hang under the router's client spans, which hang under the root.
+    assert by_id[prefill["parent_id"]]["name"] == "router.prefill"
+    assert by_id[decode["parent_id"]]["name"] == "router.decode"
+    assert by_id[prefill["parent_id"]]["parent_id"] == root["span_id"]
+    assert by_id[decode["parent_id"]]["parent_id"] == root["span_id"]
