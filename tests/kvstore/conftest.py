@@ -27,8 +27,9 @@ def free_port() -> int:
 class RedisServer:
     """A `redis-server` child process on its own port, which tests may kill and restart."""
 
-    def __init__(self, workdir: Path, *extra_args: str) -> None:
+    def __init__(self, workdir: Path, *extra_args: str, is_tls: bool = False) -> None:
         self.port = free_port()
+        self.is_tls = is_tls
         self.workdir = workdir
         self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
@@ -36,12 +37,18 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
+        return f"{'rediss' if self.is_tls else 'redis'}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         """Starts (or restarts, on the same port) and waits until it accepts connections."""
         assert self.process is None, "already running"
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        # With TLS the server listens on `port` for TLS only (plain port 0: none).
+        ports = (
+            ["--port", "0", "--tls-port", str(self.port)]
+            if self.is_tls
+            else ["--port", str(self.port)]
+        )
+        args = ["redis-server", *ports, "--bind", "127.0.0.1"]
         args += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
         self.process = subprocess.Popen([*args, *self.extra_args], stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 10

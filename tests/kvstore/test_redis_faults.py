@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import redis
@@ -220,5 +223,32 @@ def test_auth_comes_from_the_url(
         with pytest.raises(StoreUnavailableError, match=r"NOAUTH|authenticated"):
             locked_out.lookup(HASHES[:1])
         locked_out.close()
+    finally:
+        server.kill()
+
+
+def test_tls_comes_from_the_url(redis_binary: str, tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    openssl_args = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    openssl_args += ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"]
+    openssl_args += ["-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(["openssl", *openssl_args], check=True, capture_output=True)
+    tls_args = ["--tls-cert-file", str(cert), "--tls-key-file", str(key)]
+    tls_args += ["--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]
+    server = RedisServer(tmp_path, *tls_args, is_tls=True)
+    try:
+        store = RedisStore(f"{server.url}?ssl_ca_certs={cert}", TINY_SPEC)
+        store.put([(HASHES[0], make_block(0))])
+        block = store.get(HASHES[:1])[0]
+        assert block is not None and torch.equal(block, make_block(0))
+        store.close()
+        untrusted = RedisStore(server.url, TINY_SPEC)  # the self-signed CA is not trusted
+        assert not untrusted.is_healthy()
+        untrusted.close()
+        plain = RedisStore(f"redis://127.0.0.1:{server.port}", TINY_SPEC, timeout_s=TIMEOUT_S)
+        assert not plain.is_healthy()
+        plain.close()
     finally:
         server.kill()
