@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 import torch
-from conftest import RedisServer
+from redis_server import RedisServer
 from tiny_blocks import TINY_SPEC, make_block
 
 from kvstore.codec import BlockCodec, tail_key

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import RedisServer
+from redis_server import RedisServer
 from tiny_blocks import TINY_SPEC, make_block
 
 from kvstore.factory import open_store
