@@ -49,3 +49,13 @@ def test_registry_expires_silent_workers_and_reports_unknown_heartbeats():
     assert [w.worker_id for w in registry.workers()] == ["d0"]
     assert not registry.heartbeat("p0", 0, 0, 0.0)
     assert registry.get("d0").num_running == 2
+
+
+def test_router_modules_do_not_import_torch():
+    """The router starts fast and stays small: tokenizer, protos and routing only."""
+    import subprocess
+    import sys
+
+    code = "import sys, router.service, router.relay; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
