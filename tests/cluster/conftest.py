@@ -43,23 +43,34 @@ class LocalCluster:
         *,
         num_prefill: int = 1,
         num_decode: int = 2,
-        decode_args: tuple[str, ...] = (),
+        max_inflight: int = 256,
+        max_local_prefill_len: int = 0,
         env: dict[str, str] | None = None,
     ) -> None:
         self.model = model
+        self.max_inflight = max_inflight
+        self.max_local_prefill_len = max_local_prefill_len
         self.store_url = store_url
         self.logdir = logdir
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.processes: dict[str, subprocess.Popen] = {}
-        self._start("router", "router", "--port", str(self.port))
+        self._start(
+            "router", "router", "--port", str(self.port), "--max-inflight", str(max_inflight)
+        )
         common = ("--router", self.target, "--kv-store", store_url, "--threads", "1")
         for i in range(num_prefill):
             self._start(f"prefill-{i}", "prefill", *common, "--worker-id", f"prefill-{i}")
         for i in range(num_decode):
             self._start(
-                f"decode-{i}", "decode", *common, "--worker-id", f"decode-{i}", *decode_args
+                f"decode-{i}",
+                "decode",
+                *common,
+                "--worker-id",
+                f"decode-{i}",
+                "--max-local-prefill-len",
+                str(max_local_prefill_len),
             )
         self.channel = grpc.insecure_channel(self.target)
         self.generator = pb_grpc.GeneratorStub(self.channel)
@@ -280,7 +291,12 @@ def cluster(
         "OTEL_BSP_SCHEDULE_DELAY": "200",
     }
     local = LocalCluster(
-        str(cluster_model), cluster_redis, tmp_path_factory.mktemp("cluster-logs"), env=env
+        str(cluster_model),
+        cluster_redis,
+        tmp_path_factory.mktemp("cluster-logs"),
+        max_inflight=8,
+        max_local_prefill_len=8,
+        env=env,
     )
     yield local
     local.stop()

@@ -188,3 +188,26 @@ def test_concurrent_cancels_while_queued_and_running_free_everything(cluster):
         with pytest.raises(grpc.RpcError):
             list(call)
     assert_stopped_early(cluster, before, 6 * 299)
+
+
+def test_past_the_admission_limit_requests_get_resource_exhausted(cluster):
+    streams = [
+        cluster.generator.Generate(
+            pb.GenerateRequest(
+                prompt_token_ids=long_prompt(20),
+                sampling=pb.SamplingParams(max_tokens=400, ignore_eos=True),
+            ),
+            timeout=60,
+        )
+        for _ in range(cluster.max_inflight)
+    ]
+    for stream in streams:
+        next(stream)  # all admitted and generating
+    with pytest.raises(grpc.RpcError) as err:
+        cluster.generate(prompt="one too many", sampling=pb.SamplingParams(max_tokens=2))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "retry later" in err.value.details()
+    for stream in streams:
+        stream.cancel()
+    assert_back_to_baseline(cluster)
+    cluster.generate(prompt="admitted again", sampling=pb.SamplingParams(max_tokens=2))

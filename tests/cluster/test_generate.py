@@ -193,3 +193,20 @@ def test_one_trace_spans_router_prefill_and_decode(cluster, span_collector):
     assert by_id[decode["parent_id"]]["name"] == "router.decode"
     assert by_id[prefill["parent_id"]]["parent_id"] == root["span_id"]
     assert by_id[decode["parent_id"]]["parent_id"] == root["span_id"]
+
+
+def test_short_prompts_are_prefilled_by_the_decode_worker(cluster):
+    """Conditional disaggregation: prompts up to the decode workers' limit skip the
+    prefill worker, and prefix reuse still shows in usage."""
+    prompt = random_prompt(cluster.max_local_prefill_len, seed=21)
+    before = cluster.stats("prefill-0").num_finished_requests_total
+    first = cluster.generate(
+        prompt_token_ids=prompt, sampling=pb.SamplingParams(max_tokens=4, ignore_eos=True)
+    )
+    assert cluster.stats("prefill-0").num_finished_requests_total == before
+    assert len(tokens_of(first)) == 4
+    longer = random_prompt(cluster.max_local_prefill_len + 1, seed=21)
+    cluster.generate(
+        prompt_token_ids=longer, sampling=pb.SamplingParams(max_tokens=2, ignore_eos=True)
+    )
+    assert cluster.stats("prefill-0").num_finished_requests_total == before + 1
