@@ -21,7 +21,12 @@ from typing import NoReturn
 
 from deploy.cli_errors import UsageError
 
-SUBCOMMAND_MODULES = ("deploy.generate_command", "deploy.serve_command")
+SUBCOMMAND_MODULES = (
+    "deploy.generate_command",
+    "deploy.serve_command",
+    "deploy.up_command",
+    "deploy.status_command",
+)
 
 EXIT_RUNTIME_ERROR = 1
 EXIT_USAGE = 2

@@ -1,0 +1,236 @@
+"""`RayDeployment`: a kvrelay cluster (router, prefill and decode workers) as Ray
+actors on the Ray cluster this process is connected to.
+
+Placement: the router on the head node (it serves the public port there), the
+workers spread over the nodes (`SPREAD`), each worker with a GPU where the cluster
+has GPUs. Worker actors restart forever (`max_restarts=-1`): a restarted worker
+registers again under its id. The router is restarted too, and workers re-register
+with it when it answers that it does not know them. Every actor gets the `OTEL_*`
+environment of the launching process, so one trace spans the whole cluster.
+
+Start-up is ready when the router's health check says SERVING and every worker is
+registered. `shutdown()` stops the services (workers deregister), kills the actors
+and removes this launch's KV index actor; stopping Ray itself is the caller's job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+import ray
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ray.exceptions import GetTimeoutError, RayError
+
+from decode_worker.config import DecodeConfig
+from decode_worker.engine import EngineConfig
+from deploy.launch_config import LaunchConfig
+from deploy.ray_actors import ActorInfo, DecodeActor, PrefillActor, RouterActor
+from prefill_worker.config import PrefillConfig
+from protos import workers_pb2 as wpb
+from protos import workers_pb2_grpc as wgrpc
+from router.service import RouterConfig
+
+# Ray's resource on the head node; a tiny amount of it pins an actor there.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+STOP_TIMEOUT_S = 10.0
+READY_POLL_S = 0.5
+
+Progress = Callable[[str], None]
+
+
+class LaunchError(RuntimeError):
+    """The cluster could not be started; the message says why."""
+
+
+@dataclass(frozen=True)
+class WorkerActor:
+    """One worker of the deployment."""
+
+    worker_id: str
+    """Its id in the router's registry (stable across restarts)."""
+    role: str
+    """"prefill" or "decode"."""
+    actor: ray.actor.ActorHandle
+
+
+class RayDeployment:
+    """A running kvrelay cluster on Ray. Build it with `RayDeployment.start`."""
+
+    def __init__(
+        self,
+        config: LaunchConfig,
+        router: ray.actor.ActorHandle,
+        endpoint: str,
+        workers: list[WorkerActor],
+        store_namespace: str,
+    ) -> None:
+        self.config = config
+        self.router = router
+        self.endpoint = endpoint
+        """host:port of the router, dialable from every node."""
+        self.workers = workers
+        self.store_namespace = store_namespace
+
+    @classmethod
+    def start(cls, config: LaunchConfig, progress: Progress = lambda _: None) -> RayDeployment:
+        """Creates the actors and waits until the cluster serves. Needs
+        `ray.is_initialized()`. On failure it removes what it created and raises
+        `LaunchError`."""
+        namespace = f"kvrelay-{uuid.uuid4().hex[:8]}"
+        deployment = cls(config, None, "", [], namespace)
+        try:
+            deployment._start(progress)
+        except BaseException:
+            deployment.shutdown()
+            raise
+        return deployment
+
+    def _start(self, progress: Progress) -> None:
+        config = self.config
+        env = {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}
+        runtime_env = {"env_vars": env} if env else None
+        router_options = {
+            "num_cpus": config.num_cpus_per_actor,
+            "resources": {HEAD_NODE_RESOURCE: 0.001, **config.router_resources},
+            "max_restarts": -1,
+            "max_task_retries": 3,
+            "runtime_env": runtime_env,
+        }
+        self.router = (
+            ray.remote(RouterActor)
+            .options(**router_options)
+            .remote(RouterConfig(model=config.model, address=f"0.0.0.0:{config.port}"))
+        )
+        router_info = self._get(self.router.info.remote(), "the router")
+        self.endpoint = router_info.address
+        progress(f"router ready at {self.endpoint}")
+
+        num_gpus = config.num_gpus_per_worker
+        if num_gpus is None:
+            num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        device = "cuda" if num_gpus > 0 else "cpu"
+        num_threads = max(1, int(config.num_cpus_per_actor))
+        store_url = config.store_url_in_namespace(self.store_namespace)
+        worker_options = {
+            "num_cpus": config.num_cpus_per_actor,
+            "num_gpus": num_gpus,
+            "scheduling_strategy": "SPREAD",
+            "max_restarts": -1,
+            "max_task_retries": 3,
+            "runtime_env": runtime_env,
+        }
+        for i in range(config.num_prefill_workers):
+            prefill = PrefillConfig(
+                model=config.model,
+                router=self.endpoint,
+                store_url=store_url,
+                worker_id=f"prefill-{i}",
+                dtype=config.dtype,
+                device=device,
+                block_size=config.block_size,
+                num_threads=num_threads,
+            )
+            actor = (
+                ray.remote(PrefillActor)
+                .options(**worker_options, resources=dict(config.prefill_resources))
+                .remote(prefill)
+            )
+            self.workers.append(WorkerActor(prefill.worker_id, "prefill", actor))
+        for i in range(config.num_decode_workers):
+            decode = DecodeConfig(
+                model=config.model,
+                router=self.endpoint,
+                store_url=store_url,
+                worker_id=f"decode-{i}",
+                dtype=config.dtype,
+                device=device,
+                engine=EngineConfig(
+                    kv_cache_bytes=int(config.kv_cache_gb * 1024**3),
+                    block_size=config.block_size,
+                    max_num_seqs=config.max_num_seqs,
+                ),
+                num_threads=num_threads,
+            )
+            actor = (
+                ray.remote(DecodeActor)
+                .options(**worker_options, resources=dict(config.decode_resources))
+                .remote(decode)
+            )
+            self.workers.append(WorkerActor(decode.worker_id, "decode", actor))
+        progress(
+            f"starting {config.num_prefill_workers} prefill and "
+            f"{config.num_decode_workers} decode workers ({device})..."
+        )
+        for worker in self.workers:
+            info = self._get(worker.actor.info.remote(), worker.worker_id)
+            progress(f"  {worker.worker_id} serving at {info.address}")
+        self.wait_ready(self.config.ready_timeout_s)
+        progress(f"{len(self.workers)} workers registered")
+
+    def _get(self, ref: ray.ObjectRef, what: str) -> ActorInfo:
+        try:
+            return ray.get(ref, timeout=self.config.ready_timeout_s)
+        except GetTimeoutError:
+            raise LaunchError(
+                f"{what} did not start within {self.config.ready_timeout_s:.0f} s; "
+                "the Ray cluster may lack the CPUs/GPUs it asks for (see `ray status`)"
+            ) from None
+        except RayError as err:
+            raise LaunchError(f"{what} failed to start: {_root_cause(err)}") from None
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Waits until the router is SERVING and lists every worker of the deployment."""
+        expected = {w.worker_id for w in self.workers}
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.endpoint) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            registry = wgrpc.RegistryStub(channel)
+            while True:
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    listed = registry.ListWorkers(wpb.ListWorkersRequest(), timeout=2).workers
+                    registered = {w.worker_id for w in listed}
+                    if status == health_pb2.HealthCheckResponse.SERVING and expected <= registered:
+                        return
+                except grpc.RpcError:
+                    registered = set()
+                if time.monotonic() > deadline:
+                    missing = ", ".join(sorted(expected - registered)) or "none"
+                    raise LaunchError(
+                        f"the cluster at {self.endpoint} was not ready within {timeout_s:.0f} s "
+                        f"(workers not registered: {missing})"
+                    )
+                time.sleep(READY_POLL_S)
+
+    def shutdown(self) -> None:
+        """Stops every service, kills the actors and this launch's KV index. Safe
+        to call twice and after a failed start."""
+        actors = [w.actor for w in self.workers]
+        if self.router is not None:
+            actors.append(self.router)
+        # Workers first, so they deregister while the router still answers.
+        for group in ([w.actor for w in self.workers], [self.router] if self.router else []):
+            refs = [actor.stop.options(max_task_retries=0).remote() for actor in group]
+            # A dead or stuck actor is killed below either way.
+            with contextlib.suppress(RayError):
+                ray.get(refs, timeout=STOP_TIMEOUT_S)
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        self.workers, self.router = [], None
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry["namespace"] == self.store_namespace:
+                with contextlib.suppress(ValueError):  # already gone
+                    ray.kill(ray.get_actor(entry["name"], namespace=entry["namespace"]))
+
+
+def _root_cause(err: RayError) -> str:
+    """The actor constructor's own error message, without Ray's wrapping."""
+    cause = getattr(err, "cause", None) or err
+    text = str(cause).strip().splitlines()
+    return text[-1] if text else type(err).__name__

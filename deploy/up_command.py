@@ -1,0 +1,191 @@
+"""`kvrelay up`: a whole cluster (router, prefill and decode workers) on Ray.
+
+Without `--address` it starts a local Ray instance of its own, so a laptop needs
+nothing else; with `--address` it joins an existing Ray cluster. Either way the
+services run as Ray actors (`deploy.ray_launcher`). SIGINT or SIGTERM stops the
+services, kills the actors and, when this command started Ray, stops Ray too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from types import FrameType
+
+from deploy.cli_errors import UsageError
+
+EPILOG = """\
+examples:
+  kvrelay up                                   # local Ray, dummy:tiny, 1 prefill + 1 decode
+  kvrelay up --model /models/SmolLM-135M --prefill-workers 2 --decode-workers 2
+  kvrelay up --address auto --model /models/Llama-3-8B   # join the Ray cluster of this node
+  kvrelay up --kv-store redis://redis:6379      # blocks in Redis instead of Ray's object store
+
+then, in another shell:
+  kvrelay generate "Hello"
+  kvrelay status --target localhost:50051
+
+Worker actors ask for one GPU each where the Ray cluster has GPUs (--gpus-per-worker
+overrides), prefill and decode workers are spread over the nodes, and a worker that
+dies is restarted by Ray and registers again. Actors inherit the OTEL_* variables.
+Cluster configs (Ray cluster launcher, KubeRay, plain processes): deploy/configs/.
+"""
+
+
+class ShutdownRequested(BaseException):
+    """SIGINT or SIGTERM arrived (a BaseException, so no `except Exception` eats it)."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "up",
+        help="start a whole cluster on Ray (a local Ray instance by default)",
+        description="Start a router, prefill and decode workers as Ray actors; "
+        "serve until SIGINT/SIGTERM.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", default="dummy:tiny", help="HF directory or dummy:* preset")
+    parser.add_argument("--prefill-workers", type=int, default=1, help="default: %(default)s")
+    parser.add_argument("--decode-workers", type=int, default=1, help="default: %(default)s")
+    parser.add_argument(
+        "--kv-store",
+        default="ray",
+        help="ray (the Ray object store) or redis://host:port (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--address", help="Ray cluster to join (`auto`, host:6379); default: start a local one"
+    )
+    parser.add_argument("--port", type=int, default=50051, help="router port (default: 50051)")
+    parser.add_argument(
+        "--cpus-per-actor", type=float, default=1.0, help="Ray CPUs per actor (default: 1)"
+    )
+    parser.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        help="GPUs per worker actor (default: 1 if the cluster has GPUs, else 0)",
+    )
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument(
+        "--kv-cache-gb", type=float, default=0.5, help="decode: KV pool memory in GiB"
+    )
+    parser.add_argument(
+        "--object-store-mb",
+        type=int,
+        help="local Ray only: object store size in MiB (default: Ray's choice)",
+    )
+    parser.add_argument(
+        "--ready-timeout", type=float, default=300.0, help="seconds start-up may take"
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show the actors' logs in this terminal"
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from deploy.launch_config import LaunchConfig
+
+    try:
+        config = LaunchConfig(
+            model=args.model,
+            num_prefill_workers=args.prefill_workers,
+            num_decode_workers=args.decode_workers,
+            store_url=args.kv_store,
+            port=args.port,
+            num_cpus_per_actor=args.cpus_per_actor,
+            num_gpus_per_worker=args.gpus_per_worker,
+            dtype=None if args.dtype == "auto" else args.dtype,
+            block_size=args.block_size,
+            kv_cache_gb=args.kv_cache_gb,
+            ready_timeout_s=args.ready_timeout,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    _on_signals(_request_shutdown)
+    try:
+        return _up(args, config)
+    except ShutdownRequested:
+        return 0
+
+
+def _up(args: argparse.Namespace, config) -> int:
+    import ray
+
+    from deploy.ray_launcher import RayDeployment
+
+    deployment = None
+    try:
+        if args.address is None:
+            _say("starting Ray (local instance)...")
+            ray.init(
+                address="local",
+                # Logical CPUs: enough for every actor even on a 2-core laptop.
+                num_cpus=max(
+                    os.cpu_count() or 1,
+                    math.ceil(config.num_cpus_per_actor * (config.num_workers + 1)),
+                ),
+                object_store_memory=(args.object_store_mb or 0) * 1024**2 or None,
+                include_dashboard=False,
+                logging_level="ERROR",
+                log_to_driver=args.verbose,
+            )
+        else:
+            _say(f"joining the Ray cluster at {args.address}...")
+            ray.init(address=args.address, logging_level="ERROR", log_to_driver=args.verbose)
+        _on_signals(_request_shutdown)  # ray.init installs its own SIGTERM handler
+        deployment = RayDeployment.start(config, _say)
+        _print_ready(deployment, args.address is None)
+        while True:
+            time.sleep(3600)
+    finally:
+        # A second Ctrl-C must not cut the clean-up short and leave Ray running.
+        _on_signals(signal.SIG_IGN)
+        _say("shutting down...")
+        if deployment is not None:
+            deployment.shutdown()
+        ray.shutdown()  # stops the local instance if this process started it
+        _say("stopped")
+
+
+def _print_ready(deployment, is_local: bool) -> None:
+    port = deployment.endpoint.rsplit(":", 1)[1]
+    target = f"localhost:{port}" if is_local else deployment.endpoint
+    kvrelay = _kvrelay_command()
+    _say(f"kvrelay is ready: router at {deployment.endpoint} serving {deployment.config.model}")
+    for worker in deployment.workers:
+        _say(f"  {worker.role:<8} {worker.worker_id}")
+    _say("try, in another shell:")
+    _say(f'  {kvrelay} generate --target {target} "hello"')
+    _say(f"  {kvrelay} status --target {target}")
+    _say("Ctrl-C stops the cluster.")
+
+
+def _kvrelay_command() -> str:
+    """How the user can call `kvrelay` from another shell (the venv may not be active)."""
+    import shutil
+    from pathlib import Path
+
+    if shutil.which("kvrelay"):
+        return "kvrelay"
+    beside = Path(sys.executable).parent / "kvrelay"
+    return str(beside) if beside.exists() else f"{sys.executable} -m deploy.cli"
+
+
+def _say(line: str) -> None:
+    print(f"kvrelay up: {line}", flush=True)
+
+
+def _request_shutdown(signum: int, frame: FrameType | None) -> None:
+    raise ShutdownRequested(signal.Signals(signum).name)
+
+
+def _on_signals(handler) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
