@@ -84,7 +84,7 @@ def test_shared_prefix_is_reused_and_routed_to_the_worker_holding_it(cluster):
     blocker = cluster.generator.Generate(
         pb.GenerateRequest(
             prompt_token_ids=random_prompt(40, seed=3),
-            sampling=pb.SamplingParams(max_tokens=400, ignore_eos=True),
+            sampling=pb.SamplingParams(max_tokens=460, ignore_eos=True),
         ),
         timeout=60,
     )
@@ -100,8 +100,9 @@ def test_shared_prefix_is_reused_and_routed_to_the_worker_holding_it(cluster):
     computed = prefill_after.num_computed_tokens_total - prefill_before.num_computed_tokens_total
     assert computed == len(second) - usage.cached_prompt_tokens
     after_second = finished_per_decode_worker(cluster)
-    assert after_second[holder] == busy[holder] + 1, "the worker holding the prefix was not chosen"
-    assert after_second[other] == busy[other]
+    # (The blocker may have finished on the holder too, on a slow machine.)
+    assert after_second[other] == busy[other], "the worker holding the prefix was not chosen"
+    assert after_second[holder] >= busy[holder] + 1
 
 
 def test_stop_string_max_tokens_and_stop_token_ids_behave_as_in_local_mode(cluster, local):
