@@ -118,6 +118,28 @@ class BlockCodec:
         a new CPU tensor. Raises `BlockCodecError` on any mismatch, before
         anything is written to `out`.
         """
+        shape = self.verify(header, payload, key, is_tail=is_tail)
+        payload_bytes = np.frombuffer(payload, dtype=np.uint8)
+        if out is None:
+            out = torch.empty(shape, dtype=self.spec.dtype)
+        elif tuple(out.shape) != shape or out.dtype != self.spec.dtype:
+            raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, payload is {shape}")
+        if out.device.type == "cpu" and out.is_contiguous():
+            out.view(torch.uint8).reshape(-1).numpy()[:] = payload_bytes
+        else:
+            staged = torch.from_numpy(payload_bytes.copy()).view(self.spec.dtype).view(shape)
+            out.copy_(staged)
+        return out
+
+    def verify(
+        self, header: Buffer, payload: Buffer | np.ndarray, key: BlockHash, *, is_tail: bool = False
+    ) -> tuple[int, ...]:
+        """Checks a header and its payload in place (no copy); returns the payload shape.
+
+        Readers that received the payload straight into its final memory (a new
+        tensor) call this instead of `decode_parts`. Raises `BlockCodecError` on
+        any mismatch.
+        """
         shape, checksum = self._check_header(header, key, is_tail)
         try:
             payload_bytes = np.frombuffer(payload, dtype=np.uint8)
@@ -130,16 +152,7 @@ class BlockCodec:
             )
         if xxhash.xxh3_64_intdigest(payload_bytes) != checksum:
             raise BlockCodecError("payload checksum mismatch")
-        if out is None:
-            out = torch.empty(shape, dtype=self.spec.dtype)
-        elif tuple(out.shape) != shape or out.dtype != self.spec.dtype:
-            raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, payload is {shape}")
-        if out.device.type == "cpu" and out.is_contiguous():
-            out.view(torch.uint8).reshape(-1).numpy()[:] = payload_bytes
-        else:
-            staged = torch.from_numpy(payload_bytes.copy()).view(self.spec.dtype).view(shape)
-            out.copy_(staged)
-        return out
+        return shape
 
     def _check_header(
         self, header: Buffer, key: BlockHash, is_tail: bool

@@ -11,9 +11,10 @@ import torch
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from kvstore.codec import BlockCodec, BlockCodecError, tail_key
+from kvstore.codec import HEADER_LEN, BlockCodec, BlockCodecError, tail_key
 from kvstore.hashing import BlockHash
 from kvstore.resp_packer import ScatterValue, ZeroCopyRespPacker
+from kvstore.resp_reader import RespReader
 from kvstore.spec import BlockSpec
 from kvstore.stats import StatsRecorder, StoreStats
 from kvstore.store import KVStore, StoreUnavailableError
@@ -34,8 +35,9 @@ class RedisStore(KVStore):
       block at any time; an evicted block is a miss.
     - Each batch is one pipeline (one round trip), not a transaction: every
       single SET/GET is atomic, a batch is not.
-    - Values are `BlockCodec` payloads, sent with no copy (`ZeroCopyRespPacker`)
-      and checked on every read; a bad one is a miss counted in `corrupt_blocks`.
+    - Values are `BlockCodec` payloads, sent with no copy (`ZeroCopyRespPacker`),
+      received with one (`RespReader`, past hiredis) and checked on every read;
+      a bad one is a miss counted in `corrupt_blocks`.
     - Connections come from one pool, so the store is safe to share between
       threads. Socket and connect timeouts (`timeout_s`) and no retries bound
       every call: an unreachable Redis raises `StoreUnavailableError` within
@@ -126,18 +128,68 @@ class RedisStore(KVStore):
     def _get(
         self, hashes: Sequence[BlockHash], out: list[torch.Tensor | None]
     ) -> list[torch.Tensor | None]:
+        """One GETEX pipeline, its replies received past hiredis (`RespReader`).
+
+        Each value lands once, straight from the socket: in a new tensor that
+        `get` returns, or (for `get_into`) in a scratch tensor that is verified
+        before it is copied to `out[i]`, so a corrupt block leaves `out[i]`
+        untouched as the contract says.
+        """
         if not hashes:
             return []
+        commands = [("GETEX", self.block_key(h), "EX", self.block_ttl_s) for h in hashes]
+        scratch = (
+            None
+            if all(dest is None for dest in out)
+            else torch.empty(self.spec.shape, dtype=self.spec.dtype)
+        )
+        with self._translate_errors(), self._raw_connection() as connection:
+            connection.send_packed_command(connection.pack_commands(commands))
+            # redis-py has no public handle on the socket; its own parser holds
+            # no bytes between commands, so reading past it here is safe.
+            reader = RespReader(connection._sock)
+            blocks = [
+                self._read_block(reader, block_hash, dest, scratch)
+                for block_hash, dest in zip(hashes, out, strict=True)
+            ]
+            if reader.num_buffered:
+                raise redis.InvalidResponse("Redis sent more replies than commands")
+        return blocks
 
-        def run(pipe: redis.client.Pipeline) -> None:
-            for block_hash in hashes:
-                pipe.getex(self.block_key(block_hash), ex=self.block_ttl_s)
-
-        values = self._pipeline(run)
-        return [
-            self._decode(value, block_hash, is_tail=False, out=dest)
-            for value, block_hash, dest in zip(values, hashes, out, strict=True)
-        ]
+    def _read_block(
+        self,
+        reader: RespReader,
+        block_hash: BlockHash,
+        dest: torch.Tensor | None,
+        scratch: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """Receives one GETEX reply and checks it; `None` for a miss or a corrupt block."""
+        value_len = reader.read_bulk_len()
+        if value_len is None:
+            self._stats.add(misses=1)
+            return None
+        if value_len != HEADER_LEN + self.spec.nbytes:
+            reader.skip(value_len)  # a block of any other size is corrupt: never keep it
+            reader.read_bulk_end()
+            self._stats.add(misses=1, corrupt_blocks=1)
+            return None
+        header = bytearray(HEADER_LEN)
+        reader.read_into(memoryview(header))
+        kv = torch.empty(self.spec.shape, dtype=self.spec.dtype) if dest is None else scratch
+        assert kv is not None, "get_into always passes a scratch tensor"
+        payload = kv.view(torch.uint8).reshape(-1).numpy()
+        reader.read_into(memoryview(payload))
+        reader.read_bulk_end()
+        try:
+            if dest is None:
+                self._codec.verify(header, payload, block_hash)
+            else:
+                kv = self._codec.decode_parts(header, payload, block_hash, out=dest)
+        except BlockCodecError:
+            self._stats.add(misses=1, corrupt_blocks=1)
+            return None
+        self._stats.add(hits=1, bytes_out=kv.nbytes)
+        return kv
 
     def put_tail(self, request_id: str, kv: torch.Tensor) -> None:
         self.spec.check_payload(kv, is_tail=True)
@@ -194,6 +246,23 @@ class RedisStore(KVStore):
         with self._translate_errors(), self._client.pipeline(transaction=False) as pipe:
             fill(pipe)
             return pipe.execute()
+
+    @contextmanager
+    def _raw_connection(self) -> Iterator[redis.connection.AbstractConnection]:
+        """A pooled connection for reading replies ourselves; dropped on any error.
+
+        After an error the socket may hold the rest of a reply, so the connection
+        is disconnected (the pool reconnects it on its next use) rather than
+        handed back out of step.
+        """
+        connection = self._pool.get_connection()
+        try:
+            yield connection
+        except BaseException:
+            connection.disconnect()
+            raise
+        finally:
+            self._pool.release(connection)
 
     @contextmanager
     def _translate_errors(self) -> Iterator[None]:
