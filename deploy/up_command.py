@@ -108,11 +108,15 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     _on_signals(_request_shutdown)
     try:
         return _up(args, config)
     except ShutdownRequested:
         return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _up(args: argparse.Namespace, config) -> int:

@@ -1,0 +1,169 @@
+"""`kvrelay up` as a user runs it: a subprocess that starts its own local Ray, serves
+`kvrelay generate`, and on Ctrl-C (SIGINT to its process group) exits 0 leaving no
+process behind; and its usage errors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploy.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def process_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, session id, command line) of every live (non-zombie) process."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # exited meanwhile
+        # Fields after the parenthesised command name: state, ppid, pgrp, session.
+        state, ppid, _, session = stat.rsplit(")", 1)[1].split()[:4]
+        if state != "Z":
+            table[int(entry.name)] = (int(ppid), int(session), cmdline.strip())
+    return table
+
+
+def started_by(root_pid: int) -> dict[int, str]:
+    """Processes descending from `root_pid` or in its session: pid -> command line."""
+    table = process_table()
+    found = {pid: cmd for pid, (_, session, cmd) in table.items() if session == root_pid}
+    frontier = [root_pid]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, _, cmd) in table.items():
+            if ppid == parent and pid not in found:
+                found[pid] = cmd
+                frontier.append(pid)
+    return found
+
+
+class UpProcess:
+    """`kvrelay up` in its own session, its output collected line by line."""
+
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "deploy.cli", "up", *args],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.spawned: dict[int, str] = {}
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, text: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not any(text in line for line in self.lines):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self._reader.join(2)
+                raise AssertionError(f"no {text!r} from kvrelay up:\n" + "\n".join(self.lines))
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        """The finalizer: whatever still runs of it goes, by pid."""
+        for pid in [self.process.pid, *self.spawned]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait()
+
+
+@pytest.fixture
+def up_process() -> Iterator[list[UpProcess]]:
+    started: list[UpProcess] = []
+    yield started
+    for up in started:
+        up.kill()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_up_serves_generate_and_ctrl_c_leaves_nothing_behind(
+    up_process: list[UpProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port()
+    up = UpProcess(
+        "--port", str(port), "--object-store-mb", "100", "--kv-cache-gb", "0.01"
+    )  # fmt: skip
+    up_process.append(up)
+    up.wait_for("kvrelay is ready", timeout_s=150)
+    assert up.lines[0] == "kvrelay up: starting Ray (local instance)..."
+    assert any(line.endswith(f":{port}") and "router ready at" in line for line in up.lines)
+    assert "kvrelay up: 2 workers registered" in up.lines
+    assert any(f'generate --target localhost:{port} "hello"' in line for line in up.lines)
+
+    up.spawned = started_by(up.process.pid)
+    commands = " ".join(up.spawned.values())
+    assert "raylet" in commands and "gcs_server" in commands
+    assert "ray::PrefillActor" in commands and "ray::DecodeActor" in commands
+
+    generate = ["generate", "--target", f"127.0.0.1:{port}", "--json", "--max-tokens", "8"]
+    remote = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", *generate, "hello"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert remote.returncode == 0, remote.stderr
+    assert main(["generate", "--local", "--json", "--max-tokens", "8", "hello"]) == 0
+    local = json.loads(capsys.readouterr().out)
+    result = json.loads(remote.stdout)
+    assert result["token_ids"] == local["token_ids"] and len(result["token_ids"]) == 8
+
+    os.killpg(up.process.pid, signal.SIGINT)  # what Ctrl-C in its terminal sends
+    assert up.process.wait(timeout=60) == 0
+    up._reader.join(5)
+    assert up.lines[-2:] == ["kvrelay up: shutting down...", "kvrelay up: stopped"]
+    time.sleep(1)  # the last Ray children may need a moment after their parent
+    alive = process_table()
+    left = {pid: cmd for pid, cmd in up.spawned.items() if pid in alive and alive[pid][2] == cmd}
+    assert left == {}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--decode-workers", "0"], "at least one decode worker"),
+        (["--kv-store", "memory"], "--kv-store 'memory': use ray"),
+        (["--port", "70000"], "--port 70000 is not a port number"),
+    ],
+)
+def test_up_usage_errors_exit_2_with_one_line(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["up", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("kvrelay up: error: ")
+    assert message in err
