@@ -31,6 +31,8 @@ class DecodeConfig:
     0 sends every prompt through a prefill worker when one is registered."""
     num_threads: int | None = None
     """torch threads; default: the cores this process may run on."""
+    metrics_port: int | None = None
+    """Port for Prometheus `/metrics`; None turns it off, 0 picks a free one."""
 
     def __post_init__(self) -> None:
         if self.max_local_prefill_len < 0:

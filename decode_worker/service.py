@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -30,6 +31,7 @@ from rpc.sampling_proto import finish_reason_to_proto, sampling_from_proto
 from rpc.server import RunningServer, ServiceBinding, dialable_address, start_server
 from rpc.store_stats import store_stats_to_proto
 from telemetry import names
+from telemetry.metrics import ServiceMetrics, Snapshot, serve_metrics
 from telemetry.propagation import caller_context
 
 log = logging.getLogger(__name__)
@@ -37,11 +39,20 @@ tracer = trace.get_tracer("kvrelay.decode")
 
 
 class DecodeServicer(wgrpc.DecodeWorkerServicer):
-    def __init__(self, worker_id: str, loaded: LoadedModel, loop: EngineLoop, store: KVStore):
+    def __init__(
+        self,
+        worker_id: str,
+        loaded: LoadedModel,
+        loop: EngineLoop,
+        store: KVStore,
+        metrics: ServiceMetrics,
+    ):
         self.worker_id = worker_id
         self.loaded = loaded
         self.loop = loop
         self.store = store
+        self.metrics = metrics
+        metrics.report(self.snapshot)
 
     async def Decode(self, request: wpb.DecodeRequest, context: grpc.aio.ServicerContext):
         # Spans are started, not made current: this is an async generator, and a
@@ -50,8 +61,9 @@ class DecodeServicer(wgrpc.DecodeWorkerServicer):
             names.SPAN_DECODE, context=caller_context(context), kind=trace.SpanKind.SERVER
         )
         span.set_attribute(names.REQUEST_ID, request.request_id)
+        arrival = time.monotonic()
         generation_span = None
-        is_finished, num_tokens = False, 0
+        is_finished, num_tokens, last_token_at = False, 0, None
         try:
             try:
                 engine_request, num_resident = await self._engine_request(
@@ -79,6 +91,7 @@ class DecodeServicer(wgrpc.DecodeWorkerServicer):
                     await context.abort(*_status_for(error))
                 message = _decode_response(batch)
                 num_tokens += len(message.token_ids)
+                last_token_at = self._observe_tokens(arrival, last_token_at, len(batch))
                 is_finished = message.finish_reason != pb.FINISH_REASON_UNSPECIFIED
                 if is_first:
                     message.num_resident_blocks = num_resident
@@ -91,7 +104,36 @@ class DecodeServicer(wgrpc.DecodeWorkerServicer):
             if generation_span is not None:
                 generation_span.set_attribute(names.NUM_GENERATED_TOKENS, num_tokens)
                 generation_span.end()
+            if is_finished:
+                self.metrics.e2e_request_latency.observe(time.monotonic() - arrival)
             span.end()
+
+    def _observe_tokens(
+        self, arrival: float, last_token_at: float | None, num_tokens: int
+    ) -> float:
+        now = time.monotonic()
+        if last_token_at is None:
+            self.metrics.time_to_first_token.observe(now - arrival)
+        else:
+            for _ in range(num_tokens):
+                self.metrics.inter_token_latency.observe((now - last_token_at) / num_tokens)
+        return now
+
+    def snapshot(self) -> Snapshot:
+        engine, store = self.loop.engine, self.store.stats()
+        return Snapshot(
+            num_requests_waiting=self.loop.num_waiting,
+            num_requests_running=self.loop.num_running,
+            kv_cache_usage_perc=engine.pool.usage(),
+            generation_tokens_total=engine.counters.num_generated_tokens_total,
+            num_preemptions_total=engine.counters.num_preemptions_total,
+            kv_store_hits_total=store.hits,
+            kv_store_misses_total=store.misses,
+            kv_store_corrupt_blocks_total=store.corrupt_blocks,
+            kv_store_errors_total=store.errors,
+            kv_transfer_bytes_in_total=store.bytes_in,
+            kv_transfer_bytes_out_total=store.bytes_out,
+        )
 
     async def _engine_request(
         self, request: wpb.DecodeRequest, parent: Context
@@ -118,6 +160,7 @@ class DecodeServicer(wgrpc.DecodeWorkerServicer):
         with tracer.start_as_current_span(names.SPAN_DECODE_ADMISSION, context=parent) as span:
             num_resident = self.loop.count_resident(hashes)
             with tracer.start_as_current_span(names.SPAN_STORE_GET) as get_span:
+                started = time.perf_counter()
                 provided = await asyncio.to_thread(
                     fetch_prompt_kv,
                     self.store,
@@ -125,6 +168,7 @@ class DecodeServicer(wgrpc.DecodeWorkerServicer):
                     request.request_id,
                     prefill.has_tail,
                 )
+                self.metrics.kv_transfer_time.observe(time.perf_counter() - started)
                 get_span.set_attribute(names.NUM_BLOCKS, len(provided))
                 get_span.set_attribute(names.NUM_BYTES, sum(t.nbytes for t in provided))
             span.set_attribute(names.NUM_RESIDENT_BLOCKS, num_resident)
@@ -191,6 +235,8 @@ class DecodeWorker:
     loop: EngineLoop
     store: KVStore
     membership: RouterMembership | None
+    metrics_port: int | None = None
+    """Where `/metrics` is served, if it is."""
 
     @property
     def port(self) -> int:
@@ -213,7 +259,11 @@ async def start_decode_worker(config: DecodeConfig) -> DecodeWorker:
     store = await asyncio.to_thread(open_store, config.store_url, spec)
     loop = EngineLoop(DecodeEngine(loaded, config.engine, spec.fingerprint))
     loop.start()
-    servicer = DecodeServicer("", loaded, loop, store)
+    metrics = ServiceMetrics(config.model, "decode")
+    servicer = DecodeServicer("", loaded, loop, store, metrics)
+    metrics_port = None
+    if config.metrics_port is not None:
+        metrics_port = serve_metrics(metrics, config.metrics_port, config.address.rsplit(":", 1)[0])
     server = await start_server(
         [
             ServiceBinding(
@@ -249,4 +299,4 @@ async def start_decode_worker(config: DecodeConfig) -> DecodeWorker:
         )
         membership.start()
     log.info("decode worker %s serving %s on %s", worker_id, config.model, advertise)
-    return DecodeWorker(worker_id, server, loop, store, membership)
+    return DecodeWorker(worker_id, server, loop, store, membership, metrics_port)

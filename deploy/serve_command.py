@@ -80,6 +80,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=256,
         help="router: requests at once before RESOURCE_EXHAUSTED",
     )
+    parser.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: any free one)"
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.set_defaults(run=run)
@@ -106,6 +109,8 @@ async def _serve(args: argparse.Namespace) -> int:
     setup_tracing(service_name)
     service = await _start(args, address)
     print(f"kvrelay {args.role} serving on port {service.port}", flush=True)
+    if service.metrics_port is not None:
+        print(f"kvrelay {args.role} metrics on port {service.metrics_port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -122,7 +127,12 @@ async def _start(args: argparse.Namespace, address: str):
         from router.service import RouterConfig, start_router
 
         return await start_router(
-            RouterConfig(model=args.model, address=address, max_inflight=args.max_inflight),
+            RouterConfig(
+                model=args.model,
+                address=address,
+                max_inflight=args.max_inflight,
+                metrics_port=args.metrics_port,
+            ),
             tokenizer_for_model(args.model),
         )
     if args.role == "prefill":
@@ -142,6 +152,7 @@ async def _start(args: argparse.Namespace, address: str):
                 block_size=args.block_size,
                 token_budget=args.token_budget,
                 num_threads=args.threads,
+                metrics_port=args.metrics_port,
             )
         )
     from decode_worker.config import DecodeConfig
@@ -165,5 +176,6 @@ async def _start(args: argparse.Namespace, address: str):
             ),
             max_local_prefill_len=args.max_local_prefill_len,
             num_threads=args.threads,
+            metrics_port=args.metrics_port,
         )
     )

@@ -28,6 +28,8 @@ class PrefillConfig:
     """Most prompt tokens in one forward pass; longer prompts are chunked."""
     num_threads: int | None = None
     """torch threads; default: the cores this process may run on."""
+    metrics_port: int | None = None
+    """Port for Prometheus `/metrics`; None turns it off, 0 picks a free one."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.token_budget < 1:

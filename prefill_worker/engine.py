@@ -14,6 +14,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
@@ -51,6 +52,10 @@ class PrefillJob:
     num_computed_tokens: int = field(init=False)
     future: Future = field(default_factory=Future)
     is_cancelled: bool = False
+    started_ns: int = 0
+    """Wall clock (ns) when its first chunk was scheduled, for the queueing span."""
+    finished_ns: int = 0
+    """Wall clock (ns) when its first token was sampled."""
 
     def __post_init__(self) -> None:
         assert 0 <= self.num_cached_tokens < len(self.token_ids), "at least one token to compute"
@@ -160,6 +165,9 @@ class PrefillEngine:
     def step(self) -> None:
         """One forward pass: schedule chunks, run, record K/V, finish completed jobs."""
         batch, new_lens = self._schedule()
+        now_ns = time.time_ns()
+        for job in batch:
+            job.started_ns = job.started_ns or now_ns
         input_ids = torch.tensor(
             [
                 t
@@ -201,6 +209,7 @@ class PrefillEngine:
                 self._running.remove(job)
                 self.counters.num_cached_tokens_total += job.num_cached_tokens
                 self.counters.num_finished_requests_total += 1
+                job.finished_ns = time.time_ns()
                 _resolve(job.future, result=PrefillOutput(token_id, logprob, job.kv))
 
     def _schedule(self) -> tuple[list[PrefillJob], list[int]]:

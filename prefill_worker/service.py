@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -19,7 +20,7 @@ from kvstore import BlockSpec, KVStore, StoreUnavailableError, hash_token_blocks
 from model.loader import LoadedModel, available_cores, load_model, parse_dtype
 from model.sampling import finish_reason
 from prefill_worker.config import PrefillConfig
-from prefill_worker.engine import PrefillCancelled, PrefillEngine
+from prefill_worker.engine import PrefillCancelled, PrefillEngine, PrefillJob
 from prefill_worker.store_io import load_cached_prefix, publish_prompt_kv
 from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
@@ -28,6 +29,7 @@ from rpc.sampling_proto import finish_reason_to_proto, sampling_from_proto
 from rpc.server import RunningServer, ServiceBinding, dialable_address, start_server
 from rpc.store_stats import store_stats_to_proto
 from telemetry import names
+from telemetry.metrics import ServiceMetrics, Snapshot, serve_metrics
 from telemetry.propagation import caller_context
 
 log = logging.getLogger(__name__)
@@ -35,12 +37,21 @@ tracer = trace.get_tracer("kvrelay.prefill")
 
 
 class PrefillServicer(wgrpc.PrefillWorkerServicer):
-    def __init__(self, worker_id: str, loaded: LoadedModel, engine: PrefillEngine, store: KVStore):
+    def __init__(
+        self,
+        worker_id: str,
+        loaded: LoadedModel,
+        engine: PrefillEngine,
+        store: KVStore,
+        metrics: ServiceMetrics,
+    ):
         self.worker_id = worker_id
         self.loaded = loaded
         self.engine = engine
         self.store = store
         self.block_size = store.spec.block_size
+        self.metrics = metrics
+        metrics.report(self.snapshot)
 
     async def Prefill(self, request: wpb.PrefillRequest, context: grpc.aio.ServicerContext):
         with tracer.start_as_current_span(
@@ -56,28 +67,29 @@ class PrefillServicer(wgrpc.PrefillWorkerServicer):
             hashes = hash_token_blocks(token_ids, self.block_size, self.store.spec.fingerprint)
             job = self.engine.new_job(request.request_id, token_ids, sampling)
             with tracer.start_as_current_span(names.SPAN_STORE_LOOKUP) as lookup_span:
+                started = time.perf_counter()
                 num_present, job.num_cached_tokens = await asyncio.to_thread(
                     load_cached_prefix, self.store, hashes, job.kv
                 )
+                if job.num_cached_tokens:
+                    self.metrics.kv_transfer_time.observe(time.perf_counter() - started)
                 lookup_span.set_attribute(names.NUM_HITS, num_present)
                 lookup_span.set_attribute(names.CACHED_PROMPT_TOKENS, job.num_cached_tokens)
-            with tracer.start_as_current_span(names.SPAN_PREFILL_FORWARD) as forward_span:
-                forward_span.set_attribute(names.CACHED_PROMPT_TOKENS, job.num_cached_tokens)
-                forward_span.set_attribute(
-                    names.COMPUTED_PROMPT_TOKENS, len(token_ids) - job.num_cached_tokens
-                )
-                try:
-                    output = await asyncio.wrap_future(self.engine.submit(job))
-                except asyncio.CancelledError:
-                    self.engine.cancel(job)
-                    raise
-                except PrefillCancelled:
-                    await context.abort(grpc.StatusCode.CANCELLED, "prefill cancelled")
+            submitted_ns = time.time_ns()
+            try:
+                output = await asyncio.wrap_future(self.engine.submit(job))
+            except asyncio.CancelledError:
+                self.engine.cancel(job)
+                raise
+            except PrefillCancelled:
+                await context.abort(grpc.StatusCode.CANCELLED, "prefill cancelled")
+            self._record_engine_spans(job, submitted_ns, len(token_ids))
             finished = finish_reason(
                 output.first_token_id, 1, sampling, self.loaded.config.eos_token_ids
             )
             with tracer.start_as_current_span(names.SPAN_STORE_PUT) as put_span:
                 put_span.set_attribute(names.NUM_BLOCKS, len(hashes) - num_present)
+                started = time.perf_counter()
                 try:
                     await asyncio.to_thread(
                         publish_prompt_kv,
@@ -93,6 +105,7 @@ class PrefillServicer(wgrpc.PrefillWorkerServicer):
                         grpc.StatusCode.UNAVAILABLE,
                         f"KV store unreachable, cannot hand off KV: {err}",
                     )
+                self.metrics.kv_transfer_time.observe(time.perf_counter() - started)
             return wpb.PrefillResponse(
                 worker_id=self.worker_id,
                 result=wpb.PrefillResult(
@@ -105,6 +118,32 @@ class PrefillServicer(wgrpc.PrefillWorkerServicer):
                     finish_reason=finish_reason_to_proto(finished),
                 ),
             )
+
+    def _record_engine_spans(self, job: PrefillJob, submitted_ns: int, prompt_len: int) -> None:
+        """The engine thread timed the job; its queueing and forward spans are
+        recorded here, with those times, as children of the current span."""
+        queue_span = tracer.start_span(names.SPAN_PREFILL_QUEUE, start_time=submitted_ns)
+        queue_span.end(end_time=job.started_ns)
+        forward_span = tracer.start_span(names.SPAN_PREFILL_FORWARD, start_time=job.started_ns)
+        forward_span.set_attribute(names.CACHED_PROMPT_TOKENS, job.num_cached_tokens)
+        forward_span.set_attribute(names.COMPUTED_PROMPT_TOKENS, prompt_len - job.num_cached_tokens)
+        forward_span.end(end_time=job.finished_ns)
+        self.metrics.queue_time.observe((job.started_ns - submitted_ns) / 1e9)
+
+    def snapshot(self) -> Snapshot:
+        counters, store = self.engine.counters, self.store.stats()
+        return Snapshot(
+            num_requests_waiting=self.engine.num_waiting,
+            num_requests_running=self.engine.num_running,
+            prompt_tokens_total=counters.num_computed_tokens_total,
+            cached_prompt_tokens_total=counters.num_cached_tokens_total,
+            kv_store_hits_total=store.hits,
+            kv_store_misses_total=store.misses,
+            kv_store_corrupt_blocks_total=store.corrupt_blocks,
+            kv_store_errors_total=store.errors,
+            kv_transfer_bytes_in_total=store.bytes_in,
+            kv_transfer_bytes_out_total=store.bytes_out,
+        )
 
     def _check_prompt(self, token_ids: list[int]) -> None:
         config = self.loaded.config
@@ -158,6 +197,8 @@ class PrefillWorker:
     engine: PrefillEngine
     store: KVStore
     membership: RouterMembership | None
+    metrics_port: int | None = None
+    """Where `/metrics` is served, if it is."""
 
     @property
     def port(self) -> int:
@@ -180,7 +221,11 @@ async def start_prefill_worker(config: PrefillConfig) -> PrefillWorker:
     store = await asyncio.to_thread(open_store, config.store_url, spec)
     engine = PrefillEngine(loaded, config.token_budget)
     engine.start()
-    servicer = PrefillServicer("", loaded, engine, store)
+    metrics = ServiceMetrics(config.model, "prefill")
+    servicer = PrefillServicer("", loaded, engine, store, metrics)
+    metrics_port = None
+    if config.metrics_port is not None:
+        metrics_port = serve_metrics(metrics, config.metrics_port, config.address.rsplit(":", 1)[0])
     server = await start_server(
         [
             ServiceBinding(
@@ -213,4 +258,4 @@ async def start_prefill_worker(config: PrefillConfig) -> PrefillWorker:
         )
         membership.start()
     log.info("prefill worker %s serving %s on %s", worker_id, config.model, advertise)
-    return PrefillWorker(worker_id, server, engine, store, membership)
+    return PrefillWorker(worker_id, server, engine, store, membership, metrics_port)

@@ -36,6 +36,7 @@ from router.validation import (
     validate_sampling,
 )
 from telemetry import names
+from telemetry.metrics import ServiceMetrics, Snapshot
 from telemetry.propagation import outgoing_metadata
 
 tracer = trace.get_tracer("kvrelay.router")
@@ -65,11 +66,23 @@ class PreparedRequest:
 
 @dataclass
 class RelayStats:
-    """Counters the router's tests and status read."""
+    """Counters the router's metrics and tests read."""
 
     num_inflight: int = 0
     num_finished: int = 0
     num_rejected: int = 0
+    num_prompt_tokens_total: int = 0
+    num_cached_prompt_tokens_total: int = 0
+    num_generated_tokens_total: int = 0
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            num_requests_running=self.num_inflight,
+            prompt_tokens_total=self.num_prompt_tokens_total,
+            cached_prompt_tokens_total=self.num_cached_prompt_tokens_total,
+            generation_tokens_total=self.num_generated_tokens_total,
+            admission_rejections_total=self.num_rejected,
+        )
 
 
 class RequestRelay:
@@ -81,12 +94,15 @@ class RequestRelay:
         tokenizer: Tokenizer | None,
         limits: RequestLimits,
         max_inflight: int,
+        metrics: ServiceMetrics,
     ) -> None:
         self.cluster = cluster
         self.tokenizer = tokenizer
         self.limits = limits
         self.max_inflight = max_inflight
         self.stats = RelayStats()
+        self.metrics = metrics
+        metrics.report(self.stats.snapshot)
         self._background: set[asyncio.Task] = set()
 
     def prepare(self, request: pb.GenerateRequest) -> PreparedRequest:
@@ -132,7 +148,8 @@ class RequestRelay:
     ) -> AsyncIterator[pb.GenerateResponse]:
         """The whole request; raises InvalidRequest or RelayError before the first
         message, RelayError after it."""
-        deadline = None if time_remaining is None else time.monotonic() + time_remaining
+        arrival = time.monotonic()
+        deadline = None if time_remaining is None else arrival + time_remaining
         # Started, not made current: this is an async generator (see outgoing_metadata).
         span = tracer.start_span(names.SPAN_GENERATE, context=parent, kind=trace.SpanKind.SERVER)
         try:
@@ -145,8 +162,27 @@ class RequestRelay:
             prepared = self.prepare(request)
             _set_request_attributes(span, self.cluster.model_name, prepared)
             self.stats.num_inflight += 1
+            self.stats.num_prompt_tokens_total += len(prepared.prompt_token_ids)
+            last_token_at = None
             try:
                 async for response in self._run(prepared, deadline, span):
+                    if response.token_ids:
+                        now = time.monotonic()
+                        if last_token_at is None:
+                            self.metrics.time_to_first_token.observe(now - arrival)
+                        else:
+                            # A message may carry several tokens (a slow reader's
+                            # backlog): each gets its share of the gap.
+                            gap = (now - last_token_at) / len(response.token_ids)
+                            for _ in response.token_ids:
+                                self.metrics.inter_token_latency.observe(gap)
+                        last_token_at = now
+                        self.stats.num_generated_tokens_total += len(response.token_ids)
+                    if response.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                        self.stats.num_cached_prompt_tokens_total += (
+                            response.usage.cached_prompt_tokens
+                        )
+                        self.metrics.e2e_request_latency.observe(time.monotonic() - arrival)
                     yield response
             finally:
                 self.stats.num_inflight -= 1

@@ -25,6 +25,7 @@ from router.relay import RelayError, RequestRelay
 from router.routing import PrefixLoadPolicy
 from router.validation import InvalidRequest, RequestLimits
 from rpc.server import RunningServer, ServiceBinding, start_server
+from telemetry.metrics import ServiceMetrics, serve_metrics
 from telemetry.propagation import caller_context
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class RouterConfig:
     """Requests served at once; past it, RESOURCE_EXHAUSTED."""
     worker_expiry_s: float = 6.0
     """A worker silent for this long is dropped; it heartbeats every third of it."""
+    metrics_port: int | None = None
+    """Port for Prometheus `/metrics`; None turns it off, 0 picks a free one."""
 
     def __post_init__(self) -> None:
         if self.max_inflight < 1:
@@ -116,6 +119,8 @@ class Router:
     cluster: Cluster
     relay: RequestRelay
     _expiry_task: asyncio.Task
+    metrics_port: int | None = None
+    """Where `/metrics` is served, if it is."""
 
     @property
     def port(self) -> int:
@@ -131,7 +136,8 @@ class Router:
 
 async def start_router(config: RouterConfig, tokenizer: Tokenizer | None) -> Router:
     cluster = Cluster(config.model, PrefixLoadPolicy(), config.worker_expiry_s)
-    relay = RequestRelay(cluster, tokenizer, config.limits, config.max_inflight)
+    metrics = ServiceMetrics(config.model, "router")
+    relay = RequestRelay(cluster, tokenizer, config.limits, config.max_inflight, metrics)
     server = await start_server(
         [
             ServiceBinding(
@@ -156,5 +162,9 @@ async def start_router(config: RouterConfig, tokenizer: Tokenizer | None) -> Rou
             await asyncio.sleep(cluster.heartbeat_interval_s)
             await cluster.expire()
 
+    metrics_port = None
+    if config.metrics_port is not None:
+        host = config.address.rsplit(":", 1)[0]
+        metrics_port = serve_metrics(metrics, config.metrics_port, host)
     log.info("router serving %s on port %d", config.model, server.port)
-    return Router(server, cluster, relay, asyncio.ensure_future(expire_forever()))
+    return Router(server, cluster, relay, asyncio.ensure_future(expire_forever()), metrics_port)

@@ -56,6 +56,7 @@ class LocalCluster:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.processes: dict[str, subprocess.Popen] = {}
+        self.metrics_ports: dict[str, int] = {}
         self._start(
             "router", "router", "--port", str(self.port), "--max-inflight", str(max_inflight)
         )
@@ -78,6 +79,8 @@ class LocalCluster:
         self.wait_ready(num_prefill + num_decode)
 
     def _start(self, name: str, role: str, *args: str) -> None:
+        self.metrics_ports[name] = free_port()
+        args = (*args, "--metrics-port", str(self.metrics_ports[name]))
         log = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
         self.processes[name] = subprocess.Popen(
             [
@@ -137,6 +140,14 @@ class LocalCluster:
             else:
                 stub = wgrpc.DecodeWorkerStub(channel)
             return stub.GetStats(wpb.StatsRequest(), timeout=5)
+
+    def metrics(self, name: str) -> str:
+        """The Prometheus exposition text of process `name` (e.g. `decode-0`)."""
+        import urllib.request
+
+        url = f"http://127.0.0.1:{self.metrics_ports[name]}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.read().decode()
 
     def generate(self, timeout: float = 60, **fields) -> list[pb.GenerateResponse]:
         return list(self.generator.Generate(pb.GenerateRequest(**fields), timeout=timeout))

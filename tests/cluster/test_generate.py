@@ -211,3 +211,40 @@ def test_short_prompts_are_prefilled_by_the_decode_worker(cluster):
         prompt_token_ids=longer, sampling=pb.SamplingParams(max_tokens=2, ignore_eos=True)
     )
     assert cluster.stats("prefill-0").num_finished_requests_total == before + 1
+
+
+def sample_value(text: str, name: str, role: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels.get("role") == role:
+                return sample.value
+    raise AssertionError(f"{name} with role={role} not exported")
+
+
+def test_every_service_exports_prometheus_metrics(cluster):
+    cluster.generate(
+        prompt_token_ids=random_prompt(50, seed=31),
+        sampling=pb.SamplingParams(max_tokens=5, ignore_eos=True),
+    )
+    router = cluster.metrics("router")
+    assert sample_value(router, "kvrelay:time_to_first_token_seconds_count", "router") >= 1
+    assert sample_value(router, "kvrelay:inter_token_latency_seconds_count", "router") >= 4
+    assert sample_value(router, "kvrelay:generation_tokens_total", "router") >= 5
+    assert sample_value(router, "kvrelay:num_requests_running", "router") == 0
+    prefill = cluster.metrics("prefill-0")
+    assert sample_value(prefill, "kvrelay:prompt_tokens_total", "prefill") >= 50
+    assert sample_value(prefill, "kvrelay:kv_transfer_seconds_count", "prefill") >= 1
+    assert sample_value(prefill, "kvrelay:kv_transfer_bytes_in_total", "prefill") > 0
+    decode_usage = [
+        sample_value(cluster.metrics(f"decode-{i}"), "kvrelay:kv_cache_usage_perc", "decode")
+        for i in (0, 1)
+    ]
+    assert all(0.0 <= u <= 1.0 for u in decode_usage)
+    generated = sum(
+        sample_value(cluster.metrics(f"decode-{i}"), "kvrelay:generation_tokens_total", "decode")
+        for i in (0, 1)
+    )
+    assert generated >= 4
+    assert 'model_name="' in router
