@@ -107,7 +107,8 @@ class RayDeployment:
             .options(**router_options)
             .remote(RouterConfig(model=config.model, address=f"0.0.0.0:{config.port}"))
         )
-        router_info = self._get(self.router.info.remote(), "the router")
+        # No retries: a router that cannot start fails the same way again.
+        router_info = self._get(self.router.info.options(max_task_retries=0).remote(), "the router")
         self.endpoint = router_info.address
         progress(f"router ready at {self.endpoint}")
 

@@ -12,6 +12,7 @@ import argparse
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from types import FrameType
@@ -108,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.address is None:
+        _check_port_is_free(config.port)
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     _on_signals(_request_shutdown)
     try:
@@ -156,6 +159,18 @@ def _up(args: argparse.Namespace, config) -> int:
             deployment.shutdown()
         ray.shutdown()  # stops the local instance if this process started it
         _say("stopped")
+
+
+def _check_port_is_free(port: int) -> None:
+    """Fails before Ray starts when the router could not bind its port here."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            raise UsageError(
+                f"port {port} is in use (another kvrelay up?); stop it or pass --port"
+            ) from None
 
 
 def _print_ready(deployment, is_local: bool) -> None:
