@@ -81,6 +81,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="router: requests at once before RESOURCE_EXHAUSTED",
     )
     parser.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="workers: compute every prompt in full, never reuse cached KV (for comparisons)",
+    )
+    parser.add_argument(
         "--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: any free one)"
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
@@ -151,6 +156,7 @@ async def _start(args: argparse.Namespace, address: str):
                 device=args.device,
                 block_size=args.block_size,
                 token_budget=args.token_budget,
+                enable_prefix_cache=not args.no_prefix_cache,
                 num_threads=args.threads,
                 metrics_port=args.metrics_port,
             )

@@ -26,6 +26,9 @@ class PrefillConfig:
     """Tokens per KV block; every worker of a cluster must agree."""
     token_budget: int = 2048
     """Most prompt tokens in one forward pass; longer prompts are chunked."""
+    enable_prefix_cache: bool = True
+    """Load a prompt's cached prefix blocks from the store instead of computing them
+    (off: every prompt is computed in full, for benchmarks that compare)."""
     num_threads: int | None = None
     """torch threads; default: the cores this process may run on."""
     metrics_port: int | None = None

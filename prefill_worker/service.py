@@ -44,10 +44,12 @@ class PrefillServicer(wgrpc.PrefillWorkerServicer):
         engine: PrefillEngine,
         store: KVStore,
         metrics: ServiceMetrics,
+        enable_prefix_cache: bool = True,
     ):
         self.worker_id = worker_id
         self.loaded = loaded
         self.engine = engine
+        self.enable_prefix_cache = enable_prefix_cache
         self.store = store
         self.block_size = store.spec.block_size
         self.metrics = metrics
@@ -68,9 +70,11 @@ class PrefillServicer(wgrpc.PrefillWorkerServicer):
             job = self.engine.new_job(request.request_id, token_ids, sampling)
             with tracer.start_as_current_span(names.SPAN_STORE_LOOKUP) as lookup_span:
                 started = time.perf_counter()
-                num_present, job.num_cached_tokens = await asyncio.to_thread(
-                    load_cached_prefix, self.store, hashes, job.kv
-                )
+                num_present, job.num_cached_tokens = 0, 0
+                if self.enable_prefix_cache:
+                    num_present, job.num_cached_tokens = await asyncio.to_thread(
+                        load_cached_prefix, self.store, hashes, job.kv
+                    )
                 if job.num_cached_tokens:
                     self.metrics.kv_transfer_time.observe(time.perf_counter() - started)
                 lookup_span.set_attribute(names.NUM_HITS, num_present)
@@ -222,7 +226,7 @@ async def start_prefill_worker(config: PrefillConfig) -> PrefillWorker:
     engine = PrefillEngine(loaded, config.token_budget)
     engine.start()
     metrics = ServiceMetrics(config.model, "prefill")
-    servicer = PrefillServicer("", loaded, engine, store, metrics)
+    servicer = PrefillServicer("", loaded, engine, store, metrics, config.enable_prefix_cache)
     metrics_port = None
     if config.metrics_port is not None:
         metrics_port = serve_metrics(metrics, config.metrics_port, config.address.rsplit(":", 1)[0])
