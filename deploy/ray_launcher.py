@@ -11,6 +11,7 @@ environment of the launching process, so one trace spans the whole cluster.
 Start-up is ready when the router's health check says SERVING and every worker is
 registered. `shutdown()` stops the services (workers deregister), kills the actors
 and removes this launch's KV index actor; stopping Ray itself is the caller's job.
+On a local Ray instance that is about to stop anyway, `stop_services()` is enough.
 """
 
 from __future__ import annotations
@@ -60,36 +61,26 @@ class WorkerActor:
 
 
 class RayDeployment:
-    """A running kvrelay cluster on Ray. Build it with `RayDeployment.start`."""
+    """A kvrelay cluster on Ray: `start()` creates it, `shutdown()` removes it."""
 
-    def __init__(
-        self,
-        config: LaunchConfig,
-        router: ray.actor.ActorHandle,
-        endpoint: str,
-        workers: list[WorkerActor],
-        store_namespace: str,
-    ) -> None:
+    def __init__(self, config: LaunchConfig) -> None:
         self.config = config
-        self.router = router
-        self.endpoint = endpoint
-        """host:port of the router, dialable from every node."""
-        self.workers = workers
-        self.store_namespace = store_namespace
+        self.router: ray.actor.ActorHandle | None = None
+        self.endpoint = ""
+        """host:port of the router, dialable from every node (once started)."""
+        self.workers: list[WorkerActor] = []
+        self.store_namespace = f"kvrelay-{uuid.uuid4().hex[:8]}"
+        """Ray namespace of this launch's KV index actor (store `ray`)."""
 
-    @classmethod
-    def start(cls, config: LaunchConfig, progress: Progress = lambda _: None) -> RayDeployment:
+    def start(self, progress: Progress = lambda _: None) -> None:
         """Creates the actors and waits until the cluster serves. Needs
-        `ray.is_initialized()`. On failure it removes what it created and raises
-        `LaunchError`."""
-        namespace = f"kvrelay-{uuid.uuid4().hex[:8]}"
-        deployment = cls(config, None, "", [], namespace)
+        `ray.is_initialized()`. Raises `LaunchError` after removing what it
+        created; on a signal (a BaseException) the caller shuts down."""
         try:
-            deployment._start(progress)
-        except BaseException:
-            deployment.shutdown()
+            self._start(progress)
+        except Exception:
+            self.shutdown()
             raise
-        return deployment
 
     def _start(self, progress: Progress) -> None:
         config = self.config
@@ -209,19 +200,21 @@ class RayDeployment:
                     )
                 time.sleep(READY_POLL_S)
 
-    def shutdown(self) -> None:
-        """Stops every service, kills the actors and this launch's KV index. Safe
-        to call twice and after a failed start."""
-        actors = [w.actor for w in self.workers]
-        if self.router is not None:
-            actors.append(self.router)
-        # Workers first, so they deregister while the router still answers.
+    def stop_services(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Asks every service to stop, workers first so they deregister while the
+        router still answers; gives up on an actor after `timeout_s`. Direct actor
+        calls only, so it works (or times out) even when Ray's GCS is gone."""
         for group in ([w.actor for w in self.workers], [self.router] if self.router else []):
             refs = [actor.stop.options(max_task_retries=0).remote() for actor in group]
-            # A dead or stuck actor is killed below either way.
+            # A dead or stuck actor is killed by `shutdown` (or with Ray) either way.
             with contextlib.suppress(RayError):
-                ray.get(refs, timeout=STOP_TIMEOUT_S)
-        for actor in actors:
+                ray.get(refs, timeout=timeout_s)
+
+    def shutdown(self) -> None:
+        """Stops every service, kills the actors and this launch's KV index, so the
+        Ray cluster is as before. Safe to call twice and after a failed start."""
+        self.stop_services()
+        for actor in [w.actor for w in self.workers] + ([self.router] if self.router else []):
             ray.kill(actor, no_restart=True)
         self.workers, self.router = [], None
         for entry in ray.util.list_named_actors(all_namespaces=True):

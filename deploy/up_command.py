@@ -125,11 +125,16 @@ def run(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace, config) -> int:
     import ray
 
+    from deploy import local_processes
     from deploy.ray_launcher import RayDeployment
 
-    deployment = None
+    deployment = RayDeployment(config)
+    is_local = args.address is None
+    # Every process the local Ray instance started, refreshed while serving (Ray
+    # restarts workers): what the shutdown must leave dead.
+    spawned: dict[int, str] = {}
     try:
-        if args.address is None:
+        if is_local:
             _say("starting Ray (local instance)...")
             ray.init(
                 address="local",
@@ -143,21 +148,34 @@ def _up(args: argparse.Namespace, config) -> int:
                 logging_level="ERROR",
                 log_to_driver=args.verbose,
             )
+            spawned |= local_processes.live_descendants()
         else:
             _say(f"joining the Ray cluster at {args.address}...")
             ray.init(address=args.address, logging_level="ERROR", log_to_driver=args.verbose)
         _on_signals(_request_shutdown)  # ray.init installs its own SIGTERM handler
-        deployment = RayDeployment.start(config, _say)
-        _print_ready(deployment, args.address is None)
+        deployment.start(_say)
+        _print_ready(deployment, is_local)
         while True:
-            time.sleep(3600)
+            if is_local:
+                spawned |= local_processes.live_descendants()
+            time.sleep(5)
     finally:
         # A second Ctrl-C must not cut the clean-up short and leave Ray running.
         _on_signals(signal.SIG_IGN)
         _say("shutting down...")
-        if deployment is not None:
-            deployment.shutdown()
+        if is_local:
+            spawned |= local_processes.live_descendants()
+        if not is_local:
+            deployment.shutdown()  # the cluster stays: leave it as it was
+        elif local_processes.is_local_ray_intact(spawned):
+            # The whole instance goes next, so stopping the services is enough.
+            # A signal to the whole process group may have stopped Ray's own
+            # processes already: then Ray calls would wait for them in vain.
+            deployment.stop_services(timeout_s=5)
         ray.shutdown()  # stops the local instance if this process started it
+        leftovers = local_processes.kill_leftovers(spawned)
+        if leftovers:
+            _say(f"killed what Ray left running: {', '.join(sorted(leftovers))}")
         _say("stopped")
 
 

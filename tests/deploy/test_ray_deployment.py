@@ -72,7 +72,8 @@ def deployment(hf_checkpoint) -> Iterator[RayDeployment]:
             decode_resources={"decode_node": 1},
             ready_timeout_s=120,
         )
-        deployment = RayDeployment.start(config)
+        deployment = RayDeployment(config)
+        deployment.start()
         yield deployment
     finally:
         if deployment is not None:

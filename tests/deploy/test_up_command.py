@@ -109,8 +109,17 @@ def up_process() -> Iterator[list[UpProcess]]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_up_serves_generate_and_ctrl_c_leaves_nothing_behind(
-    up_process: list[UpProcess], capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    "stop_signal",
+    # SIGINT: Ctrl-C in its terminal. SIGTERM to the group (systemd, `timeout`)
+    # also stops Ray's own gcs_server and raylet under it.
+    [signal.SIGINT, signal.SIGTERM],
+    ids=["ctrl-c", "sigterm-to-group"],
+)
+def test_up_serves_generate_and_stops_leaving_nothing_behind(
+    stop_signal: signal.Signals,
+    up_process: list[UpProcess],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     port = free_port()
     up = UpProcess(
@@ -142,10 +151,10 @@ def test_up_serves_generate_and_ctrl_c_leaves_nothing_behind(
     result = json.loads(remote.stdout)
     assert result["token_ids"] == local["token_ids"] and len(result["token_ids"]) == 8
 
-    os.killpg(up.process.pid, signal.SIGINT)  # what Ctrl-C in its terminal sends
-    assert up.process.wait(timeout=60) == 0
+    os.killpg(up.process.pid, stop_signal)
+    assert up.process.wait(timeout=30) == 0
     up._reader.join(5)
-    assert up.lines[-2:] == ["kvrelay up: shutting down...", "kvrelay up: stopped"]
+    assert up.lines[up.lines.index("kvrelay up: shutting down...") :][-1] == "kvrelay up: stopped"
     time.sleep(1)  # the last Ray children may need a moment after their parent
     alive = process_table()
     left = {pid: cmd for pid, cmd in up.spawned.items() if pid in alive and alive[pid][2] == cmd}
