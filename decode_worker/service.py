@@ -94,6 +94,9 @@ class DecodeServicer(wgrpc.DecodeWorkerServicer):
                 last_token_at = self._observe_tokens(arrival, last_token_at, len(batch))
                 is_finished = message.finish_reason != pb.FINISH_REASON_UNSPECIFIED
                 if is_first:
+                    generation_span.set_attribute(
+                        names.TIME_TO_FIRST_TOKEN_S, time.monotonic() - arrival
+                    )
                     message.num_resident_blocks = num_resident
                     message.num_fetched_blocks = len(engine_request.provided_kv)
                     is_first = False

@@ -103,9 +103,7 @@ def start_dashboard(config: DashboardConfig, python: str = sys.executable) -> Ph
     """Starts Phoenix with `python` and returns once its UI and OTLP receiver accept
     connections. Raises `DashboardError` (with Phoenix's log) if it cannot."""
     if not is_phoenix_installed(python):
-        raise DashboardError(
-            "the dashboard needs Arize Phoenix: pip install 'kvrelay[dashboard]'"
-        )
+        raise DashboardError("the dashboard needs Arize Phoenix: pip install 'kvrelay[dashboard]'")
     config.workdir.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,

@@ -77,6 +77,7 @@ class PrefillServicer(wgrpc.PrefillWorkerServicer):
                     )
                 if job.num_cached_tokens:
                     self.metrics.kv_transfer_time.observe(time.perf_counter() - started)
+                lookup_span.set_attribute(names.NUM_BLOCKS, len(hashes))
                 lookup_span.set_attribute(names.NUM_HITS, num_present)
                 lookup_span.set_attribute(names.CACHED_PROMPT_TOKENS, job.num_cached_tokens)
             submitted_ns = time.time_ns()

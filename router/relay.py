@@ -238,7 +238,12 @@ class RequestRelay:
             if emitter.finish_reason is not None:
                 span.set_attribute(
                     names.GEN_AI_RESPONSE_FINISH_REASONS,
-                    [pb.FinishReason.Name(emitter.finish_reason)],
+                    # GenAI semconv values: "length", "stop", ... (not the enum's name).
+                    [
+                        pb.FinishReason.Name(emitter.finish_reason)
+                        .removeprefix("FINISH_REASON_")
+                        .lower()
+                    ],
                 )
             if prefill is not None and prefill.has_tail and not tail_taken:
                 self._release_tail(prefill_worker, req.request_id)
