@@ -18,8 +18,13 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+# A whole local cluster (Ray, router, prefill and decode workers); Ctrl-C stops it all.
+RUN_MODEL ?= dummy:tiny
 run: setup
-	$(VENV)/bin/kvrelay generate --local --model dummy:tiny --max-tokens 24 "Hello from kvrelay"
+	@echo "kvrelay: starting a local cluster with $(RUN_MODEL) (router on localhost:50051)."
+	@echo "kvrelay: when it says ready, in another shell:  $(VENV)/bin/kvrelay generate \"hello\""
+	@echo "kvrelay: Ctrl-C here stops everything."
+	$(VENV)/bin/kvrelay up --model $(RUN_MODEL)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -114,3 +114,25 @@ def test_launch_config_resources_are_read_only() -> None:
     assert config.num_workers == 2
     with pytest.raises(TypeError):
         config.decode_resources["x"] = 1  # type: ignore[index]
+
+
+def test_kuberay_manifest_starts_kvrelay_up_with_valid_flags() -> None:
+    import shlex
+    from pathlib import Path
+
+    import yaml
+
+    from deploy.cli import build_parser
+
+    manifest = yaml.safe_load(
+        (Path(__file__).parents[2] / "deploy/configs/kuberay-raycluster.yaml").read_text()
+    )
+    assert manifest["kind"] == "RayCluster"
+    head = manifest["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    script = head["lifecycle"]["postStart"]["exec"]["command"][-1]
+    start = script.index("kvrelay up")
+    words = shlex.split(script[start : script.index(">", start)])
+    args = build_parser().parse_args(words[1:])
+    assert (args.address, args.prefill_workers, args.decode_workers) == ("auto", 1, 2)
+    workers = manifest["spec"]["workerGroupSpecs"][0]
+    assert workers["rayStartParams"]["num-gpus"] == "1"
