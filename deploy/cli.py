@@ -26,6 +26,7 @@ SUBCOMMAND_MODULES = (
     "deploy.serve_command",
     "deploy.up_command",
     "deploy.status_command",
+    "deploy.bench_command",
 )
 
 EXIT_RUNTIME_ERROR = 1

@@ -1,0 +1,223 @@
+"""Clusters the comparisons start themselves: plain `kvrelay serve` processes, each
+worker pinned to its own core with `taskset` and one torch thread, and a
+redis-server of their own on a free port, so every configuration starts from an
+empty KV store. Everything started is stopped on exit, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import workers_pb2 as wpb
+from protos import workers_pb2_grpc as wgrpc
+
+ROOT = Path(__file__).resolve().parents[2]
+# Large enough that a colocated decode worker prefills every prompt itself.
+LOCAL_PREFILL_ALL = 1 << 30
+
+
+@dataclass(frozen=True)
+class ClusterLayout:
+    """Which processes run, and on which cores."""
+
+    name: str
+    """The run's name in reports, e.g. "disaggregated"."""
+    model: str
+    prefill_cores: tuple[int, ...]
+    """One prefill worker per entry, pinned to that core."""
+    decode_cores: tuple[int, ...]
+    """One decode worker per entry, pinned to that core."""
+    max_local_prefill_len: int = 0
+    """Decode workers prefill prompts up to this long themselves."""
+    is_prefix_cache_enabled: bool = True
+    """False passes --no-prefix-cache to every worker."""
+    kv_cache_gb: float = 2.0
+    """Each decode worker's KV pool."""
+    extra_worker_args: tuple[str, ...] = field(default=())
+    """More `kvrelay serve` flags for every worker."""
+
+    def __post_init__(self) -> None:
+        if not self.decode_cores:
+            raise ValueError("a cluster needs at least one decode worker")
+        allowed = os.sched_getaffinity(0)
+        missing = sorted(set(self.prefill_cores + self.decode_cores) - allowed)
+        if missing:
+            raise ValueError(f"cores {missing} are not available here (allowed: {sorted(allowed)})")
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.prefill_cores) + len(self.decode_cores)
+
+    def describe(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def disaggregated_layout(
+    model: str, cores: tuple[int, ...], *, is_prefix_cache_enabled: bool = True, name: str = ""
+) -> ClusterLayout:
+    """The first half of `cores` (rounded down, at least one) run prefill workers,
+    the rest decode workers; every prompt goes through a prefill worker."""
+    if len(cores) < 2:
+        raise ValueError("a disaggregated cluster needs at least 2 cores")
+    num_prefill = len(cores) // 2
+    return ClusterLayout(
+        name=name or "disaggregated",
+        model=model,
+        prefill_cores=cores[:num_prefill],
+        decode_cores=cores[num_prefill:],
+        is_prefix_cache_enabled=is_prefix_cache_enabled,
+    )
+
+
+def colocated_layout(model: str, cores: tuple[int, ...], name: str = "") -> ClusterLayout:
+    """One decode worker per core, each prefilling its own prompts (no prefill
+    workers): the same processes-per-core as `disaggregated_layout`."""
+    return ClusterLayout(
+        name=name or "colocated",
+        model=model,
+        prefill_cores=(),
+        decode_cores=cores,
+        max_local_prefill_len=LOCAL_PREFILL_ALL,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class BenchCluster:
+    """A running cluster of `layout`; use as a context manager."""
+
+    def __init__(self, layout: ClusterLayout, logdir: Path | None = None) -> None:
+        self.layout = layout
+        self.logdir = logdir or Path(tempfile.mkdtemp(prefix=f"kvrelay-bench-{layout.name}-"))
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def __enter__(self) -> BenchCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self, timeout_s: float = 180.0) -> None:
+        layout = self.layout
+        redis_port = free_port()
+        self._spawn(
+            "redis",
+            [
+                *("redis-server", "--port", str(redis_port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "no", "--dir", str(self.logdir)),
+            ],
+        )
+        self._serve("router", None, "router", "--port", str(self.port))
+        common = ("--router", self.target, "--kv-store", f"redis://127.0.0.1:{redis_port}")
+        common += ("--threads", "1", *layout.extra_worker_args)
+        if not layout.is_prefix_cache_enabled:
+            common += ("--no-prefix-cache",)
+        for i, core in enumerate(layout.prefill_cores):
+            self._serve(f"prefill-{i}", core, "prefill", *common, "--worker-id", f"prefill-{i}")
+        for i, core in enumerate(layout.decode_cores):
+            self._serve(
+                f"decode-{i}",
+                core,
+                "decode",
+                *common,
+                "--worker-id",
+                f"decode-{i}",
+                "--max-local-prefill-len",
+                str(layout.max_local_prefill_len),
+                "--kv-cache-gb",
+                str(layout.kv_cache_gb),
+            )
+        self._wait_ready(timeout_s)
+
+    def _serve(self, name: str, core: int | None, role: str, *args: str) -> None:
+        pin = ["taskset", "-c", str(core)] if core is not None else []
+        command = [sys.executable, "-m", "deploy.cli", "serve", role, "--model", self.layout.model]
+        command += ["--host", "127.0.0.1", "--log-level", "WARNING", *args]
+        self._spawn(name, pin + command)
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(self.logdir / f"{name}.log", "wb") as log:
+            # Own session: a Ctrl-C in the terminal reaches only the bench, which
+            # then stops these in order (workers deregister before the router goes).
+            self.processes[name] = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            registry = wgrpc.RegistryStub(channel)
+            while time.monotonic() < deadline:
+                for name, process in self.processes.items():
+                    if process.poll() is not None:
+                        raise RuntimeError(f"{name} exited early:\n{self.log(name)}")
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    workers = registry.ListWorkers(wpb.ListWorkersRequest(), timeout=1).workers
+                    if (
+                        status == health_pb2.HealthCheckResponse.SERVING
+                        and len(workers) == self.layout.num_workers
+                    ):
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        raise TimeoutError(f"cluster {self.layout.name} not ready in {timeout_s} s")
+
+    def log(self, name: str) -> str:
+        return (self.logdir / f"{name}.log").read_text(errors="replace")[-4000:]
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM to every process group (workers first, redis last), SIGKILL to
+        whatever is left after `grace_s`."""
+        order = sorted(self.processes, key=lambda n: (n == "redis", n == "router"))
+        for name in order:
+            if self.processes[name].poll() is None:
+                with contextlib.suppress(ProcessLookupError):  # exited meanwhile
+                    os.killpg(self.processes[name].pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for name in order:
+            process = self.processes[name]
+            try:
+                process.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.processes.clear()
