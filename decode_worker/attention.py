@@ -17,6 +17,7 @@ against `paged_attention_reference`, a per-sequence loop written to be obviously
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -123,6 +124,45 @@ def check_paged_attention_args(
             )
 
 
+@dataclass(frozen=True)
+class GatherLayout:
+    """What the torch path reads from `block_tables` and `context_lens`: the same for
+    every layer of a step, so the model runner builds it once per step, not per layer."""
+
+    block_indices: torch.Tensor
+    """int64 `[num_seqs * num_ctx_blocks]`: the physical blocks to gather, sequence by
+    sequence; padding entries point at block 0 (gathered, then masked out)."""
+    is_padding: torch.Tensor | None
+    """bool `[num_seqs, 1, 1, padded_len]`: gathered tokens past a sequence's context;
+    None when there are none (every sequence fills its last block exactly)."""
+    padded_len: int
+    """`num_ctx_blocks * block_size` tokens per sequence after the gather."""
+
+
+def gather_layout(
+    block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int
+) -> GatherLayout:
+    """The `GatherLayout` of one step. Reads `context_lens` on the host (one sync; free
+    on CPU)."""
+    max_context_len = int(context_lens.max())
+    num_ctx_blocks = -(-max_context_len // block_size)
+    tables = block_tables[:, :num_ctx_blocks].long()
+    # Padding entries may hold anything; point them at block 0 so index_select stays in
+    # range. The mask hides whatever they gather.
+    logical = torch.arange(num_ctx_blocks, device=block_tables.device)
+    ctx_blocks = (context_lens.long() + block_size - 1) // block_size
+    tables = torch.where(logical[None, :] < ctx_blocks[:, None], tables, 0).reshape(-1)
+    padded_len = num_ctx_blocks * block_size
+    positions = torch.arange(padded_len, device=block_tables.device)
+    is_padding = positions[None, :] >= context_lens[:, None]
+    has_padding = bool(is_padding.any())
+    return GatherLayout(
+        block_indices=tables,
+        is_padding=is_padding[:, None, None, :] if has_padding else None,
+        padded_len=padded_len,
+    )
+
+
 def paged_attention_torch(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -130,44 +170,43 @@ def paged_attention_torch(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    layout: GatherLayout | None = None,
 ) -> torch.Tensor:
     """Batched torch path: gather every sequence's blocks into one padded
     `[num_seqs, max_context_len, num_kv_heads, head_dim]` tensor and run a masked batched
     matmul, so the cost is a handful of kernels per layer rather than a Python loop
-    per sequence. Reads `context_lens` on the host (one sync; free on CPU)."""
+    per sequence. `layout` is `gather_layout(block_tables, context_lens, block_size)`,
+    computed here when not given."""
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     if num_seqs == 0:
         return torch.empty_like(query)
-    max_context_len = int(context_lens.max())
-    num_ctx_blocks = -(-max_context_len // block_size)
-    tables = block_tables[:, :num_ctx_blocks].long()
-    # Padding entries may hold anything; point them at block 0 so index_select stays in
-    # range. The mask below hides whatever they gather.
-    logical = torch.arange(num_ctx_blocks, device=query.device)
-    ctx_blocks = (context_lens.long() + block_size - 1) // block_size
-    tables = torch.where(logical[None, :] < ctx_blocks[:, None], tables, 0).reshape(-1)
-
-    padded_len = num_ctx_blocks * block_size
+    if layout is None:
+        layout = gather_layout(block_tables, context_lens, block_size)
+    padded_len = layout.padded_len
+    num_batches = num_seqs * num_kv_heads
 
     def gather(cache: torch.Tensor) -> torch.Tensor:
         # index_select copies whole blocks (one contiguous run each); the transpose then
-        # makes [s, kvh, t, d] contiguous, because batched matmul on a permuted operand
-        # falls off the BLAS path and was ~100x slower when measured.
-        blocks = cache.index_select(0, tables)  # [num_seqs * num_ctx_blocks, bs, kvh, d]
+        # makes [s * kvh, t, d] contiguous, because batched matmul on a permuted operand
+        # falls off the BLAS path and was ~100x slower when measured. 3-D bmm rather
+        # than 4-D matmul: measured ~25 % faster at 16 sequences (no broadcast reshapes).
+        blocks = cache.index_select(0, layout.block_indices)
         tokens = blocks.view(num_seqs, padded_len, num_kv_heads, head_dim)
-        return tokens.transpose(1, 2).contiguous().float()  # float32 softmax statistics
+        tokens = tokens.transpose(1, 2).reshape(num_batches, padded_len, head_dim)
+        return tokens.float()  # float32 softmax statistics
 
     keys = gather(key_cache)
     values = gather(value_cache)
     group_size = num_heads // num_kv_heads
-    queries = query.float().reshape(num_seqs, num_kv_heads, group_size, head_dim) * scale
-    scores = torch.matmul(queries, keys.transpose(-1, -2))  # [s, kvh, group, t]
-    positions = torch.arange(padded_len, device=query.device)
-    is_padding = positions[None, :] >= context_lens[:, None]  # [s, t]
-    scores.masked_fill_(is_padding[:, None, None, :], float("-inf"))
+    queries = query.float().reshape(num_batches, group_size, head_dim) * scale
+    scores = torch.bmm(queries, keys.transpose(1, 2))  # [s * kvh, group, t]
+    if layout.is_padding is not None:
+        scores.view(num_seqs, num_kv_heads, group_size, padded_len).masked_fill_(
+            layout.is_padding, float("-inf")
+        )
     probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, values)  # [s, kvh, group, d]
+    out = torch.bmm(probs, values)  # [s * kvh, group, d]
     return out.view(num_seqs, num_heads, head_dim).to(query.dtype)
 
 

@@ -13,16 +13,27 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from decode_worker.attention import paged_attention
+from decode_worker.attention import (
+    check_paged_attention_args,
+    gather_layout,
+    paged_attention,
+    paged_attention_torch,
+)
 from decode_worker.block_pool import BlockPool
-from decode_worker.kv_cache_write import write_kv_cache
+from decode_worker.kv_cache_write import write_kv_cache, write_kv_cache_torch
 from decode_worker.scheduler import ScheduledSequence, SchedulerOutput
 from model.attention import AttentionBackend
 from model.loader import LoadedModel
 
 
 class PagedAttentionBackend(AttentionBackend):
-    """Attention for one step whose K/V lives in a `BlockPool`."""
+    """Attention for one step whose K/V lives in a `BlockPool`.
+
+    Everything that depends only on the step's layout (slots, block tables, the torch
+    path's gather indices and padding mask) is built once here, and the arguments are
+    checked on the first layer only: the model calls `attend` once per layer with the
+    same layout, and at batch 1 the per-layer bookkeeping cost as much as attention.
+    """
 
     def __init__(
         self,
@@ -34,10 +45,13 @@ class PagedAttentionBackend(AttentionBackend):
         self.pool = pool
         self.num_decode_tokens = len(decodes)
         self.prefills = list(prefills)
+        # Triton kernels on CUDA, the torch paths (which take the prebuilt layout) on CPU.
+        self.is_torch_path = device.type != "cuda"
         steps = [*decodes, *prefills]
         self.slot_mapping = torch.tensor(
             [slot for s in steps for slot in s.slot_mapping], dtype=torch.long, device=device
         )
+        self._num_checked_layers = 0
         if decodes:
             width = max(len(s.block_table) for s in decodes)
             self.block_tables = torch.tensor(
@@ -48,6 +62,17 @@ class PagedAttentionBackend(AttentionBackend):
             self.context_lens = torch.tensor(
                 [s.context_len for s in decodes], dtype=torch.int32, device=device
             )
+            self.layout = gather_layout(self.block_tables, self.context_lens, pool.block_size)
+        # Prefill chunks gather their own blocks once per step too.
+        self.chunk_blocks = [
+            torch.tensor(
+                c.block_table[: -(-c.context_len // pool.block_size)],
+                dtype=torch.long,
+                device=device,
+            )
+            for c in self.prefills
+        ]
+        self.chunk_masks = [_chunk_mask(c, device) for c in self.prefills]
 
     def attend(
         self,
@@ -59,21 +84,42 @@ class PagedAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         key_cache = self.pool.key_cache(layer_idx)
         value_cache = self.pool.value_cache(layer_idx)
-        write_kv_cache(key, value, key_cache, value_cache, self.slot_mapping)
-        outputs = []
         n = self.num_decode_tokens
+        if self._num_checked_layers == 0 or not self.is_torch_path:
+            write_kv_cache(key, value, key_cache, value_cache, self.slot_mapping)
+            if n:
+                check_paged_attention_args(
+                    query[:n], key_cache, value_cache, self.block_tables, self.context_lens
+                )
+            self._num_checked_layers += 1
+        else:
+            write_kv_cache_torch(key, value, key_cache, value_cache, self.slot_mapping)
+        outputs = []
         if n:
-            outputs.append(
-                paged_attention(
+            if self.is_torch_path:
+                out = paged_attention_torch(
+                    query[:n], key_cache, value_cache, self.block_tables, self.context_lens,
+                    scale, self.layout,
+                )  # fmt: skip
+            else:
+                out = paged_attention(
                     query[:n], key_cache, value_cache, self.block_tables, self.context_lens, scale
                 )
-            )
+            outputs.append(out)
         start = n
-        for chunk in self.prefills:
+        for chunk, blocks, mask in zip(
+            self.prefills, self.chunk_blocks, self.chunk_masks, strict=True
+        ):
             q = query[start : start + chunk.num_tokens]
             start += chunk.num_tokens
-            outputs.append(_chunk_attention(q, key_cache, value_cache, chunk, scale))
+            outputs.append(_chunk_attention(q, key_cache, value_cache, chunk, blocks, mask, scale))
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def _chunk_mask(chunk: ScheduledSequence, device: torch.device) -> torch.Tensor:
+    """bool `[chunk_len, context_len]`: token i of the chunk sees positions up to its own."""
+    rows = torch.arange(chunk.num_tokens, device=device)[:, None] + chunk.start_pos
+    return torch.arange(chunk.context_len, device=device)[None, :] <= rows
 
 
 def _chunk_attention(
@@ -81,21 +127,19 @@ def _chunk_attention(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     chunk: ScheduledSequence,
+    blocks: torch.Tensor,
+    mask: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Causal attention of a prefill chunk over its sequence's blocks (the chunk's own
+    """Causal attention of a prefill chunk over its sequence's `blocks` (the chunk's own
     K/V already written), q: [chunk_len, num_heads, d]."""
-    block_size = key_cache.shape[1]
     context_len = chunk.context_len
-    blocks = torch.tensor(chunk.block_table[: -(-context_len // block_size)], device=q.device)
     k = key_cache[blocks].flatten(0, 1)[:context_len]
     v = value_cache[blocks].flatten(0, 1)[:context_len]
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
-    rows = torch.arange(chunk.num_tokens, device=q.device)[:, None] + chunk.start_pos
-    mask = torch.arange(context_len, device=q.device)[None, :] <= rows
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
     )
