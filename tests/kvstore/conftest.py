@@ -47,6 +47,14 @@ def local_ray() -> Iterator[None]:
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # address="local": always a fresh instance, never another engineer's or CI job's
+    # Ray that `ray.init()` would find through /tmp/ray/ray_current_cluster.
+    ray.init(
+        address="local",
+        num_cpus=1,
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+    )
     yield
     ray.shutdown()
