@@ -118,3 +118,23 @@ def test_non_buffer_parts_are_codec_errors() -> None:
         CODEC.decode_parts("not bytes", payload, HASH_A)  # type: ignore[arg-type]
     with pytest.raises(BlockCodecError, match="payload"):
         CODEC.decode_parts(header, 12345, HASH_A)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "corruption", [name for name in CORRUPTIONS if name not in ("empty", "truncated_header")]
+)
+def test_verify_in_place_rejects_what_decode_rejects(corruption: str) -> None:
+    corrupt, message = CORRUPTIONS[corruption]
+    data = corrupt(encoded())
+    with pytest.raises(BlockCodecError, match=message):
+        CODEC.verify(data[:HEADER_LEN], data[HEADER_LEN:], HASH_A)
+
+
+def test_verify_returns_the_payload_shape() -> None:
+    header, payload = CODEC.encode(HASH_A, make_block(4))
+    assert CODEC.verify(header, payload, HASH_A) == TINY_SPEC.shape
+    key = tail_key("req-v")
+    header, payload = CODEC.encode(key, make_block(4, num_tokens=3))
+    assert CODEC.verify(header, payload, key, is_tail=True) == (2, 2, 3, 1, 4)
+    with pytest.raises(BlockCodecError, match="shape"):
+        CODEC.verify(header, payload, key)  # a tail is not a full block
