@@ -82,6 +82,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     arrive.add_argument(
         "--request-rate", type=float, default=math.inf, help="requests/s (default: all at once)"
     )
+    arrive.add_argument(
+        "--max-concurrency", type=int, help="requests in flight at most (1: sequential)"
+    )
     arrive.add_argument("--burstiness", type=float, default=1.0, help="1: Poisson; <1: burstier")
     arrive.add_argument(
         "--slo", default="", metavar="ttft_ms=X,tpot_ms=Y", help="goodput objectives (ms)"
@@ -148,7 +151,18 @@ def run(args: argparse.Namespace) -> int:
         workload = _workload(args)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise UsageError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
+    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        runs, comparison, workload = _run_benchmark(args, workload, arrivals, slo)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    return _report(args, workload, arrivals, slo, runs, comparison)
+
+
+def _run_benchmark(args: argparse.Namespace, workload, arrivals, slo):
+    """(runs, comparison or None, workload), the overhead comparison making its own."""
     show_progress = not args.no_progress
     comparison = None
     if args.compare == "overhead":
@@ -172,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
                 workload,
                 arrivals,
                 slo,
+                max_concurrency=args.max_concurrency,
                 show_progress=show_progress,
             )
         except ValueError as exc:  # cores this process may not use
@@ -182,10 +197,17 @@ def run(args: argparse.Namespace) -> int:
         config = {"target": args.target}
         runs = [
             measure(
-                args.target, "target", config, workload, arrivals, slo, show_progress=show_progress
+                args.target,
+                "target",
+                config,
+                workload,
+                arrivals,
+                slo,
+                max_concurrency=args.max_concurrency,
+                show_progress=show_progress,
             )
         ]
-    return _report(args, workload, arrivals, slo, runs, comparison)
+    return runs, comparison, workload
 
 
 def _report(args, workload, arrivals, slo, runs, comparison) -> int:
@@ -197,7 +219,9 @@ def _report(args, workload, arrivals, slo, runs, comparison) -> int:
     result_path = args.result_json or Path(f"kvrelay-bench-{name}.json")
     plot_path = args.plot or result_path.with_suffix(".png")
     command = shlex.join(["kvrelay", *sys.argv[1:]]) if sys.argv[0].endswith("kvrelay") else ""
-    document = result_document(workload, arrivals, slo, runs, comparison, command)
+    document = result_document(
+        workload, arrivals, slo, runs, comparison, command, args.max_concurrency
+    )
     write_json(document, result_path)
     plot_latencies(runs, plot_path, f"kvrelay bench: {name} ({workload.name})")
     print(format_table(runs, comparison), flush=True)

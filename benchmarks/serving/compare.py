@@ -62,6 +62,7 @@ def run_comparison(
     arrivals: ArrivalProcess,
     slo: Slo,
     *,
+    max_concurrency: int | None = None,
     show_progress: bool = True,
 ) -> tuple[list[RunResult], Comparison]:
     """Runs the baseline, then the candidate, and compares them."""
@@ -77,6 +78,7 @@ def run_comparison(
                     workload,
                     arrivals,
                     slo,
+                    max_concurrency=max_concurrency,
                     show_progress=show_progress,
                 )
             )

@@ -37,10 +37,14 @@ async def run_workload(
     arrivals: ArrivalProcess,
     *,
     run_id: str = "bench",
+    max_concurrency: int | None = None,
     show_progress: bool = True,
 ) -> RunRecords:
-    """Sends every request of `workload` at its `arrivals` offset and waits for all."""
+    """Sends every request of `workload` at its `arrivals` offset and waits for all.
+    With `max_concurrency`, a request due while that many are in flight waits for
+    one to finish (1 makes the run sequential)."""
     offsets = arrivals.offsets(len(workload.requests))
+    limit = asyncio.Semaphore(max_concurrency or len(workload.requests))
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.GeneratorStub(channel)
         progress = tqdm(
@@ -54,7 +58,10 @@ async def run_workload(
 
         async def one(index: int, request: BenchRequest, offset: float) -> RequestRecord:
             await asyncio.sleep(max(start + offset - time.perf_counter(), 0.0))
-            record = await send(stub, request, index, run_id=run_id, timeout_s=REQUEST_TIMEOUT_S)
+            async with limit:
+                record = await send(
+                    stub, request, index, run_id=run_id, timeout_s=REQUEST_TIMEOUT_S
+                )
             progress.update(1)
             return record
 
@@ -94,11 +101,19 @@ def measure(
     arrivals: ArrivalProcess,
     slo: Slo,
     *,
+    max_concurrency: int | None = None,
     show_progress: bool = True,
 ) -> RunResult:
     """Warm-up, then the timed run of `workload` against `target`, with its metrics."""
     asyncio.run(warm_up(target))
     run = asyncio.run(
-        run_workload(target, workload, arrivals, run_id=name, show_progress=show_progress)
+        run_workload(
+            target,
+            workload,
+            arrivals,
+            run_id=name,
+            max_concurrency=max_concurrency,
+            show_progress=show_progress,
+        )
     )
     return RunResult(name, config, compute_metrics(run.records, run.duration_s, slo), run.records)

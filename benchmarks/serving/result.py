@@ -6,6 +6,7 @@ Schema (`schema_version` 1), all latencies in ms:
      "machine": {"num_cpus": int, "load_avg": [1, 5, 15 min]},
      "workload": {"name": str, "num_requests": int, "params": {...}},
      "arrivals": {"rate": float | "inf", "burstiness": float, "seed": int},
+     "max_concurrency": int | null,
      "slo": {"ttft_ms": float | null, "tpot_ms": ..., "e2e_ms": ...},
      "runs": [{"name": str, "config": {...}, "metrics": BenchMetrics,
                "requests": [{"index", "group", "prompt_tokens", "output_tokens",
@@ -120,6 +121,7 @@ def result_document(
     runs: list[RunResult],
     comparison: Comparison | None = None,
     command: str = "",
+    max_concurrency: int | None = None,
 ) -> dict[str, object]:
     """The JSON-ready result of a benchmark invocation."""
     return {
@@ -133,6 +135,7 @@ def result_document(
             "params": workload.params,
         },
         "arrivals": arrivals.describe(),
+        "max_concurrency": max_concurrency,
         "slo": asdict(slo),
         "runs": [
             {
