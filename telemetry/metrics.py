@@ -4,19 +4,27 @@ Each service process owns one `ServiceMetrics`: histograms it observes as reques
 flow, plus gauges and counters read at scrape time from the counters the service
 already keeps (engine counters, store stats), so nothing is counted twice. Every
 series carries `model_name` and `role` labels. `serve_metrics(port)` exposes them
-on `/metrics`.
+on `/metrics`, always in the classic text format: prometheus_client's OpenMetrics
+output (what Prometheus asks for first) escapes the `:` of `kvrelay:` names to `_`,
+so a scraper would store names no dashboard or vLLM user expects.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 PREFIX = "kvrelay:"
+
+# The classic Prometheus text format, which every Prometheus version reads.
+TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Latency buckets in seconds: sub-millisecond decode steps up to minute-long requests.
 LATENCY_BUCKETS = (
@@ -127,7 +135,35 @@ class ServiceMetrics:
         self.registry.register(_SnapshotCollector(labels, read))
 
 
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Scrapes every few seconds would flood the service's log."""
+
+
+def _classic_text_app(registry: CollectorRegistry) -> Callable:
+    def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if environ.get("PATH_INFO", "/") not in ("/", "/metrics"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found; metrics are at /metrics\n"]
+        body = generate_latest(registry)
+        start_response("200 OK", [("Content-Type", TEXT_CONTENT_TYPE)])
+        return [body]
+
+    return app
+
+
 def serve_metrics(metrics: ServiceMetrics, port: int, host: str = "0.0.0.0") -> int:
     """Serves `/metrics` on `port` (0 picks a free one) in a daemon thread; returns the port."""
-    server, _ = start_http_server(port, addr=host, registry=metrics.registry)
+    server = make_server(
+        host,
+        port,
+        _classic_text_app(metrics.registry),
+        server_class=_MetricsServer,
+        handler_class=_QuietHandler,
+    )
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server.server_address[1]
