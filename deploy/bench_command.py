@@ -14,8 +14,15 @@ import shlex
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from deploy.cli_errors import UsageError
+
+if TYPE_CHECKING:  # the benchmark's modules load in `run`, so `--help` stays fast
+    from benchmarks.serving.arrivals import ArrivalProcess
+    from benchmarks.serving.metrics import Slo
+    from benchmarks.serving.result import Comparison, RunResult
+    from benchmarks.serving.workload import Workload
 
 EPILOG = """\
 examples:
@@ -100,15 +107,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cores(text: str | None) -> tuple[int, ...]:
+    """The cores the compared clusters' workers are pinned to (at least 2)."""
+    allowed = sorted(os.sched_getaffinity(0))
     if text is None:
-        return tuple(sorted(os.sched_getaffinity(0)))[:2]
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise UsageError(f"--cores {text!r}: expected comma-separated core numbers") from None
+        cores = tuple(allowed[:2])
+    else:
+        try:
+            cores = tuple(int(part) for part in text.split(","))
+        except ValueError:
+            raise UsageError(f"--cores {text!r}: expected comma-separated core numbers") from None
+    if len(cores) < 2:
+        raise UsageError(f"--compare needs at least 2 cores, got {list(cores)} (see --cores)")
+    missing = sorted(set(cores) - set(allowed))
+    if missing:
+        raise UsageError(f"--cores: cores {missing} are not available here (allowed: {allowed})")
+    return cores
 
 
-def _workload(args: argparse.Namespace):
+def _workload(args: argparse.Namespace) -> Workload:
     from benchmarks.serving import workload as w
 
     if args.workload == "random":
@@ -161,7 +177,9 @@ def run(args: argparse.Namespace) -> int:
     return _report(args, workload, arrivals, slo, runs, comparison)
 
 
-def _run_benchmark(args: argparse.Namespace, workload, arrivals, slo):
+def _run_benchmark(
+    args: argparse.Namespace, workload: Workload, arrivals: ArrivalProcess, slo: Slo
+) -> tuple[list[RunResult], Comparison | None, Workload]:
     """(runs, comparison or None, workload), the overhead comparison making its own."""
     show_progress = not args.no_progress
     comparison = None
@@ -178,19 +196,16 @@ def _run_benchmark(args: argparse.Namespace, workload, arrivals, slo):
     elif args.compare is not None:
         from benchmarks.serving.compare import run_comparison
 
-        try:
-            runs, comparison = run_comparison(
-                args.compare,
-                args.model,
-                _cores(args.cores),
-                workload,
-                arrivals,
-                slo,
-                max_concurrency=args.max_concurrency,
-                show_progress=show_progress,
-            )
-        except ValueError as exc:  # cores this process may not use
-            raise UsageError(str(exc)) from None
+        runs, comparison = run_comparison(
+            args.compare,
+            args.model,
+            _cores(args.cores),
+            workload,
+            arrivals,
+            slo,
+            max_concurrency=args.max_concurrency,
+            show_progress=show_progress,
+        )
     else:
         from benchmarks.serving.driver import measure
 
@@ -210,7 +225,14 @@ def _run_benchmark(args: argparse.Namespace, workload, arrivals, slo):
     return runs, comparison, workload
 
 
-def _report(args, workload, arrivals, slo, runs, comparison) -> int:
+def _report(
+    args: argparse.Namespace,
+    workload: Workload,
+    arrivals: ArrivalProcess,
+    slo: Slo,
+    runs: list[RunResult],
+    comparison: Comparison | None,
+) -> int:
     from benchmarks.serving.plot import plot_latencies
     from benchmarks.serving.report import format_table
     from benchmarks.serving.result import result_document, write_json

@@ -1,0 +1,44 @@
+"""`kvrelay bench` usage errors (exit 2) and an unreachable router (exit 1)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.serving.launcher import free_port
+from deploy.cli import main
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--slo", "itl_ms=5"], "bad SLO 'itl_ms=5'"),
+        (["--workload", "jsonl"], "--workload jsonl needs --dataset FILE"),
+        (["--max-concurrency", "0"], "--max-concurrency must be >= 1, got 0"),
+        (["--request-rate", "0"], "rate must be > 0 (or inf), got 0.0"),
+        (["--num-prompts", "0"], "num_prompts must be >= 1, got 0"),
+        (["--compare", "prefix-cache", "--cores", "a,b"], "--cores 'a,b': expected"),
+        (
+            ["--compare", "prefix-cache", "--cores", "0,4096"],
+            "--cores: cores [4096] are not available",
+        ),
+        (
+            ["--compare", "prefix-cache", "--cores", "0"],
+            "--compare needs at least 2 cores, got [0]",
+        ),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(argv: list[str], message: str, capsys) -> None:
+    assert main(["bench", "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvrelay bench: error: ")
+    assert message in err
+    assert err.count("\n") == 1
+
+
+def test_unreachable_router_exits_1(capsys, tmp_path) -> None:
+    target = f"127.0.0.1:{free_port()}"
+    result = tmp_path / "r.json"
+    argv = ["bench", "--target", target, "--no-progress", "--result-json", str(result)]
+    assert main(argv) == 1
+    assert "warm-up request failed: UNAVAILABLE" in capsys.readouterr().err
+    assert not result.exists()
