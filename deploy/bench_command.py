@@ -245,7 +245,8 @@ def _report(
         workload, arrivals, slo, runs, comparison, command, args.max_concurrency
     )
     write_json(document, result_path)
-    plot_latencies(runs, plot_path, f"kvrelay bench: {name} ({workload.name})")
+    title = f"kvrelay bench --compare {args.compare}" if args.compare else "kvrelay bench"
+    plot_latencies(runs, plot_path, f"{title}: {workload.name} workload")
     print(format_table(runs, comparison), flush=True)
     print(f"result: {result_path}  plot: {plot_path}", file=sys.stderr)
     return 0

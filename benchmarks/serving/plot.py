@@ -35,18 +35,28 @@ def plot_latencies(runs: list[RunResult], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")  # no display: write files only
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     figure, axes = plt.subplots(2, 2, figsize=(10, 7))
     samples = [latency_samples(run) for run in runs]
     for ax, (key, label) in zip(axes.flat, PANELS, strict=True):
-        for run, run_samples in zip(runs, samples, strict=True):
+        for i, (run, run_samples) in enumerate(zip(runs, samples, strict=True)):
             values = np.sort(np.asarray(run_samples[key]))
             if not len(values):
                 continue
-            positive = np.maximum(values, 1e-3)  # zero ITLs (multi-token messages) on log axes
-            cdf = np.arange(1, len(values) + 1) / len(values)
-            ax.step(positive, cdf, where="post", label=f"{run.name} (p50 {np.median(values):.1f})")
+            # Zero ITLs (several tokens in one message) cannot sit on a log axis:
+            # they are drawn at half the smallest positive sample.
+            positive = values[values > 0]
+            floor = positive[0] / 2 if len(positive) else 1e-3
+            xs = np.concatenate([values[:1], values]).clip(min=floor)
+            cdf = np.arange(len(values) + 1) / len(values)  # from 0, so one sample shows
+            label_text = f"{run.name} (p50 {np.median(values):.1f})"
+            # One colour per run in every panel, also where another run has no samples.
+            ax.step(xs, cdf, where="post", color=f"C{i}", label=label_text)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel(f"{label} (ms)")
         ax.set_ylabel("fraction of samples")
         ax.grid(True, which="both", alpha=0.3)
