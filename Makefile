@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check '$(TORCH_SPEC)'
 	$(PIP) install --quiet --disable-pip-version-check -e '.[dev]'
+	sh deploy/observability/install-test-deps.sh $(VENV)
 	touch $(STAMP)
 
 # A whole local cluster (Ray, router, prefill and decode workers); Ctrl-C stops it all.
