@@ -1,26 +1,34 @@
 """`kvrelay generate --local`: load a model in this process and generate.
 
-Runs the reference loop in `model.generation` (the decode engine replaces it later).
-One prompt in text mode is streamed as it is generated; otherwise results are
-printed per prompt, in prompt order, when all are done.
+Runs every prompt through one `DecodeEngine`, the continuous-batching engine the decode
+workers serve with (colocated: it prefills the prompts itself), so all prompts share
+each forward pass. One prompt in text mode is streamed as it is generated; otherwise
+results are printed per prompt, in prompt order, when all are done.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
 import torch
 
+from decode_worker.engine import DecodeEngine, EngineConfig, EngineRequest, TokenOutput
+from decode_worker.scheduler import RequestTooLargeError
 from deploy.cli_errors import UsageError
-from model.generation import GenerationResult, generate_stream
+from kvstore.spec import BlockSpec
 from model.loader import LoadedModel, load_model
-from model.sampling import SamplingParams
+from model.sampling import FinishReason, SamplingParams
 from model.tokenizer import IncrementalDetokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# The engine's defaults (a 512 MiB KV pool, 512 tokens per step): one process, so the
+# pool only has to hold this command's prompts.
+_ENGINE = EngineConfig()
 
 
 @dataclass(frozen=True)
@@ -62,27 +70,51 @@ def run_local_generate(request: LocalGenerateRequest, out: TextIO | None = None)
             raise UsageError(
                 f"prompt {i} has token ids outside the vocab [0, {loaded.config.vocab_size})"
             )
+    outputs = generate_with_engine(loaded, prompts, request.params)
     if len(prompts) == 1 and not request.is_json:
-        _stream_one(loaded, prompts[0], request.params, out)
+        _stream_one(loaded, outputs, out)
         return 0
-    results = [GenerationResult() for _ in prompts]
-    for event in generate_stream(loaded, prompts, request.params):
-        results[event.seq_idx].token_ids.append(event.token_id)
-        results[event.seq_idx].finish_reason = event.finish_reason
-    for i, result in enumerate(results):
-        text = None if loaded.tokenizer is None else loaded.tokenizer.decode(result.token_ids)
+    token_ids: list[list[int]] = [[] for _ in prompts]
+    finish_reasons: list[FinishReason | None] = [None] * len(prompts)
+    for prompt_idx, output in outputs:
+        token_ids[prompt_idx].append(output.token_id)
+        finish_reasons[prompt_idx] = output.finish_reason
+    for i, (ids, reason) in enumerate(zip(token_ids, finish_reasons, strict=True)):
+        text = None if loaded.tokenizer is None else loaded.tokenizer.decode(ids)
         if request.is_json:
             record = {
                 "prompt_index": i,
-                "token_ids": result.token_ids,
+                "token_ids": ids,
                 "text": text,
-                "finish_reason": result.finish_reason.value if result.finish_reason else None,
+                "finish_reason": reason.value if reason else None,
             }
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
         else:
-            out.write((text if text is not None else _ids_text(result.token_ids)) + "\n")
+            out.write((text if text is not None else _ids_text(ids)) + "\n")
     out.flush()
     return 0
+
+
+def generate_with_engine(
+    loaded: LoadedModel, prompts: list[list[int]], params: SamplingParams
+) -> Iterator[tuple[int, TokenOutput]]:
+    """(prompt index, token) in the order the engine samples them; all prompts are queued
+    at once and run as one continuous batch. Raises UsageError when a prompt plus
+    `params.max_tokens` cannot fit in the KV pool."""
+    spec = BlockSpec.for_model(loaded.name, loaded.config, loaded.dtype, _ENGINE.block_size)
+    engine = DecodeEngine(loaded, _ENGINE, spec.fingerprint)
+    for i, prompt in enumerate(prompts):
+        try:
+            engine.add_request(EngineRequest(str(i), prompt, params))
+        except RequestTooLargeError as exc:
+            raise UsageError(str(exc)) from None
+    return _drain(engine)
+
+
+def _drain(engine: DecodeEngine) -> Iterator[tuple[int, TokenOutput]]:
+    while engine.has_unfinished():
+        for output in engine.step():
+            yield int(output.request_id), output
 
 
 def _tokenize(loaded: LoadedModel, request: LocalGenerateRequest) -> list[list[int]]:
@@ -98,14 +130,14 @@ def _tokenize(loaded: LoadedModel, request: LocalGenerateRequest) -> list[list[i
 
 
 def _stream_one(
-    loaded: LoadedModel, prompt: list[int], params: SamplingParams, out: TextIO
+    loaded: LoadedModel, outputs: Iterator[tuple[int, TokenOutput]], out: TextIO
 ) -> None:
     detokenizer = IncrementalDetokenizer(loaded.tokenizer) if loaded.tokenizer else None
-    for event in generate_stream(loaded, [prompt], params):
+    for _, output in outputs:
         if detokenizer is None:
-            out.write(f"{event.token_id} ")
+            out.write(f"{output.token_id} ")
         else:
-            out.write(detokenizer.add([event.token_id]))
+            out.write(detokenizer.add([output.token_id]))
         out.flush()
     out.write((detokenizer.flush() if detokenizer else "") + "\n")
     out.flush()

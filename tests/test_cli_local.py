@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 from deploy.cli import main
+from model.generation import generate_stream
+from model.loader import load_model
+from model.sampling import SamplingParams
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,10 +164,33 @@ def test_usage_errors_exit_2(capsys, args, needle) -> None:
     _assert_one_line_error(in_process(capsys, "generate", "--local", *args), 2, needle)
 
 
-def test_generate_needs_local_for_now(capsys) -> None:
-    _assert_one_line_error(in_process(capsys, "generate", "hi"), 2, "--local")
-    remote = in_process(capsys, "generate", "--target", "localhost:50051", "hi")
-    _assert_one_line_error(remote, 2, "--target")
+def test_local_and_target_exclude_each_other(capsys) -> None:
+    both = in_process(capsys, "generate", "--local", "--target", "localhost:50051", "hi")
+    _assert_one_line_error(both, 2, "choose one of --local")
+
+
+def test_several_prompts_run_as_one_batch_and_match_the_reference_loop(tmp_path, capsys) -> None:
+    # Different lengths, so the engine's batch mixes prefill chunks and decodes.
+    texts = ["Hello from kvrelay", "a", "The quick brown fox jumps over the lazy dog"]
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(texts[1:]) + "\n")
+    args = ["generate", "--local", "--json", "--max-tokens", "5", "--ignore-eos"]
+    assert main([*args, texts[0], "--prompts-file", str(prompts_file)]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    loaded = load_model("dummy:tiny")
+    prompts = [loaded.tokenizer.encode(t) for t in texts]
+    reference = [[] for _ in prompts]
+    for event in generate_stream(loaded, prompts, SamplingParams(max_tokens=5, ignore_eos=True)):
+        reference[event.seq_idx].append(event.token_id)
+    assert [r["token_ids"] for r in records] == reference
+    assert records[0]["token_ids"] == [35, 23, 13, 199, 94]
+    assert [r["prompt_index"] for r in records] == [0, 1, 2]
+
+
+def test_request_too_large_for_the_pool_is_a_usage_error(capsys) -> None:
+    # dummy:tiny's 512 MiB pool holds 32768 blocks of 16 tokens: 600k tokens cannot fit.
+    result = in_process(capsys, "generate", "--local", "--max-tokens", "600000", "hi")
+    _assert_one_line_error(result, 2, "lower max_new_tokens or shorten the prompt")
 
 
 def test_help_teaches_with_examples() -> None:
