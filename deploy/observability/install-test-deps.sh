@@ -1,5 +1,6 @@
 #!/bin/sh
-# Installs what the observability tests run against, when missing (idempotent):
+# Installs the servers the tests run against, when missing (idempotent):
+#   - Debian's `redis-server` (the KV store and cluster tests),
 #   - Debian's `prometheus` and `chromium` (needs root and apt; otherwise says what
 #     to install and carries on: those tests then fail with a clear message),
 #   - Arize Phoenix into the project's venv (the `dashboard` extra).
@@ -8,6 +9,7 @@ set -eu
 VENV="${1:-.venv}"
 
 missing=""
+command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 if [ -n "$missing" ]; then

@@ -11,7 +11,7 @@ import pytest
 from prometheus_server import PrometheusServer
 
 from deploy.dashboard import DashboardConfig, PhoenixDashboard, start_dashboard
-from tests.cluster.conftest import LocalCluster, byte_level_tokenizer, free_port
+from tests.cluster.local_cluster import LocalCluster, byte_level_tokenizer, free_port
 from tests.kvstore.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
