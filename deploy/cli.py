@@ -83,6 +83,7 @@ def _report(prog: str, exc: Exception, status: int, debug: bool) -> int:
         "RouterUnreachable",
         "RouterError",
         "LaunchError",
+        "DashboardError",
     )
     message = str(exc) if from_us else f"{type(exc).__name__}: {exc}"
     print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -84,6 +85,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--ready-timeout", type=float, default=300.0, help="seconds start-up may take"
     )
     parser.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="start Arize Phoenix (pip install 'kvrelay[dashboard]') and send every trace to it",
+    )
+    parser.add_argument(
         "--verbose", action="store_true", help="show the actors' logs in this terminal"
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -130,6 +136,7 @@ def _up(args: argparse.Namespace, config) -> int:
 
     deployment = RayDeployment(config)
     is_local = args.address is None
+    dashboard = _start_dashboard() if args.dashboard else None
     # Every process the local Ray instance started, refreshed while serving (Ray
     # restarts workers): what the shutdown must leave dead.
     spawned: dict[int, str] = {}
@@ -155,6 +162,8 @@ def _up(args: argparse.Namespace, config) -> int:
         _on_signals(_request_shutdown)  # ray.init installs its own SIGTERM handler
         deployment.start(_say)
         _print_ready(deployment, is_local)
+        if dashboard is not None:
+            _say(f"  traces:  {dashboard.url}")
         while True:
             if is_local:
                 spawned |= local_processes.live_descendants()
@@ -176,7 +185,26 @@ def _up(args: argparse.Namespace, config) -> int:
         leftovers = local_processes.kill_leftovers(spawned)
         if leftovers:
             _say(f"killed what Ray left running: {', '.join(sorted(leftovers))}")
+        if dashboard is not None:
+            dashboard.stop()
+            shutil.rmtree(dashboard.config.workdir, ignore_errors=True)
         _say("stopped")
+
+
+def _start_dashboard():
+    """Starts Phoenix and points this process's OTEL_* settings at it, before Ray
+    starts, so every actor inherits them."""
+    import tempfile
+    from pathlib import Path
+
+    from deploy.dashboard import DashboardConfig, start_dashboard
+
+    _say("starting the Phoenix trace dashboard...")
+    workdir = Path(tempfile.mkdtemp(prefix="kvrelay-phoenix-"))
+    dashboard = start_dashboard(DashboardConfig(workdir=workdir))
+    os.environ.update(dashboard.otel_env())
+    _say(f"dashboard ready: {dashboard.url}")
+    return dashboard
 
 
 def _check_port_is_free(port: int) -> None:
