@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from decode_worker.attention import (
+    gather_layout,
     paged_attention,
     paged_attention_reference,
     paged_attention_torch,
@@ -219,3 +220,31 @@ def test_triton_rejects_layouts_it_cannot_run() -> None:
         )
     with pytest.raises(ValueError, match="backend must be"):
         paged_attention(query, key_cache, value_cache, tables, lens, 1.0, backend="cuda")
+
+
+def test_gather_layout_is_built_once_and_reused_across_layers() -> None:
+    # One layout, two layers' caches: the model runner builds it once per step.
+    case = Case(6, 2, 32, 8, (7, 8, 9, 40))
+    query, key_cache, _, block_tables, context_lens = make_inputs(case)
+    layout = gather_layout(block_tables, context_lens, case.block_size)
+    assert layout.padded_len == 40  # 5 blocks of 8
+    assert layout.is_padding is not None
+    assert layout.is_padding[:, 0, 0].sum(dim=1).tolist() == [33, 32, 31, 0]
+    generator = torch.Generator().manual_seed(1)
+    for layer in range(2):
+        layer_query = torch.randn(query.shape, generator=generator).to(DEVICE)
+        keys, values = (torch.randn(key_cache.shape, generator=generator).to(DEVICE) for _ in "kv")
+        inputs = (layer_query, keys, values, block_tables, context_lens)
+        expected = paged_attention_reference(*inputs, 0.3)
+        actual = paged_attention_torch(*inputs, 0.3, layout)
+        assert_close(actual, expected, f"{case.id}-layer{layer}", atol=1e-5, rtol=1e-5)
+
+
+def test_gather_layout_without_padding_has_no_mask() -> None:
+    case = Case(4, 2, 32, 8, (16, 16))
+    *_, block_tables, context_lens = make_inputs(case)
+    layout = gather_layout(block_tables, context_lens, case.block_size)
+    assert layout.is_padding is None
+    assert layout.padded_len == 16
+    # The table's spare third column (-1) is never gathered.
+    assert layout.block_indices.tolist() == block_tables[:, :2].reshape(-1).tolist()
