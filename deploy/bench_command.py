@@ -240,7 +240,8 @@ def _report(
     name = args.compare or workload.name
     result_path = args.result_json or Path(f"kvrelay-bench-{name}.json")
     plot_path = args.plot or result_path.with_suffix(".png")
-    command = shlex.join(["kvrelay", *sys.argv[1:]]) if sys.argv[0].endswith("kvrelay") else ""
+    # argv is the bench's own when run as `kvrelay bench` or `python -m deploy.cli bench`.
+    command = shlex.join(["kvrelay", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else ""
     document = result_document(
         workload, arrivals, slo, runs, comparison, command, args.max_concurrency
     )

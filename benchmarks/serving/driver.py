@@ -4,6 +4,7 @@ stream each, all concurrently, with a progress bar, and returns the records."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -104,8 +105,11 @@ def measure(
     max_concurrency: int | None = None,
     show_progress: bool = True,
 ) -> RunResult:
-    """Warm-up, then the timed run of `workload` against `target`, with its metrics."""
+    """Warm-up, then the timed run of `workload` against `target`, with its metrics.
+    The machine's load average at the start goes into the run's config: on a
+    shared machine it says how far to trust the numbers."""
     asyncio.run(warm_up(target))
+    config = {**config, "load_avg_at_start": list(os.getloadavg())}
     run = asyncio.run(
         run_workload(
             target,

@@ -53,6 +53,11 @@ def plot_latencies(runs: list[RunResult], path: Path, title: str) -> None:
             label_text = f"{run.name} (p50 {np.median(values):.1f})"
             # One colour per run in every panel, also where another run has no samples.
             ax.step(xs, cdf, where="post", color=f"C{i}", label=label_text)
+        lows = [np.percentile(r[key], 1) for r in samples if len(r[key])]
+        if lows and min(lows) > 0:
+            # Left edge at half the lowest 1st percentile: a stray near-zero gap
+            # would otherwise stretch the axis over decades of nothing.
+            ax.set_xlim(left=min(lows) / 2)
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))

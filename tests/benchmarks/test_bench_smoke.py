@@ -79,3 +79,6 @@ def test_bench_against_a_cluster_writes_the_result(tiny_cluster: BenchCluster, t
     assert metrics["itl_ms"]["num_samples"] == 4 * 3
     assert result["workload"]["name"] == "shared-prefix"
     assert result["max_concurrency"] == 1
+    assert result["command"].startswith(f"kvrelay bench --target {tiny_cluster.target} ")
+    assert run["config"]["target"] == tiny_cluster.target
+    assert len(run["config"]["load_avg_at_start"]) == 3
