@@ -8,6 +8,7 @@ results are printed per prompt, in prompt order, when all are done.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator
@@ -26,8 +27,7 @@ from model.tokenizer import IncrementalDetokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# The engine's defaults (a 512 MiB KV pool, 512 tokens per step): one process, so the
-# pool only has to hold this command's prompts.
+# The engine's defaults: at most 512 MiB of KV pool, 512 tokens per step.
 _ENGINE = EngineConfig()
 
 
@@ -101,8 +101,14 @@ def generate_with_engine(
     """(prompt index, token) in the order the engine samples them; all prompts are queued
     at once and run as one continuous batch. Raises UsageError when a prompt plus
     `params.max_tokens` cannot fit in the KV pool."""
-    spec = BlockSpec.for_model(loaded.name, loaded.config, loaded.dtype, _ENGINE.block_size)
-    engine = DecodeEngine(loaded, _ENGINE, spec.fingerprint)
+    block_size = _ENGINE.block_size
+    spec = BlockSpec.for_model(loaded.name, loaded.config, loaded.dtype, block_size)
+    # A pool just big enough for every prompt at its longest, all at once, so a short
+    # command does not zero 512 MiB first; never more than the engine's default bytes.
+    num_needed_blocks = sum(-(-(len(p) + params.max_tokens) // block_size) for p in prompts)
+    num_blocks = min(num_needed_blocks, _ENGINE.kv_cache_bytes // spec.nbytes)
+    config = dataclasses.replace(_ENGINE, num_blocks=max(num_blocks, 1))
+    engine = DecodeEngine(loaded, config, spec.fingerprint)
     for i, prompt in enumerate(prompts):
         try:
             engine.add_request(EngineRequest(str(i), prompt, params))
