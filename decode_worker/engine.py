@@ -40,6 +40,9 @@ class EngineConfig:
     """Tokens per forward pass; longer prompts are prefilled in chunks."""
     watermark: float = 0.01
     """Fraction of blocks admission keeps free for running sequences to grow into."""
+    enable_prefix_cache: bool = True
+    """Reuse blocks resident in the pool by hash (off: every request brings or
+    computes all of its K/V, for comparisons)."""
 
     def __post_init__(self) -> None:
         if self.kv_cache_bytes <= 0 or (self.num_blocks is not None and self.num_blocks <= 0):
@@ -116,7 +119,12 @@ class DecodeEngine:
         self.fingerprint = fingerprint
         self.pool = BlockPool(pool_config)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.watermark),
+            SchedulerConfig(
+                config.max_num_seqs,
+                config.max_num_batched_tokens,
+                config.watermark,
+                config.enable_prefix_cache,
+            ),
             self.pool,
             self._hash_block,
         )

@@ -62,6 +62,8 @@ class EngineLoop:
     def count_resident(self, block_hashes: Sequence[BlockHash]) -> int:
         """Leading blocks resident in the pool. Read from another thread without a lock:
         each lookup is one dict read, and the answer is advice (admission re-checks)."""
+        if not self.engine.config.enable_prefix_cache:
+            return 0
         return self.engine.pool.lookup_prefix(block_hashes)
 
     @property

@@ -50,6 +50,9 @@ class SchedulerConfig:
     watermark: float = 0.01
     """Fraction of the pool's blocks admission leaves free, so running sequences can
     grow without preempting each other right away."""
+    enable_prefix_caching: bool = True
+    """Reuse blocks resident by hash on admission (off: recompute or refetch, for
+    comparisons)."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:
@@ -266,7 +269,11 @@ class Scheduler:
         # The last token is always computed (its logits are sampled), so its block is
         # never taken from the cache, even if full and resident.
         num_reusable = (seq.num_tokens - 1) // block_size
-        num_resident = self.pool.lookup_prefix(hashes[:num_reusable])
+        num_resident = (
+            self.pool.lookup_prefix(hashes[:num_reusable])
+            if self.config.enable_prefix_caching
+            else 0
+        )
         if num_resident < seq.provided_start_block:
             # Blocks between the resident prefix and the provided ones were evicted since
             # the caller looked: the provided K/V would leave a gap, so recompute instead.

@@ -179,6 +179,7 @@ async def _start(args: argparse.Namespace, address: str):
                 kv_cache_bytes=int(args.kv_cache_gb * 1024**3),
                 block_size=args.block_size,
                 max_num_seqs=args.max_num_seqs,
+                enable_prefix_cache=not args.no_prefix_cache,
             ),
             max_local_prefill_len=args.max_local_prefill_len,
             num_threads=args.threads,

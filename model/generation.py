@@ -2,8 +2,8 @@
 
 Prefill all prompts in one flattened forward pass, then decode one token per
 running sequence per step, each continuing from its own contiguous K/V. It is the
-engine behind `kvrelay generate --local` and the yardstick for parity tests; the
-serving path (paged decode, continuous batching) lives in the workers.
+yardstick for parity tests; serving and `kvrelay generate --local` run on the
+decode engine (paged KV, continuous batching) in `decode_worker/`.
 """
 
 from __future__ import annotations

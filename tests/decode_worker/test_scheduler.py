@@ -113,6 +113,39 @@ def test_resident_prefix_blocks_are_shared_by_hash() -> None:
     assert_drained(scheduler)
 
 
+def test_prefix_caching_off_computes_a_resident_prefix_again() -> None:
+    scheduler = make_scheduler(enable_prefix_caching=False)
+    scheduler.add_request(request("a", 9))
+    scheduler.schedule()
+    scheduler.update({"a": 1})
+    scheduler.add_request(request("b", 10))  # same first 9 tokens
+    (prefill,) = scheduler.schedule().prefills
+    assert (prefill.start_pos, prefill.block_table) == (0, (3, 4, 5))
+    assert len(prefill.token_ids) == 10
+    assert_drained(scheduler)
+
+
+def test_gap_before_provided_kv_means_recompute() -> None:
+    """Provided K/V starting at block 2 is unusable when blocks 0-1 are not resident."""
+    scheduler = make_scheduler()
+    prompt = tuple(range(100, 110))
+    scheduler.add_request(
+        SequenceRequest(
+            "a",
+            prompt,
+            output_token_ids=(55,),
+            max_new_tokens=4,
+            num_provided_tokens=10,
+            provided_start_block=2,
+        )
+    )
+    out = scheduler.schedule()
+    assert out.kv_fills == ()
+    (prefill,) = out.prefills
+    assert (prefill.start_pos, len(prefill.token_ids)) == (0, 11)
+    assert_drained(scheduler)
+
+
 def test_provided_kv_is_listed_for_the_caller_to_fill() -> None:
     scheduler = make_scheduler()
     scheduler.add_request(request("warm", 5))
