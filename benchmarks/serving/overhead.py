@@ -115,6 +115,7 @@ def run_overhead(
     workload = overhead_workload(num_trials, prompt_len)
     layout = disaggregated_layout(model, cores, name="cluster")
     probe = LocalEngineProbe(model, cores[0])
+    load_avg_at_start = list(os.getloadavg())
     with BenchCluster(layout) as cluster:
         cluster_records, local_records = asyncio.run(
             _trials(cluster.target, probe, workload, show_progress)
@@ -126,5 +127,7 @@ def run_overhead(
     ):
         # Sequential trials: the sum of their times is the run's duration.
         duration = sum((r.end_time or r.send_time) - r.send_time for r in records)
-        runs.append(RunResult(name, config, compute_metrics(records, duration, Slo()), records))
+        metrics = compute_metrics(records, duration, Slo())
+        config = {**config, "load_avg_at_start": load_avg_at_start}
+        runs.append(RunResult(name, config, metrics, records))
     return workload, runs, compare(runs[0], runs[1], "ttft_ms.p50", max_difference=GOAL_MS)

@@ -25,8 +25,10 @@ def tiny_cluster(tmp_path: Path) -> Iterator[BenchCluster]:
     logdir.mkdir()
     cluster = BenchCluster(disaggregated_layout("dummy:tiny", cores), logdir)
     with cluster:
+        processes = list(cluster.processes.values())
+        assert len(processes) == 4  # redis, router, prefill, decode
         yield cluster
-    assert all(p.poll() is not None for p in cluster.processes.values())
+    assert [p.poll() is None for p in processes] == [False] * 4
 
 
 @pytest.mark.slow
