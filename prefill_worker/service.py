@@ -21,6 +21,7 @@ from model.loader import LoadedModel, available_cores, load_model, parse_dtype
 from model.sampling import finish_reason
 from prefill_worker.config import PrefillConfig
 from prefill_worker.engine import PrefillCancelled, PrefillEngine, PrefillJob
+from prefill_worker.inflight_prefixes import InflightPrefixes
 from prefill_worker.store_io import load_cached_prefix, publish_prompt_kv
 from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
@@ -50,6 +51,7 @@ class PrefillServicer(wgrpc.PrefillWorkerServicer):
         self.loaded = loaded
         self.engine = engine
         self.enable_prefix_cache = enable_prefix_cache
+        self.inflight = InflightPrefixes()
         self.store = store
         self.block_size = store.spec.block_size
         self.metrics = metrics
@@ -67,50 +69,56 @@ class PrefillServicer(wgrpc.PrefillWorkerServicer):
             except ValueError as err:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             hashes = hash_token_blocks(token_ids, self.block_size, self.store.spec.fingerprint)
-            job = self.engine.new_job(request.request_id, token_ids, sampling)
-            with tracer.start_as_current_span(names.SPAN_STORE_LOOKUP) as lookup_span:
-                started = time.perf_counter()
-                num_present, job.num_cached_tokens = 0, 0
-                if self.enable_prefix_cache:
-                    num_present, job.num_cached_tokens = await asyncio.to_thread(
-                        load_cached_prefix, self.store, hashes, job.kv
-                    )
-                if job.num_cached_tokens:
-                    self.metrics.kv_transfer_time.observe(time.perf_counter() - started)
-                lookup_span.set_attribute(names.NUM_BLOCKS, len(hashes))
-                lookup_span.set_attribute(names.NUM_HITS, num_present)
-                lookup_span.set_attribute(names.CACHED_PROMPT_TOKENS, job.num_cached_tokens)
-            submitted_ns = time.time_ns()
-            try:
-                output = await asyncio.wrap_future(self.engine.submit(job))
-            except asyncio.CancelledError:
-                self.engine.cancel(job)
-                raise
-            except PrefillCancelled:
-                await context.abort(grpc.StatusCode.CANCELLED, "prefill cancelled")
-            self._record_engine_spans(job, submitted_ns, len(token_ids))
-            finished = finish_reason(
-                output.first_token_id, 1, sampling, self.loaded.config.eos_token_ids
-            )
-            with tracer.start_as_current_span(names.SPAN_STORE_PUT) as put_span:
-                put_span.set_attribute(names.NUM_BLOCKS, len(hashes) - num_present)
-                started = time.perf_counter()
+            # Requests sharing a prefix wait for the one computing it (only when they
+            # can reuse it: with the cache off every request computes its own).
+            shared = hashes if self.enable_prefix_cache else []
+            async with self.inflight.claim(shared) as claim:
+                job = self.engine.new_job(request.request_id, token_ids, sampling)
+                with tracer.start_as_current_span(names.SPAN_STORE_LOOKUP) as lookup_span:
+                    started = time.perf_counter()
+                    num_present, job.num_cached_tokens = 0, 0
+                    if self.enable_prefix_cache:
+                        num_present, job.num_cached_tokens = await asyncio.to_thread(
+                            load_cached_prefix, self.store, hashes, job.kv
+                        )
+                    if job.num_cached_tokens:
+                        self.metrics.kv_transfer_time.observe(time.perf_counter() - started)
+                    lookup_span.set_attribute(names.NUM_BLOCKS, len(hashes))
+                    lookup_span.set_attribute(names.NUM_HITS, num_present)
+                    lookup_span.set_attribute(names.CACHED_PROMPT_TOKENS, job.num_cached_tokens)
+                # Blocks the store had need no waiting for; the rest wait for publishing.
+                claim.release_leading(num_present)
+                submitted_ns = time.time_ns()
                 try:
-                    await asyncio.to_thread(
-                        publish_prompt_kv,
-                        self.store,
-                        request.request_id,
-                        hashes,
-                        output.kv,
-                        num_present,
-                        finished is None,
-                    )
-                except StoreUnavailableError as err:
-                    await context.abort(
-                        grpc.StatusCode.UNAVAILABLE,
-                        f"KV store unreachable, cannot hand off KV: {err}",
-                    )
-                self.metrics.kv_transfer_time.observe(time.perf_counter() - started)
+                    output = await asyncio.wrap_future(self.engine.submit(job))
+                except asyncio.CancelledError:
+                    self.engine.cancel(job)
+                    raise
+                except PrefillCancelled:
+                    await context.abort(grpc.StatusCode.CANCELLED, "prefill cancelled")
+                self._record_engine_spans(job, submitted_ns, len(token_ids))
+                finished = finish_reason(
+                    output.first_token_id, 1, sampling, self.loaded.config.eos_token_ids
+                )
+                with tracer.start_as_current_span(names.SPAN_STORE_PUT) as put_span:
+                    put_span.set_attribute(names.NUM_BLOCKS, len(hashes) - num_present)
+                    started = time.perf_counter()
+                    try:
+                        await asyncio.to_thread(
+                            publish_prompt_kv,
+                            self.store,
+                            request.request_id,
+                            hashes,
+                            output.kv,
+                            num_present,
+                            finished is None,
+                        )
+                    except StoreUnavailableError as err:
+                        await context.abort(
+                            grpc.StatusCode.UNAVAILABLE,
+                            f"KV store unreachable, cannot hand off KV: {err}",
+                        )
+                    self.metrics.kv_transfer_time.observe(time.perf_counter() - started)
             return wpb.PrefillResponse(
                 worker_id=self.worker_id,
                 result=wpb.PrefillResult(

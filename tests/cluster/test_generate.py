@@ -248,3 +248,18 @@ def test_every_service_exports_prometheus_metrics(cluster):
     )
     assert generated >= 4
     assert 'model_name="' in router
+
+
+def test_concurrent_prompts_sharing_a_prefix_compute_it_once(cluster):
+    prefix = random_prompt(256, seed=4242)
+    prompts = [prefix + random_prompt(20, seed=100 + i) for i in range(4)]
+    sampling = pb.SamplingParams(max_tokens=2, ignore_eos=True)
+    before = cluster.stats("prefill-0").num_computed_tokens_total
+    with ThreadPoolExecutor(4) as pool:
+        results = list(
+            pool.map(lambda p: cluster.generate(prompt_token_ids=p, sampling=sampling), prompts)
+        )
+    computed = cluster.stats("prefill-0").num_computed_tokens_total - before
+    assert computed == 276 + 3 * 20, "the shared 256-token prefix was computed more than once"
+    cached = sorted(r[-1].usage.cached_prompt_tokens for r in results)
+    assert cached == [0, 256, 256, 256]
