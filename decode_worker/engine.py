@@ -10,6 +10,7 @@ recompute after preemption. Single-threaded: `EngineLoop` owns it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -77,6 +78,8 @@ class TokenOutput:
     num_cached_tokens: int
     """Prompt tokens whose K/V was found resident in the pool when the request was
     first admitted (0 for K/V provided by the caller)."""
+    admitted_ns: int
+    """Wall clock (ns) when the request first joined the running batch."""
 
 
 @dataclass
@@ -94,6 +97,7 @@ class _Request:
     provided_start_block: int = 0
     is_admitted: bool = False
     num_cached_tokens: int = 0
+    admitted_ns: int = 0
 
 
 class DecodeEngine:
@@ -205,7 +209,12 @@ class DecodeEngine:
             request = self._requests[seq.request_id]
             outputs.append(
                 TokenOutput(
-                    seq.request_id, token_id, logprob, seq.finish_reason, request.num_cached_tokens
+                    seq.request_id,
+                    token_id,
+                    logprob,
+                    seq.finish_reason,
+                    request.num_cached_tokens,
+                    request.admitted_ns,
                 )
             )
             if seq.finish_reason is not None:
@@ -224,6 +233,7 @@ class DecodeEngine:
             seq = self.scheduler.get(request_id)
             if seq is not None and seq.status is SequenceStatus.RUNNING:
                 request.is_admitted = True
+                request.admitted_ns = time.time_ns()
                 if not request.provided_kv:
                     request.num_cached_tokens = seq.num_computed_tokens
                 request.provided_kv = ()

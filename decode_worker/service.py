@@ -73,6 +73,7 @@ class DecodeServicer(wgrpc.DecodeWorkerServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             outputs: asyncio.Queue[TokenOutput | BaseException] = asyncio.Queue()
             event_loop = asyncio.get_running_loop()
+            submitted_ns = time.time_ns()
             self.loop.submit(
                 engine_request,
                 lambda item: event_loop.call_soon_threadsafe(outputs.put_nowait, item),
@@ -94,6 +95,7 @@ class DecodeServicer(wgrpc.DecodeWorkerServicer):
                 last_token_at = self._observe_tokens(arrival, last_token_at, len(batch))
                 is_finished = message.finish_reason != pb.FINISH_REASON_UNSPECIFIED
                 if is_first:
+                    _record_queue_span(span, submitted_ns, batch[0].admitted_ns)
                     generation_span.set_attribute(
                         names.TIME_TO_FIRST_TOKEN_S, time.monotonic() - arrival
                     )
@@ -219,6 +221,16 @@ def _decode_response(batch: list[TokenOutput]) -> wpb.DecodeResponse:
         finish_reason=finish_reason_to_proto(last.finish_reason),
         num_cached_tokens=last.num_cached_tokens if last.finish_reason is not None else 0,
     )
+
+
+def _record_queue_span(parent: trace.Span, submitted_ns: int, admitted_ns: int) -> None:
+    """The engine thread timed the admission; the wait is recorded as its own span
+    (and attribute) under the request's decode span, with those times."""
+    queue_span = tracer.start_span(
+        names.SPAN_DECODE_QUEUE, context=trace.set_span_in_context(parent), start_time=submitted_ns
+    )
+    queue_span.end(end_time=max(admitted_ns, submitted_ns))
+    parent.set_attribute(names.QUEUE_TIME_S, max(admitted_ns - submitted_ns, 0) / 1e9)
 
 
 def _status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -23,6 +23,7 @@ SPAN_STORE_GET = "kvstore.get"
 SPAN_STORE_PUT = "kvstore.put"
 SPAN_DECODE = "decode"
 SPAN_DECODE_ADMISSION = "decode.admission"
+SPAN_DECODE_QUEUE = "decode.queue"
 SPAN_DECODE_GENERATION = "decode.generation"
 
 # GenAI semantic-convention attributes.
@@ -48,3 +49,4 @@ NUM_RESIDENT_BLOCKS = "kvrelay.num_resident_blocks"
 NUM_FETCHED_BLOCKS = "kvrelay.num_fetched_blocks"
 TIME_TO_FIRST_TOKEN_S = "kvrelay.time_to_first_token_s"
 NUM_GENERATED_TOKENS = "kvrelay.num_generated_tokens"
+QUEUE_TIME_S = "kvrelay.queue_time_s"

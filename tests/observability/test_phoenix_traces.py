@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 ROUTER_SPANS = {"generate", "router.prefill", "router.decode"}
 PREFILL_SPANS = {"prefill", "prefill.queue", "prefill.forward", "kvstore.lookup", "kvstore.put"}
-DECODE_SPANS = {"decode", "decode.admission", "kvstore.get", "decode.generation"}
+DECODE_SPANS = {"decode", "decode.admission", "kvstore.get", "decode.queue", "decode.generation"}
 
 # child -> parent, by span name, within one request's trace.
 PARENT_OF = {
@@ -26,6 +26,7 @@ PARENT_OF = {
     "decode": "router.decode",
     "decode.admission": "decode",
     "kvstore.get": "decode.admission",
+    "decode.queue": "decode",
     "decode.generation": "decode",
 }
 
@@ -82,6 +83,7 @@ def test_each_request_is_one_trace_across_router_prefill_and_decode(observed_clu
         # The first token came from prefill; decode generated the other five.
         assert generation["kvrelay.num_generated_tokens"] == 5
         assert 0 < generation["kvrelay.time_to_first_token_s"] < 30
+        assert 0 <= by_name["decode"]["attributes"]["kvrelay.queue_time_s"] < 30
         admission = by_name["decode.admission"]["attributes"]
         # First request: 2 full blocks and the tail fetched. Second: the full blocks
         # are still in the decode pool (freed but kept by hash), only its tail travels.
