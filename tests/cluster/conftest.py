@@ -27,11 +27,24 @@ def span_collector() -> Iterator[SpanCollector]:
     collector.stop()
 
 
+# A token-id prompt whose greedy continuation on the cluster model contains its EOS.
+EOS_PROBE_PROMPT = list(range(40, 60))
+
+
 @pytest.fixture(scope="session")
 def cluster_model(hf_checkpoint) -> Path:
-    """A random Llama (GQA) checkpoint with a byte-level tokenizer (its own seed, so
-    the tokenizer file does not change the checkpoints other tests share)."""
-    path = hf_checkpoint("llama_gqa", seed=11)
+    """A random Llama (GQA) checkpoint with a byte-level tokenizer, whose EOS is the
+    4th greedy token after EOS_PROBE_PROMPT, so stopping at EOS (and ignore_eos) is
+    observable. Its own seed and config, so the files it adds change no checkpoint
+    other tests share."""
+    from model.generation import generate
+    from model.loader import load_model
+    from model.sampling import SamplingParams
+
+    probe = load_model(str(hf_checkpoint("llama_gqa", seed=11)))
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    eos_token_id = generate(probe, [EOS_PROBE_PROMPT], params)[0].token_ids[3]
+    path = hf_checkpoint("llama_gqa", seed=11, eos_token_id=eos_token_id)
     byte_level_tokenizer(path)
     return path
 

@@ -38,6 +38,9 @@ def local(cluster_model):
 
 def test_eight_concurrent_requests_match_transformers_greedy(cluster, cluster_model):
     reference = AutoModelForCausalLM.from_pretrained(cluster_model, dtype=torch.float32).eval()
+    # Exactly 24 tokens, EOS or not (as ignore_eos does): min_new_tokens would instead
+    # forbid EOS and so change the greedy choice where the model picks it.
+    reference.generation_config.eos_token_id = None
     prompts = [random_prompt(n, seed=n) for n in (1, 7, 16, 17, 33, 64, 100, 150)]
     sampling = pb.SamplingParams(max_tokens=24, ignore_eos=True)
     with ThreadPoolExecutor(8) as pool:
@@ -50,7 +53,6 @@ def test_eight_concurrent_requests_match_transformers_greedy(cluster, cluster_mo
                 torch.tensor([prompt]),
                 attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                 max_new_tokens=24,
-                min_new_tokens=24,
                 do_sample=False,
             )[0, len(prompt) :].tolist()
         assert tokens_of(responses) == expected, f"prompt of {len(prompt)} tokens"
@@ -263,3 +265,23 @@ def test_concurrent_prompts_sharing_a_prefix_compute_it_once(cluster):
     assert computed == 276 + 3 * 20, "the shared 256-token prefix was computed more than once"
     cached = sorted(r[-1].usage.cached_prompt_tokens for r in results)
     assert cached == [0, 256, 256, 256]
+
+
+def test_eos_stops_generation_unless_ignore_eos_as_in_local_mode(cluster, local):
+    from tests.cluster.conftest import EOS_PROBE_PROMPT
+
+    eos = local.config.eos_token_ids[0]
+    for ignore_eos in (False, True):
+        params = SamplingParams(max_tokens=10, ignore_eos=ignore_eos)
+        expected = generate(local, [EOS_PROBE_PROMPT], params)[0]
+        responses = cluster.generate(
+            prompt_token_ids=EOS_PROBE_PROMPT,
+            sampling=pb.SamplingParams(max_tokens=10, ignore_eos=ignore_eos),
+        )
+        assert tokens_of(responses) == expected.token_ids, f"ignore_eos={ignore_eos}"
+        if ignore_eos:
+            assert len(expected.token_ids) == 10
+            assert responses[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        else:
+            assert expected.token_ids[-1] == eos and len(expected.token_ids) < 10
+            assert responses[-1].finish_reason == pb.FINISH_REASON_STOP
