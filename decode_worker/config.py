@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from decode_worker.engine import EngineConfig
+from rpc.worker_server import WorkerAddress
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,13 @@ class DecodeConfig:
     """torch threads; default: the cores this process may run on."""
     metrics_port: int | None = None
     """Port for Prometheus `/metrics`; None turns it off, 0 picks a free one."""
+
+    @property
+    def where(self) -> WorkerAddress:
+        """Where it serves and whom it registers with."""
+        return WorkerAddress(
+            self.address, self.advertise_address, self.worker_id, self.router, self.metrics_port
+        )
 
     def __post_init__(self) -> None:
         if self.max_local_prefill_len < 0:

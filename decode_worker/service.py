@@ -26,12 +26,12 @@ from model.loader import LoadedModel, available_cores, load_model, parse_dtype
 from protos import generator_pb2 as pb
 from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
-from rpc.registration import RouterMembership
 from rpc.sampling_proto import finish_reason_to_proto, sampling_from_proto
-from rpc.server import RunningServer, ServiceBinding, dialable_address, start_server
+from rpc.server import ServiceBinding
 from rpc.store_stats import store_stats_to_proto
+from rpc.worker_server import WorkerServer, serve_worker
 from telemetry import names
-from telemetry.metrics import ServiceMetrics, Snapshot, serve_metrics
+from telemetry.metrics import ServiceMetrics, Snapshot
 from telemetry.propagation import caller_context
 
 log = logging.getLogger(__name__)
@@ -245,22 +245,24 @@ def _status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
 class DecodeWorker:
     """A running decode worker."""
 
-    worker_id: str
-    server: RunningServer
+    hosted: WorkerServer
     loop: EngineLoop
     store: KVStore
-    membership: RouterMembership | None
-    metrics_port: int | None = None
-    """Where `/metrics` is served, if it is."""
+
+    @property
+    def worker_id(self) -> str:
+        return self.hosted.worker_id
 
     @property
     def port(self) -> int:
-        return self.server.port
+        return self.hosted.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.hosted.metrics_port
 
     async def stop(self, grace_s: float = 2.0) -> None:
-        if self.membership is not None:
-            await self.membership.stop()
-        await self.server.stop(grace_s)
+        await self.hosted.stop(grace_s)
         await asyncio.to_thread(self.loop.stop)
         self.store.close()
 
@@ -276,42 +278,32 @@ async def start_decode_worker(config: DecodeConfig) -> DecodeWorker:
     loop.start()
     metrics = ServiceMetrics(config.model, "decode")
     servicer = DecodeServicer("", loaded, loop, store, metrics)
-    metrics_port = None
-    if config.metrics_port is not None:
-        metrics_port = serve_metrics(metrics, config.metrics_port, config.address.rsplit(":", 1)[0])
-    server = await start_server(
-        [
-            ServiceBinding(
-                wgrpc.add_DecodeWorkerServicer_to_server, servicer, "kvrelay.v1.DecodeWorker"
-            )
-        ],
-        config.address,
-        max_message_bytes=16 * 1024 * 1024,
+    hosted = await serve_worker(
+        ServiceBinding(
+            wgrpc.add_DecodeWorkerServicer_to_server, servicer, "kvrelay.v1.DecodeWorker"
+        ),
+        config.where,
+        wpb.RegisterRequest(
+            role=wpb.WORKER_ROLE_DECODE,
+            model=config.model,
+            kv_fingerprint=spec.fingerprint,
+            block_size=spec.block_size,
+            vocab_size=loaded.config.vocab_size,
+            max_context_len=loaded.config.max_position_embeddings,
+            max_local_prefill_len=config.max_local_prefill_len,
+        ),
+        lambda: wpb.HeartbeatRequest(
+            num_waiting=loop.num_waiting,
+            num_running=loop.num_running,
+            kv_usage=loop.engine.pool.usage(),
+        ),
+        metrics,
     )
-    advertise = config.advertise_address or dialable_address(config.address, server.port)
-    worker_id = config.worker_id or f"decode-{advertise}"
-    servicer.worker_id = worker_id
-    membership = None
-    if config.router:
-        membership = RouterMembership(
-            config.router,
-            wpb.RegisterRequest(
-                worker_id=worker_id,
-                role=wpb.WORKER_ROLE_DECODE,
-                address=advertise,
-                model=config.model,
-                kv_fingerprint=spec.fingerprint,
-                block_size=spec.block_size,
-                vocab_size=loaded.config.vocab_size,
-                max_context_len=loaded.config.max_position_embeddings,
-                max_local_prefill_len=config.max_local_prefill_len,
-            ),
-            lambda: wpb.HeartbeatRequest(
-                num_waiting=loop.num_waiting,
-                num_running=loop.num_running,
-                kv_usage=loop.engine.pool.usage(),
-            ),
-        )
-        membership.start()
-    log.info("decode worker %s serving %s on %s", worker_id, config.model, advertise)
-    return DecodeWorker(worker_id, server, loop, store, membership, metrics_port)
+    servicer.worker_id = hosted.worker_id
+    log.info(
+        "decode worker %s serving %s on %s",
+        hosted.worker_id,
+        config.model,
+        hosted.advertise_address,
+    )
+    return DecodeWorker(hosted, loop, store)

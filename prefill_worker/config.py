@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rpc.worker_server import WorkerAddress
+
 
 @dataclass(frozen=True)
 class PrefillConfig:
@@ -33,6 +35,13 @@ class PrefillConfig:
     """torch threads; default: the cores this process may run on."""
     metrics_port: int | None = None
     """Port for Prometheus `/metrics`; None turns it off, 0 picks a free one."""
+
+    @property
+    def where(self) -> WorkerAddress:
+        """Where it serves and whom it registers with."""
+        return WorkerAddress(
+            self.address, self.advertise_address, self.worker_id, self.router, self.metrics_port
+        )
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.token_budget < 1:

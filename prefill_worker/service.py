@@ -25,12 +25,12 @@ from prefill_worker.inflight_prefixes import InflightPrefixes
 from prefill_worker.store_io import load_cached_prefix, publish_prompt_kv
 from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
-from rpc.registration import RouterMembership
 from rpc.sampling_proto import finish_reason_to_proto, sampling_from_proto
-from rpc.server import RunningServer, ServiceBinding, dialable_address, start_server
+from rpc.server import ServiceBinding
 from rpc.store_stats import store_stats_to_proto
+from rpc.worker_server import WorkerServer, serve_worker
 from telemetry import names
-from telemetry.metrics import ServiceMetrics, Snapshot, serve_metrics
+from telemetry.metrics import ServiceMetrics, Snapshot
 from telemetry.propagation import caller_context
 
 log = logging.getLogger(__name__)
@@ -205,22 +205,24 @@ def _num_tails_or_zero(store: KVStore) -> int:
 class PrefillWorker:
     """A running prefill worker."""
 
-    worker_id: str
-    server: RunningServer
+    hosted: WorkerServer
     engine: PrefillEngine
     store: KVStore
-    membership: RouterMembership | None
-    metrics_port: int | None = None
-    """Where `/metrics` is served, if it is."""
+
+    @property
+    def worker_id(self) -> str:
+        return self.hosted.worker_id
 
     @property
     def port(self) -> int:
-        return self.server.port
+        return self.hosted.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.hosted.metrics_port
 
     async def stop(self, grace_s: float = 2.0) -> None:
-        if self.membership is not None:
-            await self.membership.stop()
-        await self.server.stop(grace_s)
+        await self.hosted.stop(grace_s)
         await asyncio.to_thread(self.engine.stop)
         self.store.close()
 
@@ -236,39 +238,29 @@ async def start_prefill_worker(config: PrefillConfig) -> PrefillWorker:
     engine.start()
     metrics = ServiceMetrics(config.model, "prefill")
     servicer = PrefillServicer("", loaded, engine, store, metrics, config.enable_prefix_cache)
-    metrics_port = None
-    if config.metrics_port is not None:
-        metrics_port = serve_metrics(metrics, config.metrics_port, config.address.rsplit(":", 1)[0])
-    server = await start_server(
-        [
-            ServiceBinding(
-                wgrpc.add_PrefillWorkerServicer_to_server, servicer, "kvrelay.v1.PrefillWorker"
-            )
-        ],
-        config.address,
-        max_message_bytes=16 * 1024 * 1024,
+    hosted = await serve_worker(
+        ServiceBinding(
+            wgrpc.add_PrefillWorkerServicer_to_server, servicer, "kvrelay.v1.PrefillWorker"
+        ),
+        config.where,
+        wpb.RegisterRequest(
+            role=wpb.WORKER_ROLE_PREFILL,
+            model=config.model,
+            kv_fingerprint=spec.fingerprint,
+            block_size=spec.block_size,
+            vocab_size=loaded.config.vocab_size,
+            max_context_len=loaded.config.max_position_embeddings,
+        ),
+        lambda: wpb.HeartbeatRequest(
+            num_waiting=engine.num_waiting, num_running=engine.num_running
+        ),
+        metrics,
     )
-    advertise = config.advertise_address or dialable_address(config.address, server.port)
-    worker_id = config.worker_id or f"prefill-{advertise}"
-    servicer.worker_id = worker_id
-    membership = None
-    if config.router:
-        membership = RouterMembership(
-            config.router,
-            wpb.RegisterRequest(
-                worker_id=worker_id,
-                role=wpb.WORKER_ROLE_PREFILL,
-                address=advertise,
-                model=config.model,
-                kv_fingerprint=spec.fingerprint,
-                block_size=spec.block_size,
-                vocab_size=loaded.config.vocab_size,
-                max_context_len=loaded.config.max_position_embeddings,
-            ),
-            lambda: wpb.HeartbeatRequest(
-                num_waiting=engine.num_waiting, num_running=engine.num_running
-            ),
-        )
-        membership.start()
-    log.info("prefill worker %s serving %s on %s", worker_id, config.model, advertise)
-    return PrefillWorker(worker_id, server, engine, store, membership, metrics_port)
+    servicer.worker_id = hosted.worker_id
+    log.info(
+        "prefill worker %s serving %s on %s",
+        hosted.worker_id,
+        config.model,
+        hosted.advertise_address,
+    )
+    return PrefillWorker(hosted, engine, store)
