@@ -26,7 +26,7 @@ from protos import generator_pb2 as pb
 from protos import workers_pb2 as wpb
 from router.cluster import Cluster, WorkerHandle
 from router.registry import Role
-from router.stop_strings import StopStringMatcher
+from router.responses import ResponseEmitter
 from router.validation import (
     InvalidRequest,
     ModelLimits,
@@ -197,7 +197,9 @@ class RequestRelay:
         self, req: PreparedRequest, deadline: float | None, span: trace.Span
     ) -> AsyncIterator[pb.GenerateResponse]:
         detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
-        emitter = _Emitter(req, detokenizer)
+        emitter = ResponseEmitter(
+            req.request_id, req.sampling, len(req.prompt_token_ids), detokenizer
+        )
         prefill: wpb.PrefillResult | None = None
         prefill_worker: WorkerHandle | None = None
         tail_taken = False
@@ -364,51 +366,6 @@ class RequestRelay:
         task = asyncio.ensure_future(release())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-
-class _Emitter:
-    """Turns token ids into GenerateResponses: detokenizes, applies stop strings,
-    and counts what was sent."""
-
-    def __init__(self, req: PreparedRequest, detokenizer: IncrementalDetokenizer | None) -> None:
-        self.req = req
-        self.detokenizer = detokenizer
-        self.stop = StopStringMatcher(req.sampling.stop)
-        self.want_logprobs = req.sampling.logprobs
-        self.num_sent_tokens = 0
-        self.cached_prompt_tokens = 0
-        self.is_stopped = False
-        self.finish_reason: int | None = None
-
-    def add(self, token_ids: list[int], logprobs: list[float]) -> pb.GenerateResponse | None:
-        delta = self.detokenizer.add(token_ids) if self.detokenizer else ""
-        text, self.is_stopped = self.stop.feed(delta)
-        self.num_sent_tokens += len(token_ids)
-        if not token_ids and not text:
-            return None
-        return pb.GenerateResponse(
-            request_id=self.req.request_id,
-            token_ids=token_ids,
-            text=text,
-            logprobs=logprobs if self.want_logprobs else (),
-        )
-
-    def finish(self, message: pb.GenerateResponse | None, reason: int) -> pb.GenerateResponse:
-        if message is None:
-            message = pb.GenerateResponse(request_id=self.req.request_id)
-        if not self.is_stopped:
-            rest = self.detokenizer.flush() if self.detokenizer else ""
-            message.text += self.stop.feed(rest)[0] + self.stop.flush()
-        self.finish_reason = reason
-        message.finish_reason = reason
-        message.usage.CopyFrom(
-            pb.Usage(
-                prompt_tokens=len(self.req.prompt_token_ids),
-                completion_tokens=self.num_sent_tokens,
-                cached_prompt_tokens=self.cached_prompt_tokens,
-            )
-        )
-        return message
 
 
 def _remaining(deadline: float | None) -> float | None:
