@@ -21,7 +21,7 @@ from decode_worker.attention import (
 )
 from decode_worker.block_pool import BlockPool
 from decode_worker.kv_cache_write import write_kv_cache, write_kv_cache_torch
-from decode_worker.scheduler import ScheduledSequence, SchedulerOutput
+from decode_worker.scheduler_output import ScheduledSequence, SchedulerOutput
 from model.attention import AttentionBackend
 from model.loader import LoadedModel
 
