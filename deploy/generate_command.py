@@ -25,6 +25,7 @@ With one prompt the text is streamed as it is generated; --json prints one objec
 per prompt per line: {"prompt_index", "token_ids", "text", "finish_reason"}.
 """
 
+# `model.loader.DTYPES` would import torch, which `kvrelay --help` must not.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

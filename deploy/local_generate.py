@@ -15,17 +15,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
-import torch
-
 from decode_worker.engine import DecodeEngine, EngineConfig, EngineRequest, TokenOutput
 from decode_worker.scheduler import RequestTooLargeError
 from deploy.cli_errors import UsageError
 from kvstore.spec import BlockSpec
-from model.loader import LoadedModel, load_model
+from model.loader import LoadedModel, load_model, parse_dtype
 from model.sampling import FinishReason, SamplingParams
 from model.tokenizer import IncrementalDetokenizer
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # The engine's defaults: at most 512 MiB of KV pool, 512 tokens per step.
 _ENGINE = EngineConfig()
@@ -38,7 +34,7 @@ class LocalGenerateRequest:
     model: str
     """HF model directory or dummy:* preset."""
     dtype: str
-    """`auto` or a key of `_DTYPES`."""
+    """`auto` or a name `model.loader.parse_dtype` knows."""
     device: str
     text_prompts: tuple[str, ...]
     """Prompts as text (need a tokenizer); run before `token_id_prompts`."""
@@ -50,8 +46,10 @@ class LocalGenerateRequest:
     def __post_init__(self) -> None:
         if not self.text_prompts and not self.token_id_prompts:
             raise UsageError("no prompt: give PROMPT text, --prompts-file or --prompt-token-ids")
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
-            raise UsageError(f"unknown dtype {self.dtype!r}")
+        try:
+            parse_dtype(self.dtype)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         if any(not ids for ids in self.token_id_prompts):
             raise UsageError("an empty --prompt-token-ids prompt")
 
@@ -61,7 +59,7 @@ def run_local_generate(request: LocalGenerateRequest, out: TextIO | None = None)
     out = out or sys.stdout
     loaded = load_model(
         request.model,
-        dtype=None if request.dtype == "auto" else _DTYPES[request.dtype],
+        dtype=parse_dtype(request.dtype),
         device=request.device,
     )
     prompts = _tokenize(loaded, request)
