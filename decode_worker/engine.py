@@ -95,7 +95,6 @@ class _Request:
     sampling: SamplingParams
     provided_kv: Sequence[torch.Tensor] = field(default_factory=tuple)
     provided_start_block: int = 0
-    is_admitted: bool = False
     num_cached_tokens: int = 0
     admitted_ns: int = 0
 
@@ -135,6 +134,7 @@ class DecodeEngine:
         self.runner = ModelRunner(loaded, self.pool)
         self.counters = EngineCounters()
         self._requests: dict[str, _Request] = {}
+        self._unadmitted: set[str] = set()  # added, not yet in the running batch
 
     def _hash_block(self, parent: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
         return hash_block(parent or self.fingerprint, token_ids)
@@ -167,10 +167,12 @@ class DecodeEngine:
         self._requests[request.request_id] = _Request(
             sampling, request.provided_kv, request.provided_start_block
         )
+        self._unadmitted.add(request.request_id)
 
     def abort(self, request_id: str) -> bool:
         """Ends a request wherever it is and frees its blocks; False if unknown."""
         self._requests.pop(request_id, None)
+        self._unadmitted.discard(request_id)
         return self.scheduler.abort(request_id)
 
     def has_unfinished(self) -> bool:
@@ -227,13 +229,15 @@ class DecodeEngine:
         """Records what each newly admitted request found resident, and drops provided
         K/V once copied in: after a preemption the sequence recomputes instead, so
         keeping the tensors would only hold memory."""
-        for request_id, request in self._requests.items():
-            if request.is_admitted:
-                continue
+        # Only requests still waiting are looked at, so a step costs nothing per
+        # request already running.
+        for request_id in list(self._unadmitted):
             seq = self.scheduler.get(request_id)
-            if seq is not None and seq.status is SequenceStatus.RUNNING:
-                request.is_admitted = True
-                request.admitted_ns = time.time_ns()
-                if not request.provided_kv:
-                    request.num_cached_tokens = seq.num_computed_tokens
-                request.provided_kv = ()
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            self._unadmitted.discard(request_id)
+            request = self._requests[request_id]
+            request.admitted_ns = time.time_ns()
+            if not request.provided_kv:
+                request.num_cached_tokens = seq.num_computed_tokens
+            request.provided_kv = ()
