@@ -36,6 +36,11 @@ assert HEADER_LEN == 80, HEADER_LEN
 
 Buffer = bytes | bytearray | memoryview
 
+# Integer types of each element size: a payload is copied into a tensor as
+# integers of its element's width, so that numpy (which has no bfloat16) can
+# write any strided view of the tensor in one pass, bit for bit.
+_INT_OF_SIZE = {1: (torch.uint8, np.uint8), 2: (torch.int16, np.int16), 4: (torch.int32, np.int32)}
+
 
 class BlockCodecError(ValueError):
     """A stored payload is not the block the reader asked for (corrupt, truncated,
@@ -124,8 +129,10 @@ class BlockCodec:
             out = torch.empty(shape, dtype=self.spec.dtype)
         elif tuple(out.shape) != shape or out.dtype != self.spec.dtype:
             raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, payload is {shape}")
-        if out.device.type == "cpu" and out.is_contiguous():
-            out.view(torch.uint8).reshape(-1).numpy()[:] = payload_bytes
+        if out.device.type == "cpu":
+            # One copy, also into a strided view (a block's slice of a prompt's K/V).
+            torch_int, numpy_int = _INT_OF_SIZE[out.element_size()]
+            np.copyto(out.view(torch_int).numpy(), payload_bytes.view(numpy_int).reshape(shape))
         else:
             staged = torch.from_numpy(payload_bytes.copy()).view(self.spec.dtype).view(shape)
             out.copy_(staged)

@@ -43,6 +43,23 @@ def test_decode_into_preallocated_tensor() -> None:
     assert torch.equal(out, make_block(3))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decode_into_a_blocks_slice_of_a_prompt(dtype: torch.dtype) -> None:
+    """The prefill worker loads cached blocks straight into its `[L, 2, T, H, D]`
+    prompt tensor: each block's destination is a strided view, not a tensor."""
+    spec = BlockSpec(
+        "test:views", num_layers=2, num_kv_heads=1, head_dim=4, block_size=4, dtype=dtype
+    )
+    codec = BlockCodec(spec)
+    prompt = torch.full((2, 2, 11, 1, 4), -1.0, dtype=dtype)  # an 11-token prompt
+    view = prompt[:, :, 4:8]
+    assert not view.is_contiguous()
+    block = make_block(6, spec)
+    assert codec.decode(codec.encode_bytes(HASH_A, block), HASH_A, out=view) is view
+    assert torch.equal(prompt[:, :, 4:8], block)
+    assert bool((prompt[:, :, :4] == -1).all()) and bool((prompt[:, :, 8:] == -1).all())
+
+
 def test_non_contiguous_block_is_encoded_by_value() -> None:
     block = make_block(2).transpose(2, 4).contiguous().transpose(2, 4)
     assert not block.is_contiguous()
