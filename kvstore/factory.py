@@ -11,7 +11,13 @@ from kvstore.store import KVStore
 
 # Query parameters that are store options (everything else in a Redis URL is
 # left for redis-py: `ssl_cert_reqs`, `db`, ...).
-_INT_OPTIONS = {"budget_bytes", "block_ttl_s", "max_connections", "local_cache_bytes"}
+_INT_OPTIONS = {
+    "budget_bytes",
+    "block_ttl_s",
+    "max_connections",
+    "local_cache_bytes",
+    "ref_cache_bytes",
+}
 _FLOAT_OPTIONS = {"timeout_s", "tail_ttl_s"}
 
 
@@ -23,7 +29,7 @@ def open_store(url: str, spec: BlockSpec, **options: Any) -> KVStore:
       options `timeout_s`, `block_ttl_s`, `tail_ttl_s`, `max_connections`.
     - `ray`, `ray://?namespace=NAME&budget_bytes=N`: `RayStore` on the Ray cluster
       this process is (or gets) connected to; options `namespace`, `budget_bytes`,
-      `tail_ttl_s`, `timeout_s`, `is_detached`.
+      `ref_cache_bytes`, `tail_ttl_s`, `timeout_s`, `is_detached`.
 
     Options come from keyword arguments or the URL's query string (keywords win).
     `local_cache_bytes=N` puts a worker-local LRU of N bytes (`LocalCachedStore`)

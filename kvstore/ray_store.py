@@ -1,25 +1,31 @@
 """`ray`: blocks in the Ray object store, indexed by one named actor per model.
 
-Each block's payload is `ray.put` as a uint8 numpy array viewing the tensor: the
-put copies the bytes once into shared memory, and `ray.get` on the same node
-returns a zero-copy view of it (measured on this machine: a numpy payload reads
-back ~5x faster than `bytes`, which Ray copies on get). The 80-byte codec header
-lives in the index actor beside the ref, so the object store holds exactly what
-the raw `ray.put` of an array would. The index maps block hash → `(header,
-[ObjectRef])` (the ref wrapped in a list so Ray passes the ref instead of
-resolving it); holding the ref keeps the object alive, dropping it (LRU past the
-budget) frees it.
+Each `put` is one object holding the whole batch (`kvstore.block_batch`: why,
+and its layout). `ray.get` on the same node returns the payloads as zero-copy
+views of shared memory; the codec checks each header and checksum before the
+block is copied into the caller's tensor.
+
+References: the index actor (`kvstore.ray_index`) holds the ref of every
+indexed object; its byte budget evicts whole objects. Each store object also
+keeps a ref cache, an `ObjectIndex` of the objects it put or located, with a
+byte budget of its own (`ref_cache_bytes`): a `get` or `lookup` of blocks found
+there makes no actor call (a prefill worker re-reading a prefix it wrote, a
+worker reading a shared system prompt again). The price is memory: a cached ref
+keeps its object alive after the index has evicted it, so the object store
+holds at most `budget_bytes` plus every store's `ref_cache_bytes`.
+`ref_cache_bytes=0` turns the cache off.
 
 Lifetime: Ray >= 2.56 removed `ray.put(_owner=...)`, so every object is owned by
 the process that put it and is lost when that process exits, whatever the index
-says. A lost block is found on `get` (Ray raises `ObjectLostError`/`OwnerDiedError`),
-counted as a miss and dropped from the index; `lookup` can count such a block as
-present until then. (A process that already read a block may keep being served
-its own cached copy; blocks are immutable, so that copy is still right.) Blocks written by a long-lived worker therefore live as long as
-that worker.
+says. A lost object is found on `get` (Ray raises `ObjectLostError` or
+`OwnerDiedError`); its blocks count as misses and both the index and the ref
+cache drop it. `lookup` can count such blocks as present until then. Blocks
+written by a long-lived worker therefore live as long as that worker.
 
-Only `bytes` and uint8 numpy arrays are stored; Ray's own serialization carries
-them, and the codec checks every header and payload on the way out.
+Objects hold only `bytes` and uint8 numpy arrays; Ray's own serialization
+carries them, and the codec checks every header and payload on the way out.
+Cross-node, `ray.get` pulls a whole batch object to the reader's node, even to
+read one of its blocks; readers take a prompt's blocks together, so they use it.
 """
 
 from __future__ import annotations
@@ -27,86 +33,24 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-import numpy as np
 import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
+from kvstore.block_batch import pack_blocks, unpack_block
 from kvstore.codec import BlockCodec, BlockCodecError, tail_key
 from kvstore.hashing import BlockHash
-from kvstore.lru import ByteBudgetLRU
+from kvstore.object_index import Located, ObjectIndex, ObjectKey
+from kvstore.ray_index import RayBlockIndex, object_key
 from kvstore.spec import BlockSpec
 from kvstore.stats import StatsRecorder, StoreStats
 from kvstore.store import KVStore, StoreUnavailableError
-from kvstore.tail_table import ExpiringTable
 
 DEFAULT_NAMESPACE = "kvrelay"
 DEFAULT_BUDGET_BYTES = 4 << 30
+DEFAULT_REF_CACHE_BYTES = 512 << 20
 DEFAULT_TAIL_TTL_S = 60.0
 DEFAULT_TIMEOUT_S = 10.0
-
-# (codec header, [ObjectRef] of the payload): the ref sits in a list so that Ray
-# ships the ref itself to and from the index actor, instead of resolving it.
-IndexEntry = tuple[bytes, list]
-
-
-class BlockIndex:
-    """The index actor's state: hash → entry (byte-budgeted LRU) and tails.
-
-    Runs as a Ray actor (one per fingerprint and namespace); plain methods so the
-    logic is testable without Ray.
-    """
-
-    def __init__(self, budget_bytes: int, tail_ttl_s: float) -> None:
-        self._blocks: ByteBudgetLRU[BlockHash, IndexEntry] = ByteBudgetLRU(budget_bytes)
-        self._tails: ExpiringTable[IndexEntry] = ExpiringTable(tail_ttl_s)
-
-    def ping(self) -> bool:
-        return True
-
-    def lookup(self, hashes: Sequence[BlockHash]) -> int:
-        num_present = 0
-        for block_hash in hashes:
-            if not self._blocks.contains(block_hash):
-                break
-            num_present += 1
-        return num_present
-
-    def put(self, entries: Sequence[tuple[BlockHash, IndexEntry]], num_bytes: int) -> None:
-        for block_hash, entry in entries:
-            # Idempotent: keep the first copy, so concurrent writers of the same
-            # block do not keep replacing (and freeing) each other's objects.
-            if self._blocks.get(block_hash) is None:
-                self._blocks.put(block_hash, entry, num_bytes)
-
-    def get(self, hashes: Sequence[BlockHash]) -> list[IndexEntry | None]:
-        return [self._blocks.get(block_hash) for block_hash in hashes]
-
-    def forget(self, hashes: Sequence[BlockHash]) -> None:
-        for block_hash in hashes:
-            self._blocks.pop(block_hash)
-
-    def put_tail(self, request_id: str, entry: IndexEntry, ttl_s: float) -> None:
-        self._tails.put(request_id, entry, ttl_s)
-
-    def get_tail(self, request_id: str) -> IndexEntry | None:
-        return self._tails.get(request_id)
-
-    def delete_tail(self, request_id: str) -> None:
-        self._tails.delete(request_id)
-
-    def num_tails(self) -> int:
-        return len(self._tails)
-
-    def num_blocks(self) -> int:
-        return len(self._blocks)
-
-    def clear(self) -> None:
-        """Drops every block and tail (an operator's reset; tests use it between cases)."""
-        for block_hash in self._blocks.lru_order():
-            self._blocks.pop(block_hash)
-        for request_id in self._tails.request_ids():
-            self._tails.delete(request_id)
 
 
 class RayStore(KVStore):
@@ -119,6 +63,7 @@ class RayStore(KVStore):
     a non-detached actor dies with the handles of the process that created it,
     which would wipe the index shared by every worker when one of them stops.
     `budget_bytes` is the index's byte budget, fixed by whoever creates the actor;
+    `ref_cache_bytes` bounds this store object's ref cache (module docstring);
     `tail_ttl_s` applies to the tails this store object writes. Every Ray call is
     bounded by `timeout_s`; a timeout or a dead actor raises
     `StoreUnavailableError`, and the next call looks the actor up again (a
@@ -131,11 +76,14 @@ class RayStore(KVStore):
         *,
         namespace: str = DEFAULT_NAMESPACE,
         budget_bytes: int = DEFAULT_BUDGET_BYTES,
+        ref_cache_bytes: int = DEFAULT_REF_CACHE_BYTES,
         tail_ttl_s: float = DEFAULT_TAIL_TTL_S,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         is_detached: bool = True,
     ) -> None:
         super().__init__(spec)
+        if ref_cache_bytes < 0:
+            raise ValueError(f"ref_cache_bytes must be >= 0, got {ref_cache_bytes}")
         if not ray.is_initialized():
             ray.init()
         self.namespace = namespace
@@ -151,21 +99,33 @@ class RayStore(KVStore):
         }
         self._actor_args = (budget_bytes, DEFAULT_TAIL_TTL_S)
         self._codec = BlockCodec(spec)
+        self._ref_cache: ObjectIndex[ray.ObjectRef] | None = (
+            ObjectIndex(ref_cache_bytes) if ref_cache_bytes else None
+        )
         self._stats = StatsRecorder()
         self._lock = threading.Lock()
         self._actor: ray.actor.ActorHandle | None = None
 
     def lookup(self, hashes: Sequence[BlockHash]) -> int:
-        return self._call("lookup", list(hashes)) if hashes else 0
+        num_cached = self._ref_cache.num_leading(hashes) if self._ref_cache else 0
+        if num_cached == len(hashes):
+            return num_cached
+        return num_cached + self._call("lookup", list(hashes[num_cached:]))
 
     def put(self, blocks: Sequence[tuple[BlockHash, torch.Tensor]]) -> None:
         for _, kv in blocks:
             self.spec.check_payload(kv)
         if not blocks:
             return
-        entries = [(h, self._put_object(h, kv)) for h, kv in blocks]
-        self._call("put", entries, self.spec.nbytes)
-        self._stats.add(bytes_in=len(blocks) * self.spec.nbytes)
+        hashes = [block_hash for block_hash, _ in blocks]
+        num_bytes = len(blocks) * self.spec.nbytes
+        ref = ray.put(pack_blocks(self._codec, blocks))
+        # Synchronous, so that a put is visible to every reader when it returns.
+        self._call("put", hashes, [ref], num_bytes)
+        if self._ref_cache is not None:
+            positions = [(block_hash, i) for i, block_hash in enumerate(hashes)]
+            self._ref_cache.add(object_key(ref), ref, positions, num_bytes)
+        self._stats.add(bytes_in=num_bytes)
 
     def get(self, hashes: Sequence[BlockHash]) -> list[torch.Tensor | None]:
         return self._get(hashes, [None] * len(hashes))
@@ -180,33 +140,33 @@ class RayStore(KVStore):
     ) -> list[torch.Tensor | None]:
         if not hashes:
             return []
-        entries = self._call("get", list(hashes))
-        refs = [entry[1][0] for entry in entries if entry is not None]
-        payloads = iter(self._fetch(refs))
+        found = self._locate(hashes)
+        refs = {object_key(entry.handle): entry.handle for entry in found if entry is not None}
+        stored = dict(zip(refs, self._fetch(list(refs.values())), strict=True))
         blocks: list[torch.Tensor | None] = []
-        lost: list[BlockHash] = []
-        for block_hash, entry, dest in zip(hashes, entries, out, strict=True):
-            payload = None if entry is None else next(payloads)
-            if entry is not None and payload is None:
-                lost.append(block_hash)
-            header = None if entry is None else entry[0]
-            blocks.append(self._decode(header, payload, block_hash, is_tail=False, out=dest))
+        for block_hash, entry, dest in zip(hashes, found, out, strict=True):
+            batch = None if entry is None else stored[object_key(entry.handle)]
+            if batch is None:
+                blocks.append(self._miss())
+            else:
+                blocks.append(self._decode(batch, entry.position, block_hash, dest))
+        lost = [key for key, obj in stored.items() if obj is None]
         if lost:
-            self._call("forget", lost)
+            self._forget(lost)
         return blocks
 
     def put_tail(self, request_id: str, kv: torch.Tensor) -> None:
         self.spec.check_payload(kv, is_tail=True)
-        entry = self._put_object(tail_key(request_id), kv)
-        self._call("put_tail", request_id, entry, self.tail_ttl_s)
+        ref = ray.put(pack_blocks(self._codec, [(tail_key(request_id), kv)]))
+        self._call("put_tail", request_id, [ref], self.tail_ttl_s)
         self._stats.add(bytes_in=kv.nbytes)
 
     def get_tail(self, request_id: str) -> torch.Tensor | None:
-        entry = self._call("get_tail", request_id)
-        if entry is None:
-            return self._decode(None, None, tail_key(request_id), is_tail=True, out=None)
-        payload = self._fetch([entry[1][0]])[0]
-        return self._decode(entry[0], payload, tail_key(request_id), is_tail=True, out=None)
+        ref = self._call("get_tail", request_id)
+        stored = None if ref is None else self._fetch(ref)[0]
+        if stored is None:
+            return self._miss()
+        return self._decode(stored, 0, tail_key(request_id), None, is_tail=True)
 
     def delete_tail(self, request_id: str) -> None:
         self._call("delete_tail", request_id)
@@ -218,6 +178,11 @@ class RayStore(KVStore):
         """Blocks in the index now (tests use it to check eviction)."""
         return self._call("num_blocks")
 
+    @property
+    def num_cached_refs(self) -> int:
+        """Blocks this store object can find without asking the index."""
+        return 0 if self._ref_cache is None else len(self._ref_cache)
+
     def stats(self) -> StoreStats:
         return self._stats.snapshot()
 
@@ -228,19 +193,54 @@ class RayStore(KVStore):
             return False
 
     def clear_index(self) -> None:
-        """Drops every block and tail of this fingerprint from the shared index."""
+        """Drops every block and tail of this fingerprint from the shared index,
+        and this store object's ref cache (other stores keep theirs)."""
         self._call("clear")
+        if self._ref_cache is not None:
+            self._ref_cache.clear()
 
     def close(self) -> None:
-        # The index actor is shared with other stores; only our handle goes.
+        # The index actor is shared with other stores; only our handle and refs go.
+        if self._ref_cache is not None:
+            self._ref_cache.clear()
         with self._lock:
             self._actor = None
 
-    def _put_object(self, key: BlockHash, kv: torch.Tensor) -> IndexEntry:
-        header, payload = self._codec.encode(key, kv)
-        return header, [ray.put(np.frombuffer(payload, dtype=np.uint8))]
+    def _locate(self, hashes: Sequence[BlockHash]) -> list[Located[ray.ObjectRef] | None]:
+        """Where each block is: from the ref cache, then one index call for the rest."""
+        found = self._ref_cache.locate(hashes) if self._ref_cache else [None] * len(hashes)
+        missing = [i for i, entry in enumerate(found) if entry is None]
+        if not missing:
+            return found
+        objects, locations = self._call("locate", [hashes[i] for i in missing])
+        for i, location in zip(missing, locations, strict=True):
+            if location is not None:
+                ref, object_bytes = objects[location[0]]
+                found[i] = Located(ref, location[1], object_bytes)
+        if self._ref_cache is not None:
+            self._cache_refs([(hashes[i], found[i]) for i in missing if found[i] is not None])
+        return found
 
-    def _fetch(self, refs: list[ray.ObjectRef]) -> list[np.ndarray | None]:
+    def _cache_refs(self, located: list[tuple[BlockHash, Located[ray.ObjectRef]]]) -> None:
+        """Adds what the index located to the ref cache, one entry per object."""
+        assert self._ref_cache is not None
+        entry_of: dict[ObjectKey, Located[ray.ObjectRef]] = {}
+        blocks_of: dict[ObjectKey, list[tuple[BlockHash, int]]] = {}
+        for block_hash, entry in located:
+            key = object_key(entry.handle)
+            entry_of[key] = entry
+            blocks_of.setdefault(key, []).append((block_hash, entry.position))
+        for key, blocks in blocks_of.items():
+            entry = entry_of[key]
+            self._ref_cache.add(key, entry.handle, blocks, entry.object_bytes)
+
+    def _forget(self, keys: list[ObjectKey]) -> None:
+        """Drops lost objects here and in the index."""
+        if self._ref_cache is not None:
+            self._ref_cache.forget(keys)
+        self._call("forget", keys)
+
+    def _fetch(self, refs: list[ray.ObjectRef]) -> list[object | None]:
         """The objects behind `refs`; `None` for one whose owner is gone."""
         try:
             return ray.get(refs, timeout=self.timeout_s)
@@ -263,23 +263,28 @@ class RayStore(KVStore):
 
     def _decode(
         self,
-        header: bytes | None,
-        payload: np.ndarray | None,
+        stored: object,
+        position: int,
         key: BlockHash,
-        *,
-        is_tail: bool,
         out: torch.Tensor | None,
+        *,
+        is_tail: bool = False,
     ) -> torch.Tensor | None:
-        if header is None or payload is None:
-            self._stats.add(misses=1)
-            return None
+        """Block `position` of `stored`, checked, into `out` (or a new tensor);
+        `None`, counted as corrupt, if it is not the block `key` names."""
         try:
+            header, payload = unpack_block(stored, position)
             kv = self._codec.decode_parts(header, payload, key, is_tail=is_tail, out=out)
         except BlockCodecError:
             self._stats.add(misses=1, corrupt_blocks=1)
             return None
         self._stats.add(hits=1, bytes_out=kv.nbytes)
         return kv
+
+    def _miss(self) -> None:
+        """Counts a block (or tail) that is absent or lost; returns the `None` it reads as."""
+        self._stats.add(misses=1)
+        return None
 
     def _call(self, method: str, *args: object) -> object:
         """Calls the index actor and waits at most `timeout_s`."""
@@ -296,6 +301,8 @@ class RayStore(KVStore):
         with self._lock:
             if self._actor is None:
                 self._actor = (
-                    ray.remote(BlockIndex).options(**self._actor_options).remote(*self._actor_args)
+                    ray.remote(RayBlockIndex)
+                    .options(**self._actor_options)
+                    .remote(*self._actor_args)
                 )
             return self._actor

@@ -217,22 +217,28 @@ def test_concurrent_callers(store: KVStore) -> None:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_corrupt_objects_are_counted_misses(local_ray: None) -> None:
-    import numpy as np
     import ray
 
+    from kvstore.block_batch import pack_blocks
     from kvstore.codec import BlockCodec
 
     store = open_store("ray://?namespace=test-contract", TINY_SPEC)
-    header, payload = BlockCodec(TINY_SPEC).encode(HASHES[0], make_block(0))
-    flipped = np.frombuffer(payload, dtype=np.uint8).copy()
+    codec = BlockCodec(TINY_SPEC)
+    good = pack_blocks(codec, [(HASHES[0], make_block(0))])
+    flipped = good[1].copy()
     flipped[7] ^= 1
-    entries = [
-        (HASHES[0], (header, [ray.put(flipped)])),  # payload bit flip
-        (HASHES[1], (header, [ray.put(np.frombuffer(payload, dtype=np.uint8))])),  # other hash
-        (HASHES[2], (header, [ray.put("not an array")])),
+    objects = [
+        [good[0], flipped],  # payload bit flip
+        good,  # a good block, indexed under another hash
+        "not a list of blocks",
+        [good[0][:40], good[1]],  # truncated header
+        [good[0], good[1][:-4]],  # truncated payload
+        [good[0]],  # no payload at all
     ]
-    store._call("put", entries, TINY_SPEC.nbytes)
-    assert store.get(HASHES[:3]) == [None, None, None]
-    assert store.stats() == StoreStats(misses=3, corrupt_blocks=3)
+    for block_hash, stored in zip(HASHES[:6], objects, strict=True):
+        store._call("put", [block_hash], [ray.put(stored)], TINY_SPEC.nbytes)
+    assert store.get(HASHES[:6]) == [None] * 6
+    assert store.stats() == StoreStats(misses=6, corrupt_blocks=6)
+    assert store.lookup(HASHES[:6]) == 6  # corrupt blocks stay where they are: still misses
     store.clear_index()
     store.close()

@@ -1,0 +1,148 @@
+"""What only the Ray backend does, on a real local Ray instance: a `put` is one
+object, the index evicts whole objects, and each store's ref cache answers
+without the index actor (checked by killing the actor)."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from tiny_blocks import TINY_SPEC, make_block
+
+from kvstore.hashing import hash_token_blocks
+from kvstore.ray_store import RayStore
+from kvstore.store import StoreUnavailableError
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+HASHES = hash_token_blocks(list(range(40)), TINY_SPEC.block_size, TINY_SPEC.fingerprint)
+NBYTES = TINY_SPEC.nbytes
+_namespaces = itertools.count()
+
+OpenStore = Callable[..., RayStore]
+
+
+@pytest.fixture
+def open_ray_store(local_ray: None) -> Iterator[OpenStore]:
+    """Opens stores that share an index actor of their own; kills it afterwards."""
+    import ray
+
+    namespace = f"test-ray-store-{next(_namespaces)}"
+    opened: list[RayStore] = []
+
+    def open_(**options: object) -> RayStore:
+        store = RayStore(TINY_SPEC, namespace=namespace, **options)
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        store.close()
+    if opened:
+        with contextlib.suppress(ValueError):  # the test killed it already
+            ray.kill(ray.get_actor(opened[0]._actor_name, namespace=namespace))
+
+
+def kill_index(store: RayStore) -> None:
+    """Kills the index actor and waits until it is gone (`ray.kill` does not wait)."""
+    import ray
+
+    actor = ray.get_actor(store._actor_name, namespace=store.namespace)
+    ray.kill(actor)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            ray.get(actor.ping.remote(), timeout=30)
+        except ray.exceptions.RayActorError:
+            return
+        assert time.monotonic() < deadline, "the index actor did not die"
+
+
+def blocks(first: int, count: int) -> list[tuple[bytes, torch.Tensor]]:
+    return [(HASHES[i], make_block(i)) for i in range(first, first + count)]
+
+
+def assert_blocks(got: list[torch.Tensor | None], seeds: list[int | None]) -> None:
+    assert len(got) == len(seeds)
+    for block, seed in zip(got, seeds, strict=True):
+        if seed is None:
+            assert block is None
+        else:
+            assert block is not None and torch.equal(block, make_block(seed)), seed
+
+
+def test_a_put_is_one_object_and_any_subset_reads_back(open_ray_store: OpenStore) -> None:
+    writer, reader = open_ray_store(), open_ray_store(ref_cache_bytes=0)
+    writer.put(blocks(0, 5))
+    objects, locations = writer._call("locate", HASHES[:5])
+    assert len(objects) == 1 and objects[0][1] == 5 * NBYTES
+    assert locations == [(0, i) for i in range(5)]
+    assert_blocks(reader.get([HASHES[3], HASHES[9], HASHES[1]]), [3, None, 1])
+    assert reader.num_cached_refs == 0
+
+
+def test_the_writer_reads_its_own_blocks_without_the_index(open_ray_store: OpenStore) -> None:
+    writer = open_ray_store()
+    writer.put(blocks(0, 3))
+    assert writer.num_cached_refs == 3
+    kill_index(writer)
+    assert writer.lookup(HASHES[:3]) == 3
+    assert_blocks(writer.get(HASHES[:3]), [0, 1, 2])
+    with pytest.raises(StoreUnavailableError):
+        writer.lookup(HASHES[:4])  # the fourth block needs the (dead) index
+    # The index comes back empty: a store without refs of its own finds nothing.
+    assert_blocks(open_ray_store(ref_cache_bytes=0).get(HASHES[:3]), [None] * 3)
+
+
+def test_a_reader_caches_the_refs_it_located(open_ray_store: OpenStore) -> None:
+    writer, reader = open_ray_store(ref_cache_bytes=0), open_ray_store()
+    writer.put(blocks(0, 4))
+    assert_blocks(reader.get([HASHES[2], HASHES[0]]), [2, 0])
+    assert reader.num_cached_refs == 2  # only the blocks it asked for
+    kill_index(writer)
+    assert_blocks(reader.get([HASHES[0], HASHES[2]]), [0, 2])
+    assert reader.stats().hits == 4
+
+
+def test_the_ref_cache_budget_bounds_what_a_store_pins(open_ray_store: OpenStore) -> None:
+    writer = open_ray_store(ref_cache_bytes=2 * NBYTES)
+    for i in range(3):
+        writer.put(blocks(i, 1))
+    assert writer.num_cached_refs == 2
+    assert writer.num_blocks() == 3
+    kill_index(writer)
+    # Only the two newest objects are still reachable without the index.
+    assert writer.lookup(HASHES[1:3]) == 2
+    with pytest.raises(StoreUnavailableError):
+        writer.get(HASHES[:1])
+
+
+def test_the_index_evicts_whole_objects(open_ray_store: OpenStore) -> None:
+    writer = open_ray_store(budget_bytes=3 * NBYTES, ref_cache_bytes=0)
+    writer.put(blocks(0, 2))
+    writer.put(blocks(2, 2))  # 4 blocks > budget: the first object goes, both its blocks
+    assert writer.num_blocks() == 2
+    assert writer.lookup(HASHES[:4]) == 0
+    assert writer.lookup(HASHES[2:4]) == 2
+    assert_blocks(writer.get(HASHES[:4]), [None, None, 2, 3])
+
+
+def test_a_pinned_block_outlives_its_eviction_for_its_writer_only(
+    open_ray_store: OpenStore,
+) -> None:
+    writer = open_ray_store(budget_bytes=3 * NBYTES)
+    writer.put(blocks(0, 2))
+    writer.put(blocks(2, 2))
+    other = open_ray_store(ref_cache_bytes=0)
+    assert other.lookup(HASHES[:4]) == 0
+    assert writer.lookup(HASHES[:4]) == 4
+    assert_blocks(writer.get(HASHES[:2]), [0, 1])
+
+
+def test_bad_ref_cache_budget_is_refused(local_ray: None) -> None:
+    with pytest.raises(ValueError, match="ref_cache_bytes"):
+        RayStore(TINY_SPEC, namespace="test-ray-store-bad", ref_cache_bytes=-1)
