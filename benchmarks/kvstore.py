@@ -7,26 +7,33 @@ Blocks have the `dummy:135m` shape (30 layers, 3 KV heads, head_dim 64, block 16
 float32: 720 KiB each). Each side does, per batch of `--batch` blocks:
 
 - ours put: `KVStore.put` (codec header, xxh3 checksum; Redis: one pipeline of
-  SET EX sent with no copy; Ray: one `ray.put` per block, one index-actor call).
+  SET EX sent with no copy; Ray: one `ray.put` of the whole batch as one object,
+  one index-actor call).
 - ours get: `KVStore.get_into` preallocated tensors (Redis: one GETEX pipeline
-  received past hiredis; Ray: one index-actor call, one `ray.get` of the refs),
-  every header and checksum verified before the block is copied into its tensor.
+  received past hiredis; Ray: the refs from the store's ref cache, which its own
+  put filled, and one `ray.get`), every header and checksum verified before the
+  block is copied into its tensor.
+- ours cold get (Ray): a second store object with no ref cache reads blocks the
+  first one put: one index-actor call per batch turns the hashes into refs, as
+  for any reader that holds no refs of its own.
 - raw redis: redis-py pipelined SET EX / GET of `bytes` (hiredis), nothing checked,
   values left as `bytes`.
 - raw ray: `ray.put` of uint8 arrays, `ray.get` of the refs (already in hand):
   read-only views of shared memory, not a byte moved. "raw+copy" also copies each
   array into preallocated memory, the least a KV consumer must do (it needs the
   block in its own pool, writable): the Ray goal is measured against raw+copy.
+  "list+copy" puts each batch's arrays as one list, one object, as ours does.
 
 Both sides run in the same process against the same server; runs are interleaved
 and each number is the best of `--repeats` (the machine is shared, so the best run
-is the least disturbed one). For Ray, a last line splits a batch's time into what
+is the least disturbed one), after `--warmups` untimed rounds. For Ray, a last line splits a batch's time into what
 ours adds: the index round trip and the checksum.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import shutil
 import socket
 import subprocess
@@ -71,19 +78,45 @@ class Workload:
     """Verifies what the last `get_all` read (run once, after the timed runs)."""
 
 
-def measure(workloads: list[Workload], num_repeats: int) -> list[Throughput]:
-    """Best-of-`num_repeats` throughput of each workload, runs interleaved.
+def pin_malloc_thresholds() -> bool:
+    """Fixes glibc's mmap and trim thresholds for the run; returns whether it could.
+
+    By default glibc serves a 720 KiB allocation with a fresh `mmap` until it
+    has seen one freed, and gives memory back to the kernel whenever the top of
+    the heap is free, so a client that allocates a `bytes` per value (redis-py's
+    raw GET) keeps faulting in new pages: raw Redis reads ran at ~1 GB/s or
+    ~3 GB/s depending only on what the process had allocated before. Pinning the
+    thresholds takes the allocator out of the comparison (it can only speed the
+    raw clients up; ours receives into memory it already has).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 256 << 20)) and bool(
+        libc.mallopt(m_trim_threshold, 1 << 30)
+    )
+
+
+def measure(workloads: list[Workload], num_repeats: int, num_warmups: int) -> list[Throughput]:
+    """Best-of-`num_repeats` throughput of each workload, runs interleaved, after
+    `num_warmups` untimed rounds.
 
     Interleaving (ours put, raw put, ours get, raw get, again...) exposes every
-    client to the same background load, which matters on a shared machine.
+    client to the same background load, which matters on a shared machine. The
+    warm-up rounds take the first touch of memory out of the numbers: a server's
+    or object store's fresh pages and the destination tensors fault in at a
+    fraction of copy speed (~0.4 GB/s here, whatever the client).
     """
     best_put_s = [float("inf")] * len(workloads)
     best_get_s = [float("inf")] * len(workloads)
-    for _ in range(num_repeats):
-        for i, workload in enumerate(workloads):
-            best_put_s[i] = min(best_put_s[i], _timed(workload.put_all))
-        for i, workload in enumerate(workloads):
-            best_get_s[i] = min(best_get_s[i], _timed(workload.get_all))
+    for round_index in range(num_warmups + num_repeats):
+        put_s = [_timed(workload.put_all) for workload in workloads]
+        get_s = [_timed(workload.get_all) for workload in workloads]
+        if round_index >= num_warmups:
+            best_put_s = [min(a, b) for a, b in zip(best_put_s, put_s, strict=True)]
+            best_get_s = [min(a, b) for a, b in zip(best_get_s, get_s, strict=True)]
     for workload in workloads:
         if workload.check is not None:
             workload.check()
@@ -104,9 +137,15 @@ def batches(num_items: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(start + batch_size, num_items))
 
 
-def store_workload(store: KVStore, num_blocks: int, batch_size: int) -> Workload:
+def store_workload(
+    store: KVStore, num_blocks: int, batch_size: int, reader: KVStore | None = None
+) -> Workload:
+    """`store` puts the blocks; `reader` (default: `store` itself) gets them. Each
+    reader gets blocks of its own (other token ids), so workloads never share one."""
     spec = store.spec
-    tokens = list(range(num_blocks * spec.block_size))
+    first_token = 0 if reader is None else 10**6
+    reader = reader or store
+    tokens = list(range(first_token, first_token + num_blocks * spec.block_size))
     hashes = hash_token_blocks(tokens, spec.block_size, spec.fingerprint)
     blocks = [torch.randn(spec.shape, dtype=spec.dtype) for _ in range(num_blocks)]
     out = [torch.empty(spec.shape, dtype=spec.dtype) for _ in range(num_blocks)]
@@ -117,7 +156,7 @@ def store_workload(store: KVStore, num_blocks: int, batch_size: int) -> Workload
 
     def get_all() -> None:
         for part in batches(num_blocks, batch_size):
-            found = store.get_into(hashes[part], out[part])
+            found = reader.get_into(hashes[part], out[part])
             assert all(found), "a block was missing: is the server's memory large enough?"
 
     def check() -> None:
@@ -150,9 +189,13 @@ def raw_redis_workload(url: str, num_blocks: int, nbytes: int, batch_size: int) 
     return Workload(put_all, get_all, num_blocks * nbytes)
 
 
-def raw_ray_workload(num_blocks: int, nbytes: int, batch_size: int, is_copied: bool) -> Workload:
-    """`ray.put`/`ray.get` of numpy arrays; with `is_copied`, each array got is also
-    copied into preallocated memory, as any consumer of KV blocks must do."""
+def raw_ray_workload(
+    num_blocks: int, nbytes: int, batch_size: int, is_copied: bool, is_listed: bool = False
+) -> Workload:
+    """`ray.put`/`ray.get` of numpy arrays, one object per array; with
+    `is_listed`, one object per batch (a list of its arrays). With `is_copied`,
+    each array got is also copied into preallocated memory, as any consumer of KV
+    blocks must do."""
     import ray
 
     arrays = [np.random.randint(0, 255, nbytes, dtype=np.uint8) for _ in range(num_blocks)]
@@ -162,11 +205,14 @@ def raw_ray_workload(num_blocks: int, nbytes: int, batch_size: int, is_copied: b
     def put_all() -> None:
         refs.clear()
         for part in batches(num_blocks, batch_size):
-            refs.extend(ray.put(array) for array in arrays[part])
+            if is_listed:
+                refs.append(ray.put(arrays[part]))
+            else:
+                refs.extend(ray.put(array) for array in arrays[part])
 
     def get_all() -> None:
-        for part in batches(num_blocks, batch_size):
-            got = ray.get(refs[part])
+        for i, part in enumerate(batches(num_blocks, batch_size)):
+            got = ray.get(refs[i]) if is_listed else ray.get(refs[part])
             if is_copied:
                 for dest, array in zip(out[part], got, strict=True):
                     np.copyto(dest, array)
@@ -215,12 +261,18 @@ def report(name: str, ours: Throughput, raw: Throughput | None, raw_name: str = 
 
 
 def report_overheads(
-    store: RayStore, ours: Throughput, raw: Throughput, num_blocks: int, batch_size: int
+    store: RayStore,
+    ours: Throughput,
+    cold: Throughput,
+    raw: Throughput,
+    num_blocks: int,
+    batch_size: int,
 ) -> None:
-    """Per-batch milliseconds of what `ours` adds to `raw+copy` on a get: the index
-    actor's round trip bare (`lookup`, no refs in the reply) and as `get` makes it
-    (16 `ObjectRef`s in the reply: Ray's per-ref bookkeeping), and the xxh3 checksum
-    every read verifies. Best of 5 passes over all batches."""
+    """Per-batch milliseconds of each side, and of what ours adds to `raw+copy`:
+    the index actor's round trip bare (`lookup`, no refs in the reply) and as a
+    cold get makes it (`locate`: the batch's one `ObjectRef` in the reply), which
+    a get served by the ref cache skips, and the xxh3 checksum every read
+    verifies. Best of 5 passes over all batches."""
     spec = store.spec
     tokens = list(range(num_blocks * spec.block_size))
     hashes = hash_token_blocks(tokens, spec.block_size, spec.fingerprint)
@@ -231,13 +283,14 @@ def report_overheads(
         best_s = min(_timed(lambda: [run(part) for part in parts]) for _ in range(5))
         return best_s / len(parts) * 1e3
 
-    lookup_ms = per_batch_ms(lambda part: store.lookup(hashes[part]))
-    # Diagnostic only: the index call `RayStore.get` makes, without the ray.get after it.
-    index_get_ms = per_batch_ms(lambda part: store._call("get", hashes[part]))
+    lookup_ms = per_batch_ms(lambda part: store._call("lookup", hashes[part]))
+    # Diagnostic only: the index call a cold `RayStore.get` makes, without the ray.get after it.
+    index_get_ms = per_batch_ms(lambda part: store._call("locate", hashes[part]))
     checksum_ms = per_batch_ms(lambda _: [xxhash.xxh3_64_intdigest(p) for p in payloads])
     batch_bytes = batch_size * spec.nbytes
     print(
         f"per batch of {batch_size}: get ours {batch_bytes / ours.get_gbps / 1e6:.2f} ms, "
+        f"cold {batch_bytes / cold.get_gbps / 1e6:.2f} ms, "
         f"raw+copy {batch_bytes / raw.get_gbps / 1e6:.2f} ms | "
         f"put ours {batch_bytes / ours.put_gbps / 1e6:.2f} ms, "
         f"raw {batch_bytes / raw.put_gbps / 1e6:.2f} ms | index round trip: bare "
@@ -252,19 +305,24 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=256, help="MiB moved each way (default 256)")
     parser.add_argument("--batch", type=int, default=16, help="blocks per call (default 16)")
     parser.add_argument("--repeats", type=int, default=5, help="runs per number (best kept)")
+    parser.add_argument("--warmups", type=int, default=2, help="untimed rounds first (default 2)")
     args = parser.parse_args()
 
     spec = SPEC_135M
     num_blocks = max(1, args.mib * 2**20 // spec.nbytes)
+    if not pin_malloc_thresholds():
+        print("note: glibc's malloc thresholds could not be pinned; raw Redis may read slower")
     print(
         f"{num_blocks} blocks of {spec.nbytes / 2**10:.0f} KiB ({num_blocks * spec.nbytes / 2**20:.0f} MiB)"
-        f" each way, batch {args.batch}, best of {args.repeats}"
+        f" each way, batch {args.batch}, best of {args.repeats} after {args.warmups} warm-ups"
     )
     backends = ["memory", "redis", "ray"] if args.backend == "all" else [args.backend]
     for backend in backends:
         if backend == "memory":
             store = open_store("memory", spec, budget_bytes=2 * num_blocks * spec.nbytes)
-            (ours,) = measure([store_workload(store, num_blocks, args.batch)], args.repeats)
+            (ours,) = measure(
+                [store_workload(store, num_blocks, args.batch)], args.repeats, args.warmups
+            )
             report("memory", ours, None)
         elif backend == "redis":
             with own_redis_server() if args.url is None else _given(args.url) as url:
@@ -275,6 +333,7 @@ def main() -> None:
                         raw_redis_workload(url, num_blocks, spec.nbytes, args.batch),
                     ],
                     args.repeats,
+                    args.warmups,
                 )
                 store.close()
                 report("redis", ours, raw)
@@ -286,17 +345,26 @@ def main() -> None:
             ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
             budget_bytes = 4 * num_blocks * spec.nbytes
             store = RayStore(spec, namespace="kvbench", budget_bytes=budget_bytes)
-            ours, raw, raw_copied = measure(
+            # A reader that has no refs of its own: every get asks the index.
+            cold_reader = RayStore(spec, namespace="kvbench", ref_cache_bytes=0)
+            ours, cold, raw, raw_copied, listed_copied = measure(
                 [
                     store_workload(store, num_blocks, args.batch),
+                    store_workload(store, num_blocks, args.batch, reader=cold_reader),
                     raw_ray_workload(num_blocks, spec.nbytes, args.batch, is_copied=False),
                     raw_ray_workload(num_blocks, spec.nbytes, args.batch, is_copied=True),
+                    raw_ray_workload(
+                        num_blocks, spec.nbytes, args.batch, is_copied=True, is_listed=True
+                    ),
                 ],
                 args.repeats,
+                args.warmups,
             )
             report("ray", ours, raw)
             report("ray", ours, raw_copied, raw_name="raw+copy")
-            report_overheads(store, ours, raw_copied, num_blocks, args.batch)
+            report("ray", ours, listed_copied, raw_name="list+copy")
+            report("ray cold", cold, raw_copied, raw_name="raw+copy")
+            report_overheads(store, ours, cold, raw_copied, num_blocks, args.batch)
             ray.shutdown()
 
 
