@@ -4,6 +4,7 @@ real Prometheus. Every process is stopped by its fixture's finalizer."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,16 @@ from tests.kvstore.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS_IMG = ROOT / "docs" / "img"
+
+
+@pytest.fixture
+def screenshot_dir(tmp_path: Path) -> Path:
+    """Where the browser tests save their screenshots: `docs/img/` (which the
+    README shows) when `KVRELAY_UPDATE_SCREENSHOTS=1`, else the test's own
+    temporary directory, so a test run leaves the checkout as it found it."""
+    if os.environ.get("KVRELAY_UPDATE_SCREENSHOTS") == "1":
+        return DOCS_IMG
+    return tmp_path
 
 
 @pytest.fixture(scope="session")
