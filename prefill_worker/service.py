@@ -21,8 +21,9 @@ from model.loader import LoadedModel, available_cores, load_model, parse_dtype
 from model.sampling import finish_reason
 from prefill_worker.config import PrefillConfig
 from prefill_worker.engine import PrefillCancelled, PrefillEngine, PrefillJob
+from prefill_worker.handoff import TailHandoff
 from prefill_worker.inflight_prefixes import InflightPrefixes
-from prefill_worker.store_io import load_cached_prefix, publish_prompt_kv
+from prefill_worker.store_io import load_cached_prefix
 from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
 from rpc.sampling_proto import finish_reason_to_proto, sampling_from_proto
@@ -53,6 +54,7 @@ class PrefillServicer(wgrpc.PrefillWorkerServicer):
         self.enable_prefix_cache = enable_prefix_cache
         self.inflight = InflightPrefixes()
         self.store = store
+        self.handoff = TailHandoff(store)
         self.block_size = store.spec.block_size
         self.metrics = metrics
         metrics.report(self.snapshot)
@@ -104,14 +106,8 @@ class PrefillServicer(wgrpc.PrefillWorkerServicer):
                     put_span.set_attribute(names.NUM_BLOCKS, len(hashes) - num_present)
                     started = time.perf_counter()
                     try:
-                        await asyncio.to_thread(
-                            publish_prompt_kv,
-                            self.store,
-                            request.request_id,
-                            hashes,
-                            output.kv,
-                            num_present,
-                            finished is None,
+                        await self.handoff.publish(
+                            request.request_id, hashes, output.kv, num_present, finished is None
                         )
                     except StoreUnavailableError as err:
                         await context.abort(

@@ -293,6 +293,11 @@ class RequestRelay:
                 if err.code() == grpc.StatusCode.UNAVAILABLE:
                     continue  # the worker is gone: fail over to another one
                 raise RelayError(err.code(), f"prefill failed: {err.details()}") from err
+            except asyncio.CancelledError:
+                # The worker may have put the tail before the cancel reached it (its
+                # answer in flight): no decode worker will take it now.
+                self._release_tail(handle, req.request_id)
+                raise
             finally:
                 entry.num_inflight -= 1
             self.cluster.policy.on_prefilled(entry, req.block_hashes)
