@@ -29,6 +29,8 @@ BlockLocation = tuple[ObjectKey, int]
 class Located(NamedTuple, Generic[H]):
     """Where `locate` found a block."""
 
+    key: ObjectKey
+    """The key of the object that holds the block."""
     handle: H
     """The handle of the object that holds the block."""
     position: int
@@ -42,13 +44,14 @@ class ObjectIndex(Generic[H]):
 
     - `add` is idempotent per block: a block already indexed keeps its first
       location (concurrent writers of one prefix do not keep replacing each
-      other's objects). An object that brings no new block is not kept at all,
-      so its handle is dropped and its memory freed.
-    - Evicting an object unindexes every block it holds. `locate` counts as a use
-      of the objects it names; `num_leading`, like a prefix probe, does not.
+      other's objects). An object that brings no new block is not kept, so
+      the index drops its handle.
+    - Evicting an object unindexes every block it holds. `locate`, `touch` and
+      `add` of a known object count as a use of the objects they name;
+      `num_leading`, like a prefix probe, does not.
     - An object larger than the whole budget is not indexed.
 
-    Thread-safe: every method holds one lock.
+    Thread-safe: one lock guards the three maps together.
     """
 
     def __init__(self, budget_bytes: int) -> None:
@@ -64,6 +67,10 @@ class ObjectIndex(Generic[H]):
             return len(self._blocks)
 
     @property
+    def budget_bytes(self) -> int:
+        return self._objects.budget_bytes
+
+    @property
     def num_objects(self) -> int:
         with self._lock:
             return len(self._hashes_of)
@@ -71,7 +78,8 @@ class ObjectIndex(Generic[H]):
     @property
     def num_bytes(self) -> int:
         """Bytes of the objects indexed now (at most the budget)."""
-        return self._objects.num_bytes
+        with self._lock:
+            return self._objects.num_bytes
 
     def num_leading(self, hashes: Sequence[BlockHash]) -> int:
         """How many leading `hashes` are indexed. Mutates nothing."""
@@ -89,21 +97,34 @@ class ObjectIndex(Generic[H]):
         num_bytes: int,
     ) -> list[ObjectKey]:
         """Indexes `blocks` (hash, position) of the object `key` of `num_bytes`;
-        returns the keys of the objects evicted to make room. Adding a key that
-        is indexed already changes nothing."""
+        returns the keys of the objects evicted to make room.
+
+        For an object indexed already, indexes those of `blocks` that are new
+        (a reader learning more of an object it holds) and counts as a use.
+        """
         with self._lock:
-            if key in self._hashes_of or num_bytes > self._objects.budget_bytes:
+            if key in self._hashes_of:
+                self._objects.get(key)  # a use: now the most recent
+                self._index(key, blocks)
                 return []
-            new_hashes = {h: i for h, i in blocks if h not in self._blocks}
-            if not new_hashes:
+            if num_bytes > self._objects.budget_bytes:
+                return []
+            if all(block_hash in self._blocks for block_hash, _ in blocks):
                 return []
             evicted = self._objects.put(key, (handle, num_bytes), num_bytes)
             for evicted_key in evicted:
                 self._unindex(evicted_key)
-            for block_hash, position in new_hashes.items():
-                self._blocks[block_hash] = (key, position)
-            self._hashes_of[key] = list(new_hashes)
+            # After the eviction: a block the evicted objects held, which this one
+            # holds too, is now found here.
+            self._hashes_of[key] = []
+            self._index(key, blocks)
             return evicted
+
+    def touch(self, keys: Sequence[ObjectKey]) -> None:
+        """Counts objects as used (read through a handle held elsewhere)."""
+        with self._lock:
+            for key in keys:
+                self._objects.get(key)
 
     def locate(self, hashes: Sequence[BlockHash]) -> list[Located[H] | None]:
         """Where each block is, `None` for one that is not indexed."""
@@ -115,7 +136,7 @@ class ObjectIndex(Generic[H]):
                 if stored is None:
                     found.append(None)
                 else:
-                    found.append(Located(stored[0], location[1], stored[1]))
+                    found.append(Located(location[0], stored[0], location[1], stored[1]))
             return found
 
     def forget(self, keys: Sequence[ObjectKey]) -> None:
@@ -133,7 +154,14 @@ class ObjectIndex(Generic[H]):
 
     def lru_order(self) -> list[ObjectKey]:
         """Object keys from least to most recently used (a copy)."""
-        return self._objects.lru_order()
+        with self._lock:
+            return self._objects.lru_order()
+
+    def _index(self, key: ObjectKey, blocks: Sequence[tuple[BlockHash, int]]) -> None:
+        for block_hash, position in blocks:
+            if block_hash not in self._blocks:
+                self._blocks[block_hash] = (key, position)
+                self._hashes_of[key].append(block_hash)
 
     def _unindex(self, key: ObjectKey) -> None:
         for block_hash in self._hashes_of.pop(key, []):
