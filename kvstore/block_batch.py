@@ -23,7 +23,9 @@ from kvstore.codec import HEADER_LEN, BlockCodec, BlockCodecError
 from kvstore.hashing import BlockHash
 
 
-def pack_blocks(codec: BlockCodec, blocks: Sequence[tuple[BlockHash, torch.Tensor]]) -> list:
+def pack_blocks(
+    codec: BlockCodec, blocks: Sequence[tuple[BlockHash, torch.Tensor]]
+) -> list[object]:
     """The object that holds `blocks`: their headers, then a view of each payload.
 
     The views alias the tensors: store the object before the tensors change.

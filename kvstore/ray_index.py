@@ -6,14 +6,15 @@ Ray; `RayStore` runs it with `ray.remote(RayBlockIndex)`.
 
 The actor holds the `ObjectRef` of every indexed object: that reference is what
 keeps the object alive after its writer dropped its own, and dropping it (when
-the byte budget evicts the object) is what frees it. Refs travel to and from the
-actor inside lists, so Ray passes the refs themselves instead of resolving them.
+the byte budget evicts the object) is what frees it, once no ref cache holds it
+either. Refs travel to and from the actor inside other values (a `StoredBatch`,
+a one-element list), so Ray passes the refs themselves instead of resolving them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from kvstore.hashing import BlockHash
 from kvstore.object_index import Located, ObjectIndex, ObjectKey
@@ -21,6 +22,18 @@ from kvstore.tail_table import ExpiringTable
 
 ObjectRef = Any
 """A `ray.ObjectRef` (typed loosely so this module does not import ray)."""
+
+
+class StoredBatch(NamedTuple):
+    """One object a `put` stored, as the index learns of it."""
+
+    hashes: list[BlockHash]
+    """The hash of each block in the object, in order."""
+    ref: ObjectRef
+    """The object's `ObjectRef`."""
+    num_bytes: int
+    """The object's size (its blocks' payloads)."""
+
 
 LocatedObjects = tuple[list[tuple[ObjectRef, int]], list[tuple[int, int] | None]]
 """A `locate` reply: the distinct objects found, each `(ref, object bytes)`, and
@@ -43,17 +56,20 @@ def group_by_object(found: Sequence[Located[ObjectRef] | None]) -> LocatedObject
         if entry is None:
             locations.append(None)
             continue
-        key = object_key(entry.handle)
-        if key not in slot_of:
-            slot_of[key] = len(objects)
+        if entry.key not in slot_of:
+            slot_of[entry.key] = len(objects)
             objects.append((entry.handle, entry.object_bytes))
-        locations.append((slot_of[key], entry.position))
+        locations.append((slot_of[entry.key], entry.position))
     return objects, locations
 
 
 class RayBlockIndex:
     """The index actor's state: blocks within a byte budget over their objects,
-    and request tails (one single-block object each) that expire by themselves."""
+    and request tails (one single-block object each) that expire by themselves.
+
+    `touched` (on `lookup`, `put`, `locate`) names objects the caller read
+    through refs of its own since its last call: they count as used here too.
+    """
 
     def __init__(self, budget_bytes: int, tail_ttl_s: float) -> None:
         self._objects: ObjectIndex[ObjectRef] = ObjectIndex(budget_bytes)
@@ -62,26 +78,33 @@ class RayBlockIndex:
     def ping(self) -> bool:
         return True
 
-    def lookup(self, hashes: Sequence[BlockHash]) -> int:
+    def lookup(self, hashes: Sequence[BlockHash], touched: Sequence[ObjectKey] = ()) -> int:
+        self._objects.touch(touched)
         return self._objects.num_leading(hashes)
 
-    def put(self, hashes: Sequence[BlockHash], ref: list[ObjectRef], num_bytes: int) -> None:
-        """Indexes one object of `num_bytes` (`ref` is `[ObjectRef]`) whose block
-        `i` is `hashes[i]`."""
-        blocks = [(block_hash, i) for i, block_hash in enumerate(hashes)]
-        self._objects.add(object_key(ref[0]), ref[0], blocks, num_bytes)
+    def put(self, batches: Sequence[StoredBatch], touched: Sequence[ObjectKey] = ()) -> None:
+        """Indexes the objects of one `put`, in order."""
+        self._objects.touch(touched)
+        for batch in batches:
+            blocks = [(block_hash, i) for i, block_hash in enumerate(batch.hashes)]
+            self._objects.add(object_key(batch.ref), batch.ref, blocks, batch.num_bytes)
 
-    def locate(self, hashes: Sequence[BlockHash]) -> LocatedObjects:
+    def locate(
+        self, hashes: Sequence[BlockHash], touched: Sequence[ObjectKey] = ()
+    ) -> LocatedObjects:
+        self._objects.touch(touched)
         return group_by_object(self._objects.locate(hashes))
 
     def forget(self, keys: Sequence[ObjectKey]) -> None:
-        """Drops objects a reader found lost (their writer is gone)."""
+        """Drops objects a reader found lost (their writer is gone) or corrupt."""
         self._objects.forget(keys)
 
-    def put_tail(self, request_id: str, ref: list[ObjectRef], ttl_s: float) -> None:
-        self._tails.put(request_id, ref[0], ttl_s)
+    def put_tail(self, request_id: str, boxed_ref: list[ObjectRef], ttl_s: float) -> None:
+        """Stores a tail's object (`boxed_ref` is `[ObjectRef]`)."""
+        self._tails.put(request_id, boxed_ref[0], ttl_s)
 
     def get_tail(self, request_id: str) -> list[ObjectRef] | None:
+        """The tail's object as `[ObjectRef]`, or `None`."""
         ref = self._tails.get(request_id)
         return None if ref is None else [ref]
 

@@ -1,35 +1,30 @@
 """`ray`: blocks in the Ray object store, indexed by one named actor per model.
 
-Each `put` is one object holding the whole batch (`kvstore.block_batch`: why,
-and its layout). `ray.get` on the same node returns the payloads as zero-copy
-views of shared memory; the codec checks each header and checksum before the
-block is copied into the caller's tensor.
-
-References: the index actor (`kvstore.ray_index`) holds the ref of every
-indexed object; its byte budget evicts whole objects. Each store object also
-keeps a ref cache, an `ObjectIndex` of the objects it put or located, with a
-byte budget of its own (`ref_cache_bytes`): a `get` or `lookup` of blocks found
-there makes no actor call (a prefill worker re-reading a prefix it wrote, a
-worker reading a shared system prompt again). The price is memory: a cached ref
-keeps its object alive after the index has evicted it, so the object store
-holds at most `budget_bytes` plus every store's `ref_cache_bytes`.
-`ref_cache_bytes=0` turns the cache off.
+A `put` stores its blocks as few objects as it can (`kvstore.block_batch`: why,
+and the layout), at most `MAX_OBJECT_BYTES` each, and tells the index actor
+(`kvstore.ray_index`) in one call. `ray.get` on the same node returns the
+payloads as zero-copy views of shared memory; the codec checks each header and
+checksum before the block is copied into the caller's tensor. Each store object
+also holds the refs of what it put and located (`kvstore.ray_ref_cache`), so a
+repeated `get` needs no actor call.
 
 Lifetime: Ray >= 2.56 removed `ray.put(_owner=...)`, so every object is owned by
 the process that put it and is lost when that process exits, whatever the index
 says. A lost object is found on `get` (Ray raises `ObjectLostError` or
 `OwnerDiedError`); its blocks count as misses and both the index and the ref
-cache drop it. `lookup` can count such blocks as present until then. Blocks
+cache drop it (as they drop an object with a corrupt block, so that the next put
+replaces it). `lookup` can count such blocks as present until then. Blocks
 written by a long-lived worker therefore live as long as that worker.
 
 Objects hold only `bytes` and uint8 numpy arrays; Ray's own serialization
 carries them, and the codec checks every header and payload on the way out.
-Cross-node, `ray.get` pulls a whole batch object to the reader's node, even to
-read one of its blocks; readers take a prompt's blocks together, so they use it.
+Cross-node, `ray.get` pulls a whole object to the reader's node, even to read one
+of its blocks: `MAX_OBJECT_BYTES` bounds what such a read moves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 
@@ -40,8 +35,9 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from kvstore.block_batch import pack_blocks, unpack_block
 from kvstore.codec import BlockCodec, BlockCodecError, tail_key
 from kvstore.hashing import BlockHash
-from kvstore.object_index import Located, ObjectIndex, ObjectKey
-from kvstore.ray_index import RayBlockIndex, object_key
+from kvstore.object_index import Located, ObjectKey
+from kvstore.ray_index import RayBlockIndex, StoredBatch, object_key
+from kvstore.ray_ref_cache import RefCache
 from kvstore.spec import BlockSpec
 from kvstore.stats import StatsRecorder, StoreStats
 from kvstore.store import KVStore, StoreUnavailableError
@@ -51,6 +47,10 @@ DEFAULT_BUDGET_BYTES = 4 << 30
 DEFAULT_REF_CACHE_BYTES = 512 << 20
 DEFAULT_TAIL_TTL_S = 60.0
 DEFAULT_TIMEOUT_S = 10.0
+# Objects of at most 64 MiB: big enough that Ray's cost per object (~0.5 ms) is a
+# few percent of copying it, small enough that eviction and a cross-node read of
+# one prefix do not move a whole long prompt.
+MAX_OBJECT_BYTES = 64 << 20
 
 
 class RayStore(KVStore):
@@ -63,11 +63,11 @@ class RayStore(KVStore):
     a non-detached actor dies with the handles of the process that created it,
     which would wipe the index shared by every worker when one of them stops.
     `budget_bytes` is the index's byte budget, fixed by whoever creates the actor;
-    `ref_cache_bytes` bounds this store object's ref cache (module docstring);
-    `tail_ttl_s` applies to the tails this store object writes. Every Ray call is
-    bounded by `timeout_s`; a timeout or a dead actor raises
-    `StoreUnavailableError`, and the next call looks the actor up again (a
-    restarted index starts empty). Thread-safe.
+    `ref_cache_bytes` bounds the objects this store object keeps alive itself
+    (0: none); `tail_ttl_s` applies to the tails this store object writes. Every
+    Ray call is bounded by `timeout_s`; a timeout, a dead actor or a full object
+    store raises `StoreUnavailableError`, and the next call looks the actor up
+    again (a restarted index starts empty). Thread-safe.
     """
 
     def __init__(
@@ -82,8 +82,7 @@ class RayStore(KVStore):
         is_detached: bool = True,
     ) -> None:
         super().__init__(spec)
-        if ref_cache_bytes < 0:
-            raise ValueError(f"ref_cache_bytes must be >= 0, got {ref_cache_bytes}")
+        self._ref_cache: RefCache[ray.ObjectRef] = RefCache(ref_cache_bytes)
         if not ray.is_initialized():
             ray.init()
         self.namespace = namespace
@@ -98,34 +97,33 @@ class RayStore(KVStore):
             "lifetime": "detached" if is_detached else None,
         }
         self._actor_args = (budget_bytes, DEFAULT_TAIL_TTL_S)
+        self._blocks_per_object = max(1, min(MAX_OBJECT_BYTES, budget_bytes) // spec.nbytes)
         self._codec = BlockCodec(spec)
-        self._ref_cache: ObjectIndex[ray.ObjectRef] | None = (
-            ObjectIndex(ref_cache_bytes) if ref_cache_bytes else None
-        )
         self._stats = StatsRecorder()
         self._lock = threading.Lock()
         self._actor: ray.actor.ActorHandle | None = None
 
     def lookup(self, hashes: Sequence[BlockHash]) -> int:
-        num_cached = self._ref_cache.num_leading(hashes) if self._ref_cache else 0
-        if num_cached == len(hashes):
-            return num_cached
-        return num_cached + self._call("lookup", list(hashes[num_cached:]))
+        if not hashes:
+            return 0
+        return self._call("lookup", list(hashes), self._ref_cache.take_touched())
 
     def put(self, blocks: Sequence[tuple[BlockHash, torch.Tensor]]) -> None:
         for _, kv in blocks:
             self.spec.check_payload(kv)
-        if not blocks:
+        batches = []
+        for start in range(0, len(blocks), self._blocks_per_object):
+            part = blocks[start : start + self._blocks_per_object]
+            ref = self._put_object(pack_blocks(self._codec, part))
+            batches.append(StoredBatch([h for h, _ in part], ref, len(part) * self.spec.nbytes))
+        if not batches:
             return
-        hashes = [block_hash for block_hash, _ in blocks]
-        num_bytes = len(blocks) * self.spec.nbytes
-        ref = ray.put(pack_blocks(self._codec, blocks))
         # Synchronous, so that a put is visible to every reader when it returns.
-        self._call("put", hashes, [ref], num_bytes)
-        if self._ref_cache is not None:
-            positions = [(block_hash, i) for i, block_hash in enumerate(hashes)]
-            self._ref_cache.add(object_key(ref), ref, positions, num_bytes)
-        self._stats.add(bytes_in=num_bytes)
+        self._call("put", batches, self._ref_cache.take_touched())
+        for batch in batches:
+            positions = [(block_hash, i) for i, block_hash in enumerate(batch.hashes)]
+            self._ref_cache.add(object_key(batch.ref), batch.ref, positions, batch.num_bytes)
+        self._stats.add(bytes_in=len(blocks) * self.spec.nbytes)
 
     def get(self, hashes: Sequence[BlockHash]) -> list[torch.Tensor | None]:
         return self._get(hashes, [None] * len(hashes))
@@ -141,31 +139,34 @@ class RayStore(KVStore):
         if not hashes:
             return []
         found = self._locate(hashes)
-        refs = {object_key(entry.handle): entry.handle for entry in found if entry is not None}
+        refs = {entry.key: entry.handle for entry in found if entry is not None}
         stored = dict(zip(refs, self._fetch(list(refs.values())), strict=True))
         blocks: list[torch.Tensor | None] = []
+        bad = {key for key, batch in stored.items() if batch is None}  # lost
         for block_hash, entry, dest in zip(hashes, found, out, strict=True):
-            batch = None if entry is None else stored[object_key(entry.handle)]
+            batch = None if entry is None else stored[entry.key]
+            kv = None if batch is None else self._decode(batch, entry.position, block_hash, dest)
             if batch is None:
-                blocks.append(self._miss())
-            else:
-                blocks.append(self._decode(batch, entry.position, block_hash, dest))
-        lost = [key for key, obj in stored.items() if obj is None]
-        if lost:
-            self._forget(lost)
+                self._stats.add(misses=1)
+            elif kv is None:
+                bad.add(entry.key)  # corrupt: dropped, so that the next put replaces it
+            blocks.append(kv)
+        if bad:
+            self._forget(list(bad))
         return blocks
 
     def put_tail(self, request_id: str, kv: torch.Tensor) -> None:
         self.spec.check_payload(kv, is_tail=True)
-        ref = ray.put(pack_blocks(self._codec, [(tail_key(request_id), kv)]))
+        ref = self._put_object(pack_blocks(self._codec, [(tail_key(request_id), kv)]))
         self._call("put_tail", request_id, [ref], self.tail_ttl_s)
         self._stats.add(bytes_in=kv.nbytes)
 
     def get_tail(self, request_id: str) -> torch.Tensor | None:
-        ref = self._call("get_tail", request_id)
-        stored = None if ref is None else self._fetch(ref)[0]
+        boxed_ref = self._call("get_tail", request_id)
+        stored = None if boxed_ref is None else self._fetch(boxed_ref)[0]
         if stored is None:
-            return self._miss()
+            self._stats.add(misses=1)
+            return None
         return self._decode(stored, 0, tail_key(request_id), None, is_tail=True)
 
     def delete_tail(self, request_id: str) -> None:
@@ -179,9 +180,9 @@ class RayStore(KVStore):
         return self._call("num_blocks")
 
     @property
-    def num_cached_refs(self) -> int:
-        """Blocks this store object can find without asking the index."""
-        return 0 if self._ref_cache is None else len(self._ref_cache)
+    def num_cached_blocks(self) -> int:
+        """Blocks this store object can read without asking the index."""
+        return len(self._ref_cache)
 
     def stats(self) -> StoreStats:
         return self._stats.snapshot()
@@ -196,49 +197,46 @@ class RayStore(KVStore):
         """Drops every block and tail of this fingerprint from the shared index,
         and this store object's ref cache (other stores keep theirs)."""
         self._call("clear")
-        if self._ref_cache is not None:
-            self._ref_cache.clear()
+        self._ref_cache.clear()
 
     def close(self) -> None:
         # The index actor is shared with other stores; only our handle and refs go.
-        if self._ref_cache is not None:
-            self._ref_cache.clear()
+        self._ref_cache.clear()
         with self._lock:
             self._actor = None
 
     def _locate(self, hashes: Sequence[BlockHash]) -> list[Located[ray.ObjectRef] | None]:
         """Where each block is: from the ref cache, then one index call for the rest."""
-        found = self._ref_cache.locate(hashes) if self._ref_cache else [None] * len(hashes)
+        found = self._ref_cache.locate(hashes)
         missing = [i for i, entry in enumerate(found) if entry is None]
         if not missing:
             return found
-        objects, locations = self._call("locate", [hashes[i] for i in missing])
+        objects, locations = self._call(
+            "locate", [hashes[i] for i in missing], self._ref_cache.take_touched()
+        )
+        blocks_of: dict[ObjectKey, list[tuple[BlockHash, int]]] = {}
         for i, location in zip(missing, locations, strict=True):
             if location is not None:
                 ref, object_bytes = objects[location[0]]
-                found[i] = Located(ref, location[1], object_bytes)
-        if self._ref_cache is not None:
-            self._cache_refs([(hashes[i], found[i]) for i in missing if found[i] is not None])
+                found[i] = Located(object_key(ref), ref, location[1], object_bytes)
+                blocks_of.setdefault(found[i].key, []).append((hashes[i], location[1]))
+        for ref, object_bytes in objects:
+            self._ref_cache.add(object_key(ref), ref, blocks_of[object_key(ref)], object_bytes)
         return found
 
-    def _cache_refs(self, located: list[tuple[BlockHash, Located[ray.ObjectRef]]]) -> None:
-        """Adds what the index located to the ref cache, one entry per object."""
-        assert self._ref_cache is not None
-        entry_of: dict[ObjectKey, Located[ray.ObjectRef]] = {}
-        blocks_of: dict[ObjectKey, list[tuple[BlockHash, int]]] = {}
-        for block_hash, entry in located:
-            key = object_key(entry.handle)
-            entry_of[key] = entry
-            blocks_of.setdefault(key, []).append((block_hash, entry.position))
-        for key, blocks in blocks_of.items():
-            entry = entry_of[key]
-            self._ref_cache.add(key, entry.handle, blocks, entry.object_bytes)
-
     def _forget(self, keys: list[ObjectKey]) -> None:
-        """Drops lost objects here and in the index."""
-        if self._ref_cache is not None:
-            self._ref_cache.forget(keys)
-        self._call("forget", keys)
+        """Drops lost or corrupt objects here and, best effort, in the index (if
+        it cannot be reached, the next reader tells it)."""
+        self._ref_cache.forget(keys)
+        with contextlib.suppress(StoreUnavailableError):
+            self._call("forget", keys)
+
+    def _put_object(self, stored: list[object]) -> ray.ObjectRef:
+        try:
+            return ray.put(stored)
+        except RayError as exc:  # ObjectStoreFullError, a lost connection, ...
+            self._stats.add(errors=1)
+            raise StoreUnavailableError(f"Ray object store refused the put: {exc}") from exc
 
     def _fetch(self, refs: list[ray.ObjectRef]) -> list[object | None]:
         """The objects behind `refs`; `None` for one whose owner is gone."""
@@ -271,7 +269,7 @@ class RayStore(KVStore):
         is_tail: bool = False,
     ) -> torch.Tensor | None:
         """Block `position` of `stored`, checked, into `out` (or a new tensor);
-        `None`, counted as corrupt, if it is not the block `key` names."""
+        `None`, counted as a corrupt miss, if it is not the block `key` names."""
         try:
             header, payload = unpack_block(stored, position)
             kv = self._codec.decode_parts(header, payload, key, is_tail=is_tail, out=out)
@@ -280,11 +278,6 @@ class RayStore(KVStore):
             return None
         self._stats.add(hits=1, bytes_out=kv.nbytes)
         return kv
-
-    def _miss(self) -> None:
-        """Counts a block (or tail) that is absent or lost; returns the `None` it reads as."""
-        self._stats.add(misses=1)
-        return None
 
     def _call(self, method: str, *args: object) -> object:
         """Calls the index actor and waits at most `timeout_s`."""

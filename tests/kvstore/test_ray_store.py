@@ -82,18 +82,31 @@ def test_a_put_is_one_object_and_any_subset_reads_back(open_ray_store: OpenStore
     assert len(objects) == 1 and objects[0][1] == 5 * NBYTES
     assert locations == [(0, i) for i in range(5)]
     assert_blocks(reader.get([HASHES[3], HASHES[9], HASHES[1]]), [3, None, 1])
-    assert reader.num_cached_refs == 0
+    assert reader.num_cached_blocks == 0
+
+
+def test_a_large_put_is_split_into_objects_of_bounded_size(
+    open_ray_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvstore import ray_store
+
+    monkeypatch.setattr(ray_store, "MAX_OBJECT_BYTES", 2 * NBYTES)
+    writer, reader = open_ray_store(), open_ray_store(ref_cache_bytes=0)
+    writer.put(blocks(0, 5))
+    objects, locations = writer._call("locate", HASHES[:5])
+    assert [num_bytes for _, num_bytes in objects] == [2 * NBYTES, 2 * NBYTES, NBYTES]
+    assert locations == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]
+    assert_blocks(reader.get(HASHES[:5]), [0, 1, 2, 3, 4])
 
 
 def test_the_writer_reads_its_own_blocks_without_the_index(open_ray_store: OpenStore) -> None:
     writer = open_ray_store()
     writer.put(blocks(0, 3))
-    assert writer.num_cached_refs == 3
+    assert writer.num_cached_blocks == 3
     kill_index(writer)
-    assert writer.lookup(HASHES[:3]) == 3
     assert_blocks(writer.get(HASHES[:3]), [0, 1, 2])
     with pytest.raises(StoreUnavailableError):
-        writer.lookup(HASHES[:4])  # the fourth block needs the (dead) index
+        writer.lookup(HASHES[:3])  # lookup answers for every worker: only the index can
     # The index comes back empty: a store without refs of its own finds nothing.
     assert_blocks(open_ray_store(ref_cache_bytes=0).get(HASHES[:3]), [None] * 3)
 
@@ -102,21 +115,23 @@ def test_a_reader_caches_the_refs_it_located(open_ray_store: OpenStore) -> None:
     writer, reader = open_ray_store(ref_cache_bytes=0), open_ray_store()
     writer.put(blocks(0, 4))
     assert_blocks(reader.get([HASHES[2], HASHES[0]]), [2, 0])
-    assert reader.num_cached_refs == 2  # only the blocks it asked for
+    assert reader.num_cached_blocks == 2  # only the blocks it asked for
+    assert_blocks(reader.get([HASHES[3]]), [3])
+    assert reader.num_cached_blocks == 3  # ... and more of the same object later
     kill_index(writer)
-    assert_blocks(reader.get([HASHES[0], HASHES[2]]), [0, 2])
-    assert reader.stats().hits == 4
+    assert_blocks(reader.get([HASHES[0], HASHES[3], HASHES[2]]), [0, 3, 2])
+    assert reader.stats().hits == 6
 
 
 def test_the_ref_cache_budget_bounds_what_a_store_pins(open_ray_store: OpenStore) -> None:
     writer = open_ray_store(ref_cache_bytes=2 * NBYTES)
     for i in range(3):
         writer.put(blocks(i, 1))
-    assert writer.num_cached_refs == 2
+    assert writer.num_cached_blocks == 2
     assert writer.num_blocks() == 3
     kill_index(writer)
     # Only the two newest objects are still reachable without the index.
-    assert writer.lookup(HASHES[1:3]) == 2
+    assert_blocks(writer.get(HASHES[1:3]), [1, 2])
     with pytest.raises(StoreUnavailableError):
         writer.get(HASHES[:1])
 
@@ -131,16 +146,64 @@ def test_the_index_evicts_whole_objects(open_ray_store: OpenStore) -> None:
     assert_blocks(writer.get(HASHES[:4]), [None, None, 2, 3])
 
 
-def test_a_pinned_block_outlives_its_eviction_for_its_writer_only(
+def test_an_evicted_block_pinned_by_its_writer_is_published_again(
     open_ray_store: OpenStore,
 ) -> None:
     writer = open_ray_store(budget_bytes=3 * NBYTES)
     writer.put(blocks(0, 2))
     writer.put(blocks(2, 2))
     other = open_ray_store(ref_cache_bytes=0)
-    assert other.lookup(HASHES[:4]) == 0
-    assert writer.lookup(HASHES[:4]) == 4
+    # The writer still reads blocks 0-1 through its own refs, but its lookup says
+    # what everyone sees, so the prefill worker computes and puts them again.
     assert_blocks(writer.get(HASHES[:2]), [0, 1])
+    assert writer.lookup(HASHES[:4]) == other.lookup(HASHES[:4]) == 0
+    writer.put(blocks(0, 2))
+    assert other.lookup(HASHES[:2]) == 2
+    assert_blocks(other.get(HASHES[:2]), [0, 1])
+
+
+def test_reads_through_the_ref_cache_keep_an_object_recent_in_the_index(
+    open_ray_store: OpenStore,
+) -> None:
+    writer = open_ray_store(budget_bytes=3 * NBYTES)
+    other = open_ray_store(ref_cache_bytes=0)
+    writer.put(blocks(0, 2))  # a hot prefix
+    other.put(blocks(2, 1))
+    assert_blocks(writer.get(HASHES[:2]), [0, 1])  # served by the writer's refs
+    writer.lookup(HASHES[:2])  # its next index call reports the read
+    other.put(blocks(3, 1))  # needs room: the least recently *read* object goes
+    assert other.lookup(HASHES[:2]) == 2
+    assert other.lookup(HASHES[2:3]) == 0
+
+
+def test_a_dead_writers_blocks_leave_the_ref_cache_and_the_index(
+    open_ray_store: OpenStore,
+) -> None:
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Writer:
+        """Owns the objects it puts; they are lost when it dies."""
+
+        def put(self, namespace: str, spec: object, blocks: list) -> None:
+            from kvstore.ray_store import RayStore
+
+            self.store = RayStore(spec, namespace=namespace)  # holds the refs until it dies
+            self.store.put(blocks)
+
+    reader = open_ray_store()
+    writer = Writer.remote()
+    ray.get(writer.put.remote(reader.namespace, TINY_SPEC, blocks(0, 2)))
+    assert_blocks(reader.get(HASHES[:2]), [0, 1])
+    assert reader.num_cached_blocks == 2
+    ray.kill(writer)
+    deadline = time.monotonic() + 30
+    while reader.get(HASHES[:1]) != [None]:
+        assert time.monotonic() < deadline, "the writer's objects were never lost"
+        time.sleep(0.1)
+    assert reader.num_cached_blocks == 0
+    assert reader.lookup(HASHES[:2]) == 0
+    assert reader.get(HASHES[:2]) == [None, None]
 
 
 def test_bad_ref_cache_budget_is_refused(local_ray: None) -> None:

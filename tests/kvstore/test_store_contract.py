@@ -221,24 +221,35 @@ def test_ray_corrupt_objects_are_counted_misses(local_ray: None) -> None:
 
     from kvstore.block_batch import pack_blocks
     from kvstore.codec import BlockCodec
+    from kvstore.ray_index import StoredBatch
 
     store = open_store("ray://?namespace=test-contract", TINY_SPEC)
     codec = BlockCodec(TINY_SPEC)
-    good = pack_blocks(codec, [(HASHES[0], make_block(0))])
-    flipped = good[1].copy()
-    flipped[7] ^= 1
+
+    def good(i: int) -> list:
+        return pack_blocks(codec, [(HASHES[i], make_block(i))])
+
+    flipped = good(0)
+    flipped[1] = flipped[1].copy()
+    flipped[1][7] ^= 1
     objects = [
-        [good[0], flipped],  # payload bit flip
-        good,  # a good block, indexed under another hash
+        flipped,  # payload bit flip
+        good(0),  # a good block, indexed under another hash
         "not a list of blocks",
-        [good[0][:40], good[1]],  # truncated header
-        [good[0], good[1][:-4]],  # truncated payload
-        [good[0]],  # no payload at all
+        [good(3)[0][:40], good(3)[1]],  # truncated header
+        [good(4)[0], good(4)[1][:-4]],  # truncated payload
+        [good(5)[0]],  # no payload at all
     ]
-    for block_hash, stored in zip(HASHES[:6], objects, strict=True):
-        store._call("put", [block_hash], [ray.put(stored)], TINY_SPEC.nbytes)
+    for i, stored in enumerate(objects):
+        batch = StoredBatch([HASHES[i]], ray.put(stored), TINY_SPEC.nbytes)
+        store._call("put", [batch])
+    assert store.lookup(HASHES[:6]) == 6
     assert store.get(HASHES[:6]) == [None] * 6
     assert store.stats() == StoreStats(misses=6, corrupt_blocks=6)
-    assert store.lookup(HASHES[:6]) == 6  # corrupt blocks stay where they are: still misses
+    # A corrupt object is dropped from the index, so that a new put replaces it.
+    assert store.lookup(HASHES[:6]) == 0
+    store.put([(HASHES[0], make_block(0))])
+    block = store.get(HASHES[:1])[0]
+    assert block is not None and torch.equal(block, make_block(0))
     store.clear_index()
     store.close()
