@@ -8,14 +8,14 @@ float32: 720 KiB each). Each side does, per batch of `--batch` blocks:
 
 - ours put: `KVStore.put` (codec header, xxh3 checksum; Redis: one pipeline of
   SET EX sent with no copy; Ray: one `ray.put` of the whole batch as one object,
-  one index-actor call).
+  one index-actor call; new hashes every round).
 - ours get: `KVStore.get_into` preallocated tensors (Redis: one GETEX pipeline
   received past hiredis; Ray: the refs from the store's ref cache, which its own
   put filled, and one `ray.get`), every header and checksum verified before the
   block is copied into its tensor.
-- ours cold get (Ray): a second store object with no ref cache reads blocks the
-  first one put: one index-actor call per batch turns the hashes into refs, as
-  for any reader that holds no refs of its own.
+- ours cold get (Ray): a Ray actor (another process) with no refs of its own
+  reads blocks this process put: one index-actor call per batch turns the hashes
+  into refs, as for a decode worker reading what a prefill worker wrote.
 - raw redis: redis-py pipelined SET EX / GET of `bytes` (hiredis), nothing checked,
   values left as `bytes`.
 - raw ray: `ray.put` of uint8 arrays, `ray.get` of the refs (already in hand):
@@ -24,19 +24,22 @@ float32: 720 KiB each). Each side does, per batch of `--batch` blocks:
   block in its own pool, writable): the Ray goal is measured against raw+copy.
   "list+copy" puts each batch's arrays as one list, one object, as ours does.
 
-Both sides run in the same process against the same server; runs are interleaved
-and each number is the best of `--repeats` (the machine is shared, so the best run
-is the least disturbed one), after `--warmups` untimed rounds. For Ray, a last line splits a batch's time into what
-ours adds: the index round trip and the checksum.
+Both sides run against the same server, the raw ones in this process; runs are
+interleaved and each number is the best of `--repeats` (the machine is shared, so
+the best run is the least disturbed one), after `--warmups` untimed rounds. For
+Ray, a last line splits a batch's time into what ours adds: the index round trip
+and the checksum.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import itertools
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -138,31 +141,88 @@ def batches(num_items: int, batch_size: int) -> Iterator[slice]:
 
 
 def store_workload(
-    store: KVStore, num_blocks: int, batch_size: int, reader: KVStore | None = None
+    store: KVStore, num_blocks: int, batch_size: int, is_fresh_each_round: bool = False
 ) -> Workload:
-    """`store` puts the blocks; `reader` (default: `store` itself) gets them. Each
-    reader gets blocks of its own (other token ids), so workloads never share one."""
+    """`store` puts the blocks, then gets them back into preallocated tensors.
+
+    With `is_fresh_each_round`, every round puts them under new hashes (other
+    token ids): the Ray store's put is idempotent (the index keeps a block's first
+    copy and drops the rest), so re-putting would time puts that store nothing.
+    Redis's SET overwrites, so the same keys cost the same and keep the server's
+    memory bounded.
+    """
     spec = store.spec
-    first_token = 0 if reader is None else 10**6
-    reader = reader or store
-    tokens = list(range(first_token, first_token + num_blocks * spec.block_size))
-    hashes = hash_token_blocks(tokens, spec.block_size, spec.fingerprint)
     blocks = [torch.randn(spec.shape, dtype=spec.dtype) for _ in range(num_blocks)]
     out = [torch.empty(spec.shape, dtype=spec.dtype) for _ in range(num_blocks)]
+    hashes = round_hashes(spec, num_blocks, 0)
+    rounds = itertools.count()
 
     def put_all() -> None:
+        if is_fresh_each_round:
+            hashes[:] = round_hashes(spec, num_blocks, next(rounds))
         for part in batches(num_blocks, batch_size):
             store.put(list(zip(hashes[part], blocks[part], strict=True)))
 
     def get_all() -> None:
         for part in batches(num_blocks, batch_size):
-            found = reader.get_into(hashes[part], out[part])
+            found = store.get_into(hashes[part], out[part])
             assert all(found), "a block was missing: is the server's memory large enough?"
 
     def check() -> None:
         assert all(torch.equal(a, b) for a, b in zip(blocks, out, strict=True)), "wrong bytes"
 
     return Workload(put_all, get_all, num_blocks * spec.nbytes, check)
+
+
+def round_hashes(spec: BlockSpec, num_blocks: int, round_index: int) -> list[bytes]:
+    """The block hashes of a prompt of `num_blocks` blocks that no other round uses."""
+    first = round_index * num_blocks * spec.block_size
+    tokens = list(range(first, first + num_blocks * spec.block_size))
+    return hash_token_blocks(tokens, spec.block_size, spec.fingerprint)
+
+
+class ColdReader:
+    """A Ray actor (another process) that reads blocks it holds no refs for: every
+    get asks the index actor for them, as a decode worker does for blocks a
+    prefill worker wrote."""
+
+    def __init__(self, spec: BlockSpec, namespace: str, num_blocks: int) -> None:
+        from kvstore.ray_store import RayStore
+
+        self.store = RayStore(spec, namespace=namespace, ref_cache_bytes=0)
+        self.out = [torch.empty(spec.shape, dtype=spec.dtype) for _ in range(num_blocks)]
+
+    def get_all(self, hashes: list[bytes], batch_size: int) -> int:
+        """Reads every block into its own tensor; returns how many were found."""
+        num_found = 0
+        for part in batches(len(hashes), batch_size):
+            num_found += sum(self.store.get_into(hashes[part], self.out[part]))
+        return num_found
+
+
+def ray_cold_workload(
+    writer: RayStore, namespace: str, num_blocks: int, batch_size: int
+) -> Workload:
+    """`writer` (here) puts fresh blocks each round; a `ColdReader` gets them. The
+    time of a get includes one call to the reader actor (~1 ms in ~60)."""
+    import ray
+
+    spec = writer.spec
+    reader = ray.remote(ColdReader).options(num_cpus=0).remote(spec, namespace, num_blocks)
+    blocks = [torch.randn(spec.shape, dtype=spec.dtype) for _ in range(num_blocks)]
+    hashes: list[bytes] = []
+    rounds = itertools.count(10**4)  # other hashes than every store_workload's
+
+    def put_all() -> None:
+        hashes[:] = round_hashes(spec, num_blocks, next(rounds))
+        for part in batches(num_blocks, batch_size):
+            writer.put(list(zip(hashes[part], blocks[part], strict=True)))
+
+    def get_all() -> None:
+        num_found = ray.get(reader.get_all.remote(hashes, batch_size))
+        assert num_found == num_blocks, f"the cold reader found {num_found} of {num_blocks}"
+
+    return Workload(put_all, get_all, num_blocks * spec.nbytes)
 
 
 def raw_redis_workload(url: str, num_blocks: int, nbytes: int, batch_size: int) -> Workload:
@@ -272,11 +332,13 @@ def report_overheads(
     the index actor's round trip bare (`lookup`, no refs in the reply) and as a
     cold get makes it (`locate`: the batch's one `ObjectRef` in the reply), which
     a get served by the ref cache skips, and the xxh3 checksum every read
-    verifies. Best of 5 passes over all batches."""
+    verifies. Best of 5 passes over all batches of blocks put for the purpose."""
     spec = store.spec
-    tokens = list(range(num_blocks * spec.block_size))
-    hashes = hash_token_blocks(tokens, spec.block_size, spec.fingerprint)
+    hashes = round_hashes(spec, num_blocks, 2 * 10**4)
     parts = list(batches(num_blocks, batch_size))
+    block = torch.randn(spec.shape, dtype=spec.dtype)
+    for part in parts:
+        store.put([(block_hash, block) for block_hash in hashes[part]])
     payloads = [np.random.bytes(spec.nbytes) for _ in range(batch_size)]
 
     def per_batch_ms(run: Callable[[slice], object]) -> float:
@@ -311,7 +373,10 @@ def main() -> None:
     spec = SPEC_135M
     num_blocks = max(1, args.mib * 2**20 // spec.nbytes)
     if not pin_malloc_thresholds():
-        print("note: glibc's malloc thresholds could not be pinned; raw Redis may read slower")
+        print(
+            "note: glibc's malloc thresholds could not be pinned; raw Redis may read slower",
+            file=sys.stderr,
+        )
     print(
         f"{num_blocks} blocks of {spec.nbytes / 2**10:.0f} KiB ({num_blocks * spec.nbytes / 2**20:.0f} MiB)"
         f" each way, batch {args.batch}, best of {args.repeats} after {args.warmups} warm-ups"
@@ -343,14 +408,20 @@ def main() -> None:
             from kvstore.ray_store import RayStore
 
             ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-            budget_bytes = 4 * num_blocks * spec.nbytes
-            store = RayStore(spec, namespace="kvbench", budget_bytes=budget_bytes)
-            # A reader that has no refs of its own: every get asks the index.
-            cold_reader = RayStore(spec, namespace="kvbench", ref_cache_bytes=0)
+            # Room for two rounds of both writers in the index, and of ours in its
+            # ref cache: every get finds its blocks, old rounds are evicted.
+            round_bytes = num_blocks * spec.nbytes
+            store = RayStore(
+                spec,
+                namespace="kvbench",
+                budget_bytes=4 * round_bytes,
+                ref_cache_bytes=2 * round_bytes,
+            )
+            cold_writer = RayStore(spec, namespace="kvbench", ref_cache_bytes=0)
             ours, cold, raw, raw_copied, listed_copied = measure(
                 [
-                    store_workload(store, num_blocks, args.batch),
-                    store_workload(store, num_blocks, args.batch, reader=cold_reader),
+                    store_workload(store, num_blocks, args.batch, is_fresh_each_round=True),
+                    ray_cold_workload(cold_writer, "kvbench", num_blocks, args.batch),
                     raw_ray_workload(num_blocks, spec.nbytes, args.batch, is_copied=False),
                     raw_ray_workload(num_blocks, spec.nbytes, args.batch, is_copied=True),
                     raw_ray_workload(
