@@ -40,6 +40,7 @@ Buffer = bytes | bytearray | memoryview
 # integers of its element's width, so that numpy (which has no bfloat16) can
 # write any strided view of the tensor in one pass, bit for bit.
 _INT_OF_SIZE = {1: (torch.uint8, np.uint8), 2: (torch.int16, np.int16), 4: (torch.int32, np.int32)}
+assert all(dtype.itemsize in _INT_OF_SIZE for dtype in DTYPE_CODES), "a payload dtype has no int"
 
 
 class BlockCodecError(ValueError):
