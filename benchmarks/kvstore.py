@@ -25,8 +25,10 @@ float32: 720 KiB each). Each side does, per batch of `--batch` blocks:
   "list+copy" puts each batch's arrays as one list, one object, as ours does.
 
 Both sides run against the same server, the raw ones in this process; runs are
-interleaved and each number is the best of `--repeats` (the machine is shared, so
-the best run is the least disturbed one), after `--warmups` untimed rounds. For
+interleaved and each GB/s is the best of `--repeats` (the machine is shared, so
+the best run is the least disturbed one), after `--warmups` untimed rounds; the
+"ratio" divides the two sides' best runs, the "paired" ratio is the median over
+rounds of the ratio within a round (the steadier of the two). For
 Ray, a last line splits a batch's time into what ours adds: the index round trip
 and the checksum.
 """
@@ -38,6 +40,7 @@ import ctypes
 import itertools
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,10 +67,32 @@ SPEC_135M = BlockSpec("dummy:135m", num_layers=30, num_kv_heads=3, head_dim=64, 
 
 @dataclass(frozen=True)
 class Throughput:
-    """Best put and get throughput of one client over the same data, in GB/s."""
+    """One client's timed rounds over the same data."""
 
-    put_gbps: float
-    get_gbps: float
+    num_bytes: int
+    """Bytes each put-all and get-all moves."""
+    put_s: tuple[float, ...]
+    """Seconds of each timed round's put-all."""
+    get_s: tuple[float, ...]
+    """Seconds of each timed round's get-all."""
+
+    @property
+    def put_gbps(self) -> float:
+        """The best round's put throughput (the least disturbed one)."""
+        return self.num_bytes / min(self.put_s) / 1e9
+
+    @property
+    def get_gbps(self) -> float:
+        return self.num_bytes / min(self.get_s) / 1e9
+
+    def paired_ratios(self, raw: Throughput) -> tuple[float, float]:
+        """Median over rounds of this client's put and get speed over `raw`'s in
+        the same round: both sides saw the same background load, so the median
+        is the steadier comparison on a shared machine."""
+        return (
+            statistics.median(r / o for o, r in zip(self.put_s, raw.put_s, strict=True)),
+            statistics.median(r / o for o, r in zip(self.get_s, raw.get_s, strict=True)),
+        )
 
 
 @dataclass(frozen=True)
@@ -103,7 +128,7 @@ def pin_malloc_thresholds() -> bool:
 
 
 def measure(workloads: list[Workload], num_repeats: int, num_warmups: int) -> list[Throughput]:
-    """Best-of-`num_repeats` throughput of each workload, runs interleaved, after
+    """`num_repeats` timed rounds of each workload, runs interleaved, after
     `num_warmups` untimed rounds.
 
     Interleaving (ours put, raw put, ours get, raw get, again...) exposes every
@@ -112,20 +137,21 @@ def measure(workloads: list[Workload], num_repeats: int, num_warmups: int) -> li
     or object store's fresh pages and the destination tensors fault in at a
     fraction of copy speed (~0.4 GB/s here, whatever the client).
     """
-    best_put_s = [float("inf")] * len(workloads)
-    best_get_s = [float("inf")] * len(workloads)
+    put_s: list[list[float]] = [[] for _ in workloads]
+    get_s: list[list[float]] = [[] for _ in workloads]
     for round_index in range(num_warmups + num_repeats):
-        put_s = [_timed(workload.put_all) for workload in workloads]
-        get_s = [_timed(workload.get_all) for workload in workloads]
+        round_put_s = [_timed(workload.put_all) for workload in workloads]
+        round_get_s = [_timed(workload.get_all) for workload in workloads]
         if round_index >= num_warmups:
-            best_put_s = [min(a, b) for a, b in zip(best_put_s, put_s, strict=True)]
-            best_get_s = [min(a, b) for a, b in zip(best_get_s, get_s, strict=True)]
+            for i in range(len(workloads)):
+                put_s[i].append(round_put_s[i])
+                get_s[i].append(round_get_s[i])
     for workload in workloads:
         if workload.check is not None:
             workload.check()
     return [
-        Throughput(w.num_bytes / put_s / 1e9, w.num_bytes / get_s / 1e9)
-        for w, put_s, get_s in zip(workloads, best_put_s, best_get_s, strict=True)
+        Throughput(w.num_bytes, tuple(p), tuple(g))
+        for w, p, g in zip(workloads, put_s, get_s, strict=True)
     ]
 
 
@@ -313,10 +339,12 @@ def report(name: str, ours: Throughput, raw: Throughput | None, raw_name: str = 
     if raw is None:
         print(f"{name:8s} ours put {ours.put_gbps:6.2f} GB/s  get {ours.get_gbps:6.2f} GB/s")
         return
+    paired_put, paired_get = ours.paired_ratios(raw)
     print(
         f"{name:8s} ours put {ours.put_gbps:6.2f} GB/s  get {ours.get_gbps:6.2f} GB/s | "
         f"{raw_name} put {raw.put_gbps:6.2f} GB/s  get {raw.get_gbps:6.2f} GB/s | "
         f"ratio put {ours.put_gbps / raw.put_gbps:4.2f}  get {ours.get_gbps / raw.get_gbps:4.2f}"
+        f" | paired put {paired_put:4.2f}  get {paired_get:4.2f}"
     )
 
 
