@@ -127,21 +127,29 @@ def pin_malloc_thresholds() -> bool:
     )
 
 
-def measure(workloads: list[Workload], num_repeats: int, num_warmups: int) -> list[Throughput]:
+def measure(
+    workloads: list[Workload], num_repeats: int, num_warmups: int, settle_s: float = 0.5
+) -> list[Throughput]:
     """`num_repeats` timed rounds of each workload, runs interleaved, after
     `num_warmups` untimed rounds.
 
-    Interleaving (ours put, raw put, ours get, raw get, again...) exposes every
-    client to the same background load, which matters on a shared machine. The
-    warm-up rounds take the first touch of memory out of the numbers: a server's
-    or object store's fresh pages and the destination tensors fault in at a
-    fraction of copy speed (~0.4 GB/s here, whatever the client).
+    Interleaving (every put, then every get, round after round) exposes every
+    client to the same background load, which matters on a shared machine; the
+    order rotates each round, and the gets start `settle_s` after the last put,
+    because a server that has just taken a burst of writes serves the first
+    reader after it slower (measured for Redis: whichever get came first ran at
+    ~0.6-0.8 of the other, ours or raw). The warm-up rounds take the first touch
+    of memory out of the numbers: a server's or object store's fresh pages and
+    the destination tensors fault in at a fraction of copy speed (~0.4 GB/s
+    here, whatever the client).
     """
     put_s: list[list[float]] = [[] for _ in workloads]
     get_s: list[list[float]] = [[] for _ in workloads]
     for round_index in range(num_warmups + num_repeats):
-        round_put_s = [_timed(workload.put_all) for workload in workloads]
-        round_get_s = [_timed(workload.get_all) for workload in workloads]
+        order = [(round_index + i) % len(workloads) for i in range(len(workloads))]
+        round_put_s = {i: _timed(workloads[i].put_all) for i in order}
+        time.sleep(settle_s)
+        round_get_s = {i: _timed(workloads[i].get_all) for i in order}
         if round_index >= num_warmups:
             for i in range(len(workloads)):
                 put_s[i].append(round_put_s[i])
@@ -435,10 +443,20 @@ def main() -> None:
 
             from kvstore.ray_store import RayStore
 
-            ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+            # A fixed object store whose pages are all touched up front, as on a node
+            # that has served for a while: otherwise whichever put first lands on
+            # fresh shared memory pays the page faults (~0.4 GB/s), whoever it is.
+            round_bytes = num_blocks * spec.nbytes
+            ray.init(
+                address="local",
+                num_cpus=2,
+                include_dashboard=False,
+                logging_level="ERROR",
+                object_store_memory=max(1 << 30, 16 * round_bytes),
+                _system_config={"preallocate_plasma_memory": True},
+            )
             # Room for two rounds of both writers in the index, and of ours in its
             # ref cache: every get finds its blocks, old rounds are evicted.
-            round_bytes = num_blocks * spec.nbytes
             store = RayStore(
                 spec,
                 namespace="kvbench",
