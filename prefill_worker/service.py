@@ -107,7 +107,11 @@ class PrefillServicer(wgrpc.PrefillWorkerServicer):
                     started = time.perf_counter()
                     try:
                         await self.handoff.publish(
-                            request.request_id, hashes, output.kv, num_present, finished is None
+                            request.request_id,
+                            hashes,
+                            output.kv,
+                            first_block=num_present,
+                            with_tail=finished is None,
                         )
                     except StoreUnavailableError as err:
                         await context.abort(
@@ -204,6 +208,7 @@ class PrefillWorker:
     hosted: WorkerServer
     engine: PrefillEngine
     store: KVStore
+    handoff: TailHandoff
 
     @property
     def worker_id(self) -> str:
@@ -220,6 +225,8 @@ class PrefillWorker:
     async def stop(self, grace_s: float = 2.0) -> None:
         await self.hosted.stop(grace_s)
         await asyncio.to_thread(self.engine.stop)
+        # Puts of requests the shutdown cancelled, and their tails' deletion.
+        await asyncio.to_thread(self.handoff.wait_idle, grace_s)
         self.store.close()
 
 
@@ -259,4 +266,4 @@ async def start_prefill_worker(config: PrefillConfig) -> PrefillWorker:
         config.model,
         hosted.advertise_address,
     )
-    return PrefillWorker(hosted, engine, store)
+    return PrefillWorker(hosted, engine, store, servicer.handoff)
