@@ -120,11 +120,14 @@ class ObjectIndex(Generic[H]):
             self._index(key, blocks)
             return evicted
 
-    def touch(self, keys: Sequence[ObjectKey]) -> None:
-        """Counts objects as used (read through a handle held elsewhere)."""
+    def touch(self, hashes: Sequence[BlockHash]) -> None:
+        """Counts the objects holding `hashes` as used (read through handles held
+        elsewhere); hashes not indexed are ignored."""
         with self._lock:
-            for key in keys:
-                self._objects.get(key)
+            for block_hash in hashes:
+                location = self._blocks.get(block_hash)
+                if location is not None:
+                    self._objects.get(location[0])
 
     def locate(self, hashes: Sequence[BlockHash]) -> list[Located[H] | None]:
         """Where each block is, `None` for one that is not indexed."""

@@ -67,8 +67,9 @@ class RayBlockIndex:
     """The index actor's state: blocks within a byte budget over their objects,
     and request tails (one single-block object each) that expire by themselves.
 
-    `touched` (on `lookup`, `put`, `locate`) names objects the caller read
-    through refs of its own since its last call: they count as used here too.
+    `touched` (on `lookup`, `put`, `locate`) names blocks the caller read through
+    refs of its own since its last call: the objects that hold them here count
+    as used (by hash, because the caller's object may be another copy).
     """
 
     def __init__(self, budget_bytes: int, tail_ttl_s: float) -> None:
@@ -78,11 +79,11 @@ class RayBlockIndex:
     def ping(self) -> bool:
         return True
 
-    def lookup(self, hashes: Sequence[BlockHash], touched: Sequence[ObjectKey] = ()) -> int:
+    def lookup(self, hashes: Sequence[BlockHash], touched: Sequence[BlockHash] = ()) -> int:
         self._objects.touch(touched)
         return self._objects.num_leading(hashes)
 
-    def put(self, batches: Sequence[StoredBatch], touched: Sequence[ObjectKey] = ()) -> None:
+    def put(self, batches: Sequence[StoredBatch], touched: Sequence[BlockHash] = ()) -> None:
         """Indexes the objects of one `put`, in order."""
         self._objects.touch(touched)
         for batch in batches:
@@ -90,7 +91,7 @@ class RayBlockIndex:
             self._objects.add(object_key(batch.ref), batch.ref, blocks, batch.num_bytes)
 
     def locate(
-        self, hashes: Sequence[BlockHash], touched: Sequence[ObjectKey] = ()
+        self, hashes: Sequence[BlockHash], touched: Sequence[BlockHash] = ()
     ) -> LocatedObjects:
         self._objects.touch(touched)
         return group_by_object(self._objects.locate(hashes))

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.exceptions import ObjectFetchTimedOutError, ObjectLostError, RayError
 
 from kvstore.block_batch import pack_blocks, unpack_block
 from kvstore.codec import BlockCodec, BlockCodecError, tail_key
@@ -51,6 +51,9 @@ DEFAULT_TIMEOUT_S = 10.0
 # few percent of copying it, small enough that eviction and a cross-node read of
 # one prefix do not move a whole long prompt.
 MAX_OBJECT_BYTES = 64 << 20
+# In the index actor's name: a detached actor outlives upgrades, and a store must
+# never call one whose methods take other arguments (2: batch objects, touches).
+INDEX_PROTOCOL = 2
 
 
 class RayStore(KVStore):
@@ -88,7 +91,7 @@ class RayStore(KVStore):
         self.namespace = namespace
         self.timeout_s = timeout_s
         self.tail_ttl_s = tail_ttl_s
-        self._actor_name = f"kvrelay-kvindex-{spec.fingerprint.hex()}"
+        self._actor_name = f"kvrelay-kvindex-v{INDEX_PROTOCOL}-{spec.fingerprint.hex()}"
         self._actor_options = {
             "name": self._actor_name,
             "namespace": namespace,
@@ -97,7 +100,7 @@ class RayStore(KVStore):
             "lifetime": "detached" if is_detached else None,
         }
         self._actor_args = (budget_bytes, DEFAULT_TAIL_TTL_S)
-        self._blocks_per_object = max(1, min(MAX_OBJECT_BYTES, budget_bytes) // spec.nbytes)
+        self._num_blocks_per_object = max(1, min(MAX_OBJECT_BYTES, budget_bytes) // spec.nbytes)
         self._codec = BlockCodec(spec)
         self._stats = StatsRecorder()
         self._lock = threading.Lock()
@@ -106,23 +109,23 @@ class RayStore(KVStore):
     def lookup(self, hashes: Sequence[BlockHash]) -> int:
         if not hashes:
             return 0
-        return self._call("lookup", list(hashes), self._ref_cache.take_touched())
+        return self._call_reporting_reads("lookup", list(hashes))
 
     def put(self, blocks: Sequence[tuple[BlockHash, torch.Tensor]]) -> None:
         for _, kv in blocks:
             self.spec.check_payload(kv)
         batches = []
-        for start in range(0, len(blocks), self._blocks_per_object):
-            part = blocks[start : start + self._blocks_per_object]
+        for start in range(0, len(blocks), self._num_blocks_per_object):
+            part = blocks[start : start + self._num_blocks_per_object]
             ref = self._put_object(pack_blocks(self._codec, part))
             batches.append(StoredBatch([h for h, _ in part], ref, len(part) * self.spec.nbytes))
         if not batches:
             return
         # Synchronous, so that a put is visible to every reader when it returns.
-        self._call("put", batches, self._ref_cache.take_touched())
+        self._call_reporting_reads("put", batches)
         for batch in batches:
             positions = [(block_hash, i) for i, block_hash in enumerate(batch.hashes)]
-            self._ref_cache.add(object_key(batch.ref), batch.ref, positions, batch.num_bytes)
+            self._ref_cache.add_put(object_key(batch.ref), batch.ref, positions, batch.num_bytes)
         self._stats.add(bytes_in=len(blocks) * self.spec.nbytes)
 
     def get(self, hashes: Sequence[BlockHash]) -> list[torch.Tensor | None]:
@@ -189,7 +192,7 @@ class RayStore(KVStore):
 
     def is_healthy(self) -> bool:
         try:
-            return ray.is_initialized() and self._call("ping")
+            return ray.is_initialized() and bool(self._call("ping"))
         except StoreUnavailableError:
             return False
 
@@ -211,9 +214,7 @@ class RayStore(KVStore):
         missing = [i for i, entry in enumerate(found) if entry is None]
         if not missing:
             return found
-        objects, locations = self._call(
-            "locate", [hashes[i] for i in missing], self._ref_cache.take_touched()
-        )
+        objects, locations = self._call_reporting_reads("locate", [hashes[i] for i in missing])
         blocks_of: dict[ObjectKey, list[tuple[BlockHash, int]]] = {}
         for i, location in zip(missing, locations, strict=True):
             if location is not None:
@@ -239,25 +240,35 @@ class RayStore(KVStore):
             raise StoreUnavailableError(f"Ray object store refused the put: {exc}") from exc
 
     def _fetch(self, refs: list[ray.ObjectRef]) -> list[object | None]:
-        """The objects behind `refs`; `None` for one whose owner is gone."""
+        """The objects behind `refs`; `None` for one that is lost (its owner died).
+
+        Only a lost object is a miss. Anything else Ray raises (a timeout, a fetch
+        from another node timing out, a dead raylet) is this reader's trouble,
+        not the object's: StoreUnavailableError, and the index keeps the object.
+        """
         try:
             return ray.get(refs, timeout=self.timeout_s)
-        except GetTimeoutError as exc:
-            self._stats.add(errors=1)
-            raise StoreUnavailableError(f"Ray object store timed out: {exc}") from exc
-        except RayError:
-            pass
+        except ObjectLostError as exc:
+            if isinstance(exc, ObjectFetchTimedOutError):
+                raise self._unavailable("Ray object fetch timed out", exc) from exc
+        except RayError as exc:
+            raise self._unavailable("Ray object store failed", exc) from exc
         # Some object was lost: fetch one by one to tell which.
-        objects = []
+        objects: list[object | None] = []
         for ref in refs:
             try:
                 objects.append(ray.get(ref, timeout=self.timeout_s))
-            except GetTimeoutError as exc:
-                self._stats.add(errors=1)
-                raise StoreUnavailableError(f"Ray object store timed out: {exc}") from exc
-            except RayError:
+            except ObjectLostError as exc:
+                if isinstance(exc, ObjectFetchTimedOutError):
+                    raise self._unavailable("Ray object fetch timed out", exc) from exc
                 objects.append(None)
+            except RayError as exc:
+                raise self._unavailable("Ray object store failed", exc) from exc
         return objects
+
+    def _unavailable(self, what: str, exc: Exception) -> StoreUnavailableError:
+        self._stats.add(errors=1)
+        return StoreUnavailableError(f"{what}: {exc}")
 
     def _decode(
         self,
@@ -280,15 +291,26 @@ class RayStore(KVStore):
         return kv
 
     def _call(self, method: str, *args: object) -> object:
-        """Calls the index actor and waits at most `timeout_s`."""
+        """Calls the index actor and waits at most `timeout_s`; any Ray failure
+        (a timeout, a dead or failing actor, a lost connection) is
+        StoreUnavailableError, and the actor is looked up again next time."""
         try:
             actor = self._index()
             return ray.get(getattr(actor, method).remote(*args), timeout=self.timeout_s)
-        except (GetTimeoutError, RayActorError) as exc:
+        except RayError as exc:
             with self._lock:
                 self._actor = None  # look it up (or recreate it) next time
-            self._stats.add(errors=1)
-            raise StoreUnavailableError(f"Ray KV index unavailable: {exc}") from exc
+            raise self._unavailable("Ray KV index unavailable", exc) from exc
+
+    def _call_reporting_reads(self, method: str, *args: object) -> object:
+        """`_call` with the blocks read through the ref cache since the last call
+        (`touched`); they are kept for the next call if this one fails."""
+        touched = self._ref_cache.take_touched()
+        try:
+            return self._call(method, *args, touched)
+        except StoreUnavailableError:
+            self._ref_cache.give_back_touched(touched)
+            raise
 
     def _index(self) -> ray.actor.ActorHandle:
         with self._lock:

@@ -80,7 +80,7 @@ def test_an_object_replaces_the_evicted_copy_of_a_block_it_also_holds() -> None:
     index: ObjectIndex[str] = ObjectIndex(budget_bytes=40)
     index.add(b"x", "ref-x", positions(H[0:2]), 20)
     index.add(b"z", "ref-z", positions(H[6:8]), 20)
-    index.touch([b"x", b"zz-unknown"])  # x is now the most recent; unknown keys are ignored
+    index.touch([H[1], bytes(16)])  # x is now the most recent; unknown hashes are ignored
     # y holds H[0] (still indexed in x) and H[3] (new); making room evicts z only.
     assert index.add(b"y", "ref-y", [(H[0], 0), (H[3], 1)], 20) == [b"z"]
     assert index.locate([H[0], H[3]]) == [
@@ -133,9 +133,9 @@ def test_index_actor_state_puts_locates_touches_and_forgets() -> None:
     assert index.lookup(H) == 4
     assert index.locate([H[3], H[0], H[6]]) == ([(y, 20), (x, 30)], [(0, 1), (1, 0), None])
     # y was read through a ref held elsewhere: it is the recent one when z needs room.
-    index.put([StoredBatch(H[4:6], z, 20)], touched=[b"y"])
+    index.put([StoredBatch(H[4:6], z, 20)], touched=[H[3]])
     assert (index.lookup(H[2:]), index.num_blocks()) == (0, 3)  # x went, not y
-    assert index.lookup(H[3:], touched=[b"x"]) == 3
+    assert index.lookup(H[3:], touched=[H[0]]) == 3
     index.forget([b"y"])
     assert (index.lookup(H[3:]), index.num_blocks()) == (0, 2)
     index.put_tail("req", [x], 60)

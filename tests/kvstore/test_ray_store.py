@@ -14,6 +14,7 @@ import torch
 from tiny_blocks import TINY_SPEC, make_block
 
 from kvstore.hashing import hash_token_blocks
+from kvstore.ray_index import object_key
 from kvstore.ray_store import RayStore
 from kvstore.store import StoreUnavailableError
 
@@ -174,6 +175,30 @@ def test_reads_through_the_ref_cache_keep_an_object_recent_in_the_index(
     other.put(blocks(3, 1))  # needs room: the least recently *read* object goes
     assert other.lookup(HASHES[:2]) == 2
     assert other.lookup(HASHES[2:3]) == 0
+
+
+def test_a_republished_prefix_read_through_the_cache_stays_recent(
+    open_ray_store: OpenStore,
+) -> None:
+    writer = open_ray_store(budget_bytes=4 * NBYTES)
+    other = open_ray_store(ref_cache_bytes=0)
+    writer.put(blocks(0, 2))  # the prefix, as object O1
+    other.put(blocks(2, 2))
+    other.put(blocks(4, 2))  # evicts O1; the writer still holds it
+    assert writer.lookup(HASHES[:2]) == 0
+    writer.put(blocks(0, 2))  # published again, as O3 (evicting blocks 2-3)
+    # The writer now holds O3 itself, not O1 as well: one copy pinned, not two.
+    (index_ref, _), *_ = other._call("locate", HASHES[:1], [])[0]
+    assert [entry.key for entry in writer._ref_cache.locate(HASHES[:2])] == [
+        object_key(index_ref)
+    ] * 2
+    assert other.get(HASHES[4:6]) != [None, None]  # blocks 4-5 are now the recent ones
+    # The writer's reads must count for O3, the copy the index keeps.
+    assert_blocks(writer.get(HASHES[:2]), [0, 1])
+    writer.lookup(HASHES[:1])
+    other.put(blocks(6, 2))  # needs room: blocks 4-5 go, the prefix stays
+    assert other.lookup(HASHES[:2]) == 2
+    assert other.lookup(HASHES[4:6]) == 0
 
 
 def test_a_dead_writers_blocks_leave_the_ref_cache_and_the_index(
