@@ -1,4 +1,4 @@
-"""`benchmarks/kvstore.py` runs end to end on a few MiB: every backend and baseline
+"""`python -m benchmarks.kvstore` runs end to end on a few MiB: every backend and baseline
 reports, and every block it read back is checked against what it put."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def test_kvstore_benchmark_reports_every_backend_and_baseline() -> None:
         pytest.skip("redis-server is not installed")
     command = [
         *(sys.executable, "-m", "benchmarks.kvstore", "--backend", "all"),
-        *("--mib", "8", "--batch", "4", "--repeats", "1", "--warmups", "1"),
+        *("--mib", "8", "--batch", "4", "--repeats", "2", "--warmups", "1"),
     ]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
