@@ -10,11 +10,10 @@ repeated `get` needs no actor call.
 
 Lifetime: Ray >= 2.56 removed `ray.put(_owner=...)`, so every object is owned by
 the process that put it and is lost when that process exits, whatever the index
-says. A lost object is found on `get` (Ray raises `ObjectLostError` or
-`OwnerDiedError`); its blocks count as misses and both the index and the ref
-cache drop it (as they drop an object with a corrupt block, so that the next put
-replaces it). `lookup` can count such blocks as present until then. Blocks
-written by a long-lived worker therefore live as long as that worker.
+says. A `get` finds a lost object (`ObjectLostError`, `OwnerDiedError`): its
+blocks are misses, and the index and the ref cache drop it, as they drop an
+object with a corrupt block so that the next put replaces it. Until then
+`lookup` counts its blocks as present.
 
 Objects hold only `bytes` and uint8 numpy arrays; Ray's own serialization
 carries them, and the codec checks every header and payload on the way out.
@@ -60,14 +59,16 @@ class RayStore(KVStore):
     """Blocks in the Ray object store of the cluster this process is connected to.
 
     Connects with `ray.init()` (honouring `RAY_ADDRESS`) if Ray is not initialized
-    yet. The index actor is named `kvrelay-kvindex-<fingerprint hex>` in Ray
-    namespace `namespace`, created by the first store that asks for it
+    yet. The index actor is named `kvrelay-kvindex-v<INDEX_PROTOCOL>-<fingerprint
+    hex>` in Ray namespace `namespace`, created by the first store that asks for it
     (`num_cpus=0`, so it never takes a worker's CPU). It is detached by default:
     a non-detached actor dies with the handles of the process that created it,
     which would wipe the index shared by every worker when one of them stops.
     `budget_bytes` is the index's byte budget, fixed by whoever creates the actor;
     `ref_cache_bytes` bounds the objects this store object keeps alive itself
-    (0: none); `tail_ttl_s` applies to the tails this store object writes. Every
+    (0: none). `lookup` always asks the index, since it answers for every
+    worker; `get` asks it only for blocks the ref cache lacks. `tail_ttl_s`
+    applies to the tails this store object writes. Every
     Ray call is bounded by `timeout_s`; a timeout, a dead actor or a full object
     store raises `StoreUnavailableError`, and the next call looks the actor up
     again (a restarted index starts empty). Thread-safe.
