@@ -67,10 +67,6 @@ class ObjectIndex(Generic[H]):
             return len(self._blocks)
 
     @property
-    def budget_bytes(self) -> int:
-        return self._objects.budget_bytes
-
-    @property
     def num_objects(self) -> int:
         with self._lock:
             return len(self._hashes_of)

@@ -216,14 +216,16 @@ class RayStore(KVStore):
         if not missing:
             return found
         objects, locations = self._call_reporting_reads("locate", [hashes[i] for i in missing])
-        blocks_of: dict[ObjectKey, list[tuple[BlockHash, int]]] = {}
+        keys = [object_key(ref) for ref, _ in objects]
+        blocks_of: dict[ObjectKey, list[tuple[BlockHash, int]]] = {key: [] for key in keys}
         for i, location in zip(missing, locations, strict=True):
             if location is not None:
-                ref, object_bytes = objects[location[0]]
-                found[i] = Located(object_key(ref), ref, location[1], object_bytes)
-                blocks_of.setdefault(found[i].key, []).append((hashes[i], location[1]))
-        for ref, object_bytes in objects:
-            self._ref_cache.add(object_key(ref), ref, blocks_of[object_key(ref)], object_bytes)
+                slot, position = location
+                ref, object_bytes = objects[slot]
+                found[i] = Located(keys[slot], ref, position, object_bytes)
+                blocks_of[keys[slot]].append((hashes[i], position))
+        for key, (ref, object_bytes) in zip(keys, objects, strict=True):
+            self._ref_cache.add(key, ref, blocks_of[key], object_bytes)
         return found
 
     def _forget(self, keys: list[ObjectKey]) -> None:
@@ -237,35 +239,35 @@ class RayStore(KVStore):
         try:
             return ray.put(stored)
         except RayError as exc:  # ObjectStoreFullError, a lost connection, ...
-            self._stats.add(errors=1)
-            raise StoreUnavailableError(f"Ray object store refused the put: {exc}") from exc
+            raise self._unavailable("Ray object store refused the put", exc) from exc
 
     def _fetch(self, refs: list[ray.ObjectRef]) -> list[object | None]:
-        """The objects behind `refs`; `None` for one that is lost (its owner died).
-
-        Only a lost object is a miss. Anything else Ray raises (a timeout, a fetch
-        from another node timing out, a dead raylet) is this reader's trouble,
-        not the object's: StoreUnavailableError, and the index keeps the object.
-        """
+        """The objects behind `refs`; `None` for one that is lost (its owner died)."""
         try:
-            return ray.get(refs, timeout=self.timeout_s)
-        except ObjectLostError as exc:
-            if isinstance(exc, ObjectFetchTimedOutError):
-                raise self._unavailable("Ray object fetch timed out", exc) from exc
-        except RayError as exc:
-            raise self._unavailable("Ray object store failed", exc) from exc
-        # Some object was lost: fetch one by one to tell which.
+            return self._ray_get(refs)
+        except ObjectLostError:
+            pass  # some object is lost: fetch one by one to tell which
         objects: list[object | None] = []
         for ref in refs:
             try:
-                objects.append(ray.get(ref, timeout=self.timeout_s))
-            except ObjectLostError as exc:
-                if isinstance(exc, ObjectFetchTimedOutError):
-                    raise self._unavailable("Ray object fetch timed out", exc) from exc
+                objects.append(self._ray_get(ref))
+            except ObjectLostError:
                 objects.append(None)
-            except RayError as exc:
-                raise self._unavailable("Ray object store failed", exc) from exc
         return objects
+
+    def _ray_get(self, refs: ray.ObjectRef | list[ray.ObjectRef]) -> object:
+        """`ray.get` within `timeout_s`. Only a lost object raises `ObjectLostError`
+        (a miss); anything else (a timeout, a fetch from another node timing out, a
+        dead raylet) is this reader's trouble, not the object's: the index keeps
+        the object and the caller gets StoreUnavailableError."""
+        try:
+            return ray.get(refs, timeout=self.timeout_s)
+        except ObjectFetchTimedOutError as exc:  # an ObjectLostError, but nothing is lost
+            raise self._unavailable("Ray object fetch timed out", exc) from exc
+        except ObjectLostError:
+            raise
+        except RayError as exc:
+            raise self._unavailable("Ray object store failed", exc) from exc
 
     def _unavailable(self, what: str, exc: Exception) -> StoreUnavailableError:
         self._stats.add(errors=1)
