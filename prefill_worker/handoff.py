@@ -14,9 +14,10 @@ worker shuts down, and `wait_idle` lets it wait for them before it closes the st
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -69,9 +70,12 @@ class TailHandoff:
         CancelledError if the caller went away (the tail is then deleted once
         the put is through)."""
         publication = _Publication()
+        put_kv = functools.partial(
+            publish_prompt_kv, self.store, request_id, block_hashes, kv, first_block, with_tail
+        )
         self._enter()
         put = asyncio.get_running_loop().run_in_executor(
-            None, self._put, publication, request_id, block_hashes, kv, first_block, with_tail
+            None, self._put, publication, put_kv, request_id, with_tail
         )
         try:
             await asyncio.shield(put)
@@ -91,16 +95,14 @@ class TailHandoff:
     def _put(
         self,
         publication: _Publication,
+        put_kv: Callable[[], None],
         request_id: str,
-        block_hashes: Sequence[BlockHash],
-        kv: torch.Tensor,
-        first_block: int,
         with_tail: bool,
     ) -> None:
         try:
             error: BaseException | None = None
             try:
-                publish_prompt_kv(self.store, request_id, block_hashes, kv, first_block, with_tail)
+                put_kv()
             except BaseException as exc:  # re-raised below unless nobody is left to hear it
                 error = exc
             with publication.lock:

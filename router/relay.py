@@ -292,8 +292,9 @@ class RequestRelay:
             except grpc.aio.AioRpcError as err:
                 if err.code() == grpc.StatusCode.UNAVAILABLE:
                     continue  # the worker is gone: fail over to another one
-                # A deadline can pass after the worker put the tail: release it.
-                self._release_tail(handle, req.request_id)
+                if err.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+                    # Both can come after the worker put the tail: release it.
+                    self._release_tail(handle, req.request_id)
                 raise RelayError(err.code(), f"prefill failed: {err.details()}") from err
             except asyncio.CancelledError:
                 # The worker may have put the tail before the cancel reached it (its
