@@ -20,6 +20,9 @@ import torch
 # every key changes with it, so old blocks can never be read as new ones.
 LAYOUT_VERSION = 1
 
+DEFAULT_BLOCK_SIZE = 16
+"""Tokens per KV block unless a flag says otherwise: the one place it is defined."""
+
 # Payload dtypes the codec can carry, with the stable code written in headers.
 # The codes are part of the on-wire format: never renumber, only append.
 DTYPE_CODES: dict[torch.dtype, int] = {
@@ -47,7 +50,7 @@ class BlockSpec:
     """Key/value heads per layer (fewer than query heads under GQA/MQA)."""
     head_dim: int
     """Channels per head."""
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     """Tokens per full block."""
     dtype: torch.dtype = torch.float32
     """Element type of the payload."""
@@ -65,7 +68,7 @@ class BlockSpec:
 
     @classmethod
     def for_model(
-        cls, model_id: str, config: Any, dtype: torch.dtype, block_size: int = 16
+        cls, model_id: str, config: Any, dtype: torch.dtype, block_size: int = DEFAULT_BLOCK_SIZE
     ) -> BlockSpec:
         """The spec of a model whose config has `num_layers`, `num_kv_heads` and
         `head_dim` (duck-typed, so the store does not depend on the model package)."""
