@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from decode_worker.attention import paged_attention_reference, paged_attention_torch
+from decode_worker.kernels.paged_attention import paged_attention_reference, paged_attention_torch
 
 # (num_seqs, context_len, num_heads, num_kv_heads, head_dim): SmolLM-135M-like heads.
 SHAPES = [
@@ -90,7 +90,7 @@ def bench_shape(num_seqs, context_len, num_heads, num_kv_heads, head_dim, device
         f"{t_ref * 1e3:>8.2f}ms {t_torch * 1e3:>7.3f}ms {t_sdpa * 1e3:>7.3f}ms"
     )
     if device.type == "cuda":
-        from decode_worker.paged_attention_triton import paged_attention_triton
+        from decode_worker.kernels.paged_attention_triton import paged_attention_triton
 
         t_triton = time_call(lambda: paged_attention_triton(*inputs, scale), device)
         row += f" {t_triton * 1e3:>7.3f}ms"

@@ -13,14 +13,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from decode_worker.attention import (
-    check_paged_attention_args,
+from decode_worker.block_pool import BlockPool
+from decode_worker.kernels.contracts import check_paged_attention_args
+from decode_worker.kernels.kv_cache_write import write_kv_cache, write_kv_cache_torch
+from decode_worker.kernels.paged_attention import (
     gather_layout,
     paged_attention,
     paged_attention_torch,
 )
-from decode_worker.block_pool import BlockPool
-from decode_worker.kv_cache_write import write_kv_cache, write_kv_cache_torch
 from decode_worker.scheduler_output import ScheduledSequence, SchedulerOutput
 from model.attention import AttentionBackend
 from model.loader import LoadedModel

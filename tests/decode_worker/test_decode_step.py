@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decode_worker.attention import paged_attention
 from decode_worker.block_pool import BlockPool, BlockPoolConfig
-from decode_worker.kv_cache_write import write_kv_cache
+from decode_worker.kernels.kv_cache_write import write_kv_cache
+from decode_worker.kernels.paged_attention import paged_attention
 from decode_worker.scheduler import Scheduler, SchedulerConfig
 from decode_worker.sequence import SequenceRequest
 from kvstore.hashing import hash_block

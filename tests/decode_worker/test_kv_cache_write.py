@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decode_worker.kv_cache_write import write_kv_cache, write_kv_cache_reference
+from decode_worker.kernels.kv_cache_write import write_kv_cache, write_kv_cache_reference
 
-pytest.importorskip("decode_worker.kv_cache_write_triton")
+pytest.importorskip("decode_worker.kernels.kv_cache_write_triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (num_kv_heads, head_dim, block_size, slot dtype): every head dim, block size and slot

@@ -7,14 +7,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from decode_worker.attention import (
+from decode_worker.kernels.paged_attention import (
     gather_layout,
     paged_attention,
     paged_attention_reference,
     paged_attention_torch,
 )
 
-triton_module = pytest.importorskip("decode_worker.paged_attention_triton")
+triton_module = pytest.importorskip("decode_worker.kernels.paged_attention_triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -54,7 +54,7 @@ def compile_to_cubin(kernel, pointer_types: dict[str, str], constexprs: dict[str
 
 
 def compile_partition_kernel(is_single_partition: bool, dtype: str) -> None:
-    from decode_worker import paged_attention_triton
+    from decode_worker.kernels import paged_attention_triton
 
     pointer_types = {
         "query_ptr": f"*{dtype}",
@@ -84,7 +84,7 @@ def compile_partition_kernel(is_single_partition: bool, dtype: str) -> None:
 
 
 def compile_reduce_kernel() -> None:
-    from decode_worker import paged_attention_triton
+    from decode_worker.kernels import paged_attention_triton
 
     pointer_types = {
         "out_ptr": "*fp16",
@@ -102,7 +102,7 @@ def compile_reduce_kernel() -> None:
 
 
 def compile_write_kernel(slot_type: str) -> None:
-    from decode_worker import kv_cache_write_triton
+    from decode_worker.kernels import kv_cache_write_triton
 
     pointer_types = {
         "key_ptr": "*bf16",

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from decode_worker.attention import check_paged_attention_args
+from decode_worker.kernels.contracts import check_paged_attention_args
 
 # 512 tokens: long enough that a partition amortizes its partial write-out, short enough
 # that a batch of a few sequences at 4k+ context still yields hundreds of programs.
@@ -188,7 +188,7 @@ def paged_attention_triton(
     scale: float,
     partition_size: int | None = None,
 ) -> torch.Tensor:
-    """Launch the kernels; same contract as `decode_worker.attention.paged_attention`.
+    """Launch the kernels; same contract as `decode_worker.kernels.paged_attention.paged_attention`.
 
     `partition_size` (tokens, a multiple of the block size) forces a split; by default
     the context is split only when (num_seqs * num_kv_heads) programs would leave the

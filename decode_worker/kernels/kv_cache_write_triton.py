@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from decode_worker.kv_cache_write import check_write_kv_cache_args
+from decode_worker.kernels.contracts import check_write_kv_cache_args
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def write_kv_cache_triton(
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Launch the kernel; same contract as `decode_worker.kv_cache_write.write_kv_cache`."""
+    """Launch the kernel; same contract as `decode_worker.kernels.kv_cache_write.write_kv_cache`."""
     check_write_kv_cache_args(key, value, key_cache, value_cache, slot_mapping)
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:

@@ -1,30 +1,19 @@
 """The paged-attention op: one decode query per sequence against its paged KV cache.
 
-Layout (one layer):
-- `query` `[num_seqs, num_heads, head_dim]`: the token being decoded, one per sequence.
-- `key_cache`, `value_cache` `[num_blocks, block_size, num_kv_heads, head_dim]`.
-- `block_tables` int32 `[num_seqs, max_blocks_per_seq]`: logical block i of sequence s
-  lives in physical block `block_tables[s, i]`. Entries past a sequence's context are
-  padding and are never read (any value, 0 by convention).
-- `context_lens` int32 `[num_seqs]`: cached tokens per sequence, including the token
-  being decoded, whose K/V the caller has already written (so every length is >= 1).
-
-Query head h attends with KV head `h // (num_heads // num_kv_heads)` (MHA, GQA, MQA).
-Two implementations share this contract: a Triton kernel (CUDA; CPU under
-`TRITON_INTERPRET=1`) and a batched torch path (what CPU decode runs). Both are tested
-against `paged_attention_reference`, a per-sequence loop written to be obviously right.
+The layout and the argument checks are in `decode_worker.kernels.contracts`. Two
+implementations share them: a Triton kernel (CUDA; CPU under `TRITON_INTERPRET=1`,
+in `paged_attention_triton`) and a batched torch path (what CPU decode runs). Both
+are tested against `paged_attention_reference`, a per-sequence loop written to be
+obviously right.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-Backend = Literal["triton", "torch"]
-
-_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from decode_worker.kernels.contracts import Backend, check_paged_attention_args, pick_backend
 
 
 def paged_attention(
@@ -43,85 +32,14 @@ def paged_attention(
     Returns a new `[num_seqs, num_heads, head_dim]` tensor in `query.dtype`.
     """
     check_paged_attention_args(query, key_cache, value_cache, block_tables, context_lens)
-    if backend is None:
-        backend = "triton" if query.is_cuda else "torch"
-    if backend == "torch":
+    if pick_backend(backend, query) == "torch":
         return paged_attention_torch(
             query, key_cache, value_cache, block_tables, context_lens, scale
         )
-    if backend == "triton":
-        # Imported here so that a CPU-only install without Triton can still decode.
-        from decode_worker.paged_attention_triton import paged_attention_triton
+    # Imported here so that a CPU-only install without Triton can still decode.
+    from decode_worker.kernels.paged_attention_triton import paged_attention_triton
 
-        return paged_attention_triton(
-            query, key_cache, value_cache, block_tables, context_lens, scale
-        )
-    raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
-
-
-def check_paged_attention_args(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-) -> None:
-    """Raise ValueError naming the first argument whose shape, dtype, device or strides
-    do not match the layout in this module's docstring. Never reads tensor values, so
-    it costs no device synchronization."""
-    if query.dim() != 3:
-        raise ValueError(f"query must be [num_seqs, num_heads, head_dim], got {_shape(query)}")
-    if key_cache.dim() != 4:
-        raise ValueError(
-            "key_cache must be [num_blocks, block_size, num_kv_heads, head_dim], "
-            f"got {_shape(key_cache)}"
-        )
-    if value_cache.shape != key_cache.shape:
-        raise ValueError(
-            f"value_cache shape {_shape(value_cache)} != key_cache shape {_shape(key_cache)}"
-        )
-    num_seqs, num_heads, head_dim = query.shape
-    _, _, num_kv_heads, cache_head_dim = key_cache.shape
-    if cache_head_dim != head_dim:
-        raise ValueError(f"query head_dim {head_dim} != cache head_dim {cache_head_dim}")
-    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
-        raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}")
-    if query.dtype not in _CACHE_DTYPES:
-        raise ValueError(f"query dtype must be one of {_CACHE_DTYPES}, got {query.dtype}")
-    for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
-        if cache.dtype != query.dtype:
-            raise ValueError(f"{name} dtype {cache.dtype} != query dtype {query.dtype}")
-    if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
-        raise ValueError(
-            f"block_tables must be [num_seqs={num_seqs}, max_blocks_per_seq], "
-            f"got {_shape(block_tables)}"
-        )
-    if context_lens.shape != (num_seqs,):
-        raise ValueError(f"context_lens must be [num_seqs={num_seqs}], got {_shape(context_lens)}")
-    for name, index in (("block_tables", block_tables), ("context_lens", context_lens)):
-        if index.dtype != torch.int32:
-            raise ValueError(f"{name} must be int32, got {index.dtype}")
-    for name, tensor in (
-        ("key_cache", key_cache),
-        ("value_cache", value_cache),
-        ("block_tables", block_tables),
-        ("context_lens", context_lens),
-    ):
-        if tensor.device != query.device:
-            raise ValueError(f"{name} is on {tensor.device}, query is on {query.device}")
-    # The kernels walk rows with explicit strides but read each head vector (and each
-    # block-table row) as one contiguous run.
-    for name, tensor in (
-        ("query", query),
-        ("key_cache", key_cache),
-        ("value_cache", value_cache),
-        ("block_tables", block_tables),
-        ("context_lens", context_lens),
-    ):
-        if tensor.numel() > 0 and tensor.stride(-1) != 1:
-            raise ValueError(
-                f"{name} must have a contiguous last dimension, strides {tensor.stride()}"
-            )
+    return paged_attention_triton(query, key_cache, value_cache, block_tables, context_lens, scale)
 
 
 @dataclass(frozen=True)
@@ -238,7 +156,3 @@ def paged_attention_reference(
             scores = (k[:, kv_head] @ query[seq, head].float()) * scale  # [context_len]
             out[seq, head] = (torch.softmax(scores, dim=0) @ v[:, kv_head]).to(query.dtype)
     return out
-
-
-def _shape(tensor: torch.Tensor) -> list[int]:
-    return list(tensor.shape)
