@@ -45,12 +45,12 @@ def open_store(url: str, spec: BlockSpec, **options: Any) -> KVStore:
 
         store: KVStore = MemoryStore(spec, **options)
     elif scheme in ("redis", "rediss"):
-        from kvstore.redis_store import RedisStore
+        from kvstore.redis.store import RedisStore
 
         redis_url = parts._replace(query=passthrough).geturl()
         store = RedisStore(redis_url, spec, **options)
     elif scheme == "ray":
-        from kvstore.ray_store import RayStore
+        from kvstore.ray.store import RayStore
 
         store = RayStore(spec, **options)
     else:

@@ -53,15 +53,22 @@ class LocalCachedStore(KVStore):
             self._blocks.put(block_hash, kv.detach().to("cpu", copy=True), self.spec.nbytes)
         self._stats.add(bytes_in=len(blocks) * self.spec.nbytes)
 
-    def get(self, hashes: Sequence[BlockHash]) -> list[torch.Tensor | None]:
+    def _get_blocks(
+        self, hashes: Sequence[BlockHash], out: list[torch.Tensor | None]
+    ) -> list[torch.Tensor | None]:
         local = [self._blocks.get(block_hash) for block_hash in hashes]
-        blocks = [None if kv is None else kv.clone() for kv in local]
+        blocks: list[torch.Tensor | None] = [
+            None if kv is None else (kv.clone() if dest is None else dest.copy_(kv))
+            for kv, dest in zip(local, out, strict=True)
+        ]
         missing = [i for i, kv in enumerate(local) if kv is None]
         if missing:
             fetched = self.backend.get([hashes[i] for i in missing])
             for i, kv in zip(missing, fetched, strict=True):
                 if kv is not None:
                     self._blocks.put(hashes[i], kv.clone(), self.spec.nbytes)
+                    if out[i] is not None:
+                        kv = out[i].copy_(kv)
                 blocks[i] = kv
         num_hits = sum(kv is not None for kv in blocks)
         self._local_stats.add(hits=len(hashes) - len(missing))

@@ -51,9 +51,11 @@ class MemoryStore(KVStore):
             self._blocks.put(block_hash, kv.detach().to("cpu", copy=True), self.spec.nbytes)
         self._stats.add(bytes_in=len(blocks) * self.spec.nbytes)
 
-    def get(self, hashes: Sequence[BlockHash]) -> list[torch.Tensor | None]:
+    def _get_blocks(
+        self, hashes: Sequence[BlockHash], out: list[torch.Tensor | None]
+    ) -> list[torch.Tensor | None]:
         found = [self._blocks.get(block_hash) for block_hash in hashes]
-        blocks = [None if kv is None else kv.clone() for kv in found]
+        blocks = [_copy_out(kv, dest) for kv, dest in zip(found, out, strict=True)]
         num_hits = sum(kv is not None for kv in blocks)
         self._stats.add(
             hits=num_hits,
@@ -93,3 +95,10 @@ class MemoryStore(KVStore):
 
     def close(self) -> None:
         pass
+
+
+def _copy_out(kv: torch.Tensor | None, dest: torch.Tensor | None) -> torch.Tensor | None:
+    """A private copy of a held block: into `dest` when given, else a new tensor."""
+    if kv is None:
+        return None
+    return kv.clone() if dest is None else dest.copy_(kv)

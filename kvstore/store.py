@@ -63,24 +63,28 @@ class KVStore(ABC):
         anything is written).
         """
 
-    @abstractmethod
     def get(self, hashes: Sequence[BlockHash]) -> list[torch.Tensor | None]:
         """The blocks for `hashes` in order, `None` for each missing or corrupt one."""
+        return self._get_blocks(hashes, [None] * len(hashes))
 
     def get_into(self, hashes: Sequence[BlockHash], out: Sequence[torch.Tensor]) -> list[bool]:
         """Like `get`, but decodes block `i` into `out[i]` (any device, `spec.shape`).
 
         Returns which blocks were found; `out[i]` is left untouched for a miss.
-        Backends override this to skip the intermediate tensor.
         """
         if len(out) != len(hashes):
             raise ValueError(f"{len(hashes)} hashes but {len(out)} output tensors")
-        found = []
-        for block, dest in zip(self.get(hashes), out, strict=True):
-            if block is not None:
-                dest.copy_(block)
-            found.append(block is not None)
-        return found
+        return [kv is not None for kv in self._get_blocks(hashes, list(out))]
+
+    @abstractmethod
+    def _get_blocks(
+        self, hashes: Sequence[BlockHash], out: list[torch.Tensor | None]
+    ) -> list[torch.Tensor | None]:
+        """What `get` and `get_into` share: block `i` lands in `out[i]` when that is a
+        tensor (left untouched on a miss) and in a new CPU tensor when it is `None`.
+        Returns the tensor each block landed in, `None` for a miss or a corrupt block.
+        Backends decode straight into `out[i]` where they can, skipping a copy.
+        """
 
     @abstractmethod
     def put_tail(self, request_id: str, kv: torch.Tensor) -> None:

@@ -74,7 +74,7 @@ def main() -> None:
 def run_ray(num_blocks: int, batch_size: int, num_repeats: int, num_warmups: int) -> None:
     import ray
 
-    from kvstore.ray_store import RayStore
+    from kvstore.ray.store import RayStore
 
     spec = SPEC_135M
     round_bytes = num_blocks * spec.nbytes

@@ -14,7 +14,7 @@ from benchmarks.kvstore.measure import Throughput, batches, timed
 from benchmarks.kvstore.workloads import prompt_hashes
 
 if TYPE_CHECKING:
-    from kvstore.ray_store import RayStore
+    from kvstore.ray.store import RayStore
 
 
 def report(name: str, ours: Throughput, raw: Throughput | None, raw_name: str = "raw") -> None:

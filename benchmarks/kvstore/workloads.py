@@ -14,7 +14,7 @@ from kvstore.spec import BlockSpec
 from kvstore.store import KVStore
 
 if TYPE_CHECKING:
-    from kvstore.ray_store import RayStore
+    from kvstore.ray.store import RayStore
 
 SPEC_135M = BlockSpec("dummy:135m", num_layers=30, num_kv_heads=3, head_dim=64, block_size=16)
 
@@ -66,7 +66,7 @@ class ColdReader:
     prefill worker wrote."""
 
     def __init__(self, spec: BlockSpec, namespace: str, num_blocks: int) -> None:
-        from kvstore.ray_store import RayStore
+        from kvstore.ray.store import RayStore
 
         self.store = RayStore(spec, namespace=namespace, ref_cache_bytes=0)
         self.out = [torch.empty(spec.shape, dtype=spec.dtype) for _ in range(num_blocks)]

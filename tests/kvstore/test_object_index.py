@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvstore.object_index import Located, ObjectIndex
-from kvstore.ray_index import RayBlockIndex, StoredBatch, group_by_object
+from kvstore.ray.index_actor import RayBlockIndex, StoredBatch, group_by_object
+from kvstore.ray.object_index import Located, ObjectIndex
 
 H = [bytes([i]) * 16 for i in range(8)]
 

@@ -59,7 +59,7 @@ def test_block_put_on_one_node_is_read_on_the_other(two_node_cluster: None) -> N
         """Puts blocks from node A and stays alive: it owns their objects."""
 
         def put(self, blocks: list[tuple[bytes, torch.Tensor]]) -> str:
-            from kvstore.ray_store import RayStore
+            from kvstore.ray.store import RayStore
 
             RayStore(SPEC, namespace="two-node").put(blocks)
             return ray.get_runtime_context().get_node_id()
@@ -68,7 +68,7 @@ def test_block_put_on_one_node_is_read_on_the_other(two_node_cluster: None) -> N
     # reader's own memory.
     @ray.remote(num_cpus=0, resources={"node_b": 1}, max_calls=1)
     def read(hashes: list[bytes]) -> tuple[str, int, list[torch.Tensor | None], int]:
-        from kvstore.ray_store import RayStore
+        from kvstore.ray.store import RayStore
 
         store = RayStore(SPEC, namespace="two-node")
         num_present = store.lookup(hashes)

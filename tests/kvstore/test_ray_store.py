@@ -14,8 +14,8 @@ import torch
 from tiny_blocks import TINY_SPEC, make_block
 
 from kvstore.hashing import hash_token_blocks
-from kvstore.ray_index import object_key
-from kvstore.ray_store import RayStore
+from kvstore.ray.index_actor import object_key
+from kvstore.ray.store import RayStore
 from kvstore.store import StoreUnavailableError
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -89,7 +89,7 @@ def test_a_put_is_one_object_and_any_subset_reads_back(open_ray_store: OpenStore
 def test_a_large_put_is_split_into_objects_of_bounded_size(
     open_ray_store: OpenStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kvstore import ray_store
+    from kvstore.ray import store as ray_store
 
     monkeypatch.setattr(ray_store, "MAX_OBJECT_BYTES", 2 * NBYTES)
     writer, reader = open_ray_store(), open_ray_store(ref_cache_bytes=0)
@@ -211,7 +211,7 @@ def test_a_dead_writers_blocks_leave_the_ref_cache_and_the_index(
         """Owns the objects it puts; they are lost when it dies."""
 
         def put(self, namespace: str, spec: object, blocks: list) -> None:
-            from kvstore.ray_store import RayStore
+            from kvstore.ray.store import RayStore
 
             self.store = RayStore(spec, namespace=namespace)  # holds the refs until it dies
             self.store.put(blocks)

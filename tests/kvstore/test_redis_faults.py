@@ -17,7 +17,7 @@ from tiny_blocks import TINY_SPEC, make_block
 from kvstore.codec import BlockCodec, tail_key
 from kvstore.hashing import hash_token_blocks
 from kvstore.local_cache import LocalCachedStore
-from kvstore.redis_store import RedisStore
+from kvstore.redis.store import RedisStore
 from kvstore.spec import BlockSpec
 from kvstore.stats import StoreStats
 from kvstore.store import StoreUnavailableError

@@ -16,7 +16,7 @@ from tiny_blocks import TINY_SPEC, make_block
 
 from kvstore.codec import HEADER_LEN
 from kvstore.hashing import hash_token_blocks
-from kvstore.redis_store import RedisStore
+from kvstore.redis.store import RedisStore
 from kvstore.stats import StoreStats
 from kvstore.store import StoreUnavailableError
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from kvstore.resp_reader import RespReader
+from kvstore.redis.resp_reader import RespReader
 
 
 @pytest.fixture

@@ -219,9 +219,9 @@ def test_concurrent_callers(store: KVStore) -> None:
 def test_ray_corrupt_objects_are_counted_misses(local_ray: None) -> None:
     import ray
 
-    from kvstore.block_batch import pack_blocks
     from kvstore.codec import BlockCodec
-    from kvstore.ray_index import StoredBatch
+    from kvstore.ray.block_batch import pack_blocks
+    from kvstore.ray.index_actor import StoredBatch
 
     store = open_store("ray://?namespace=test-contract", TINY_SPEC)
     codec = BlockCodec(TINY_SPEC)

@@ -10,7 +10,7 @@ from kvstore.factory import open_store
 from kvstore.hashing import hash_token_blocks
 from kvstore.local_cache import LocalCachedStore
 from kvstore.memory_store import MemoryStore
-from kvstore.redis_store import RedisStore
+from kvstore.redis.store import RedisStore
 
 HASHES = hash_token_blocks(list(range(16)), TINY_SPEC.block_size, TINY_SPEC.fingerprint)
 

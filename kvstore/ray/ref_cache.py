@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Generic
 
 from kvstore.hashing import BlockHash
-from kvstore.object_index import H, Located, ObjectIndex, ObjectKey
+from kvstore.ray.object_index import H, Located, ObjectIndex, ObjectKey
 
 # Touched hashes waiting for the next index call; past this, reads are not reported
 # (a store that never calls the index again must not grow without bound).

@@ -1,11 +1,11 @@
 """`ray`: blocks in the Ray object store, indexed by one named actor per model.
 
-A `put` stores its blocks as few objects as it can (`kvstore.block_batch`: why,
+A `put` stores its blocks as few objects as it can (`kvstore.ray.block_batch`: why,
 and the layout), at most `MAX_OBJECT_BYTES` each, and tells the index actor
-(`kvstore.ray_index`) in one call. `ray.get` on the same node returns the
+(`kvstore.ray.index_actor`) in one call. `ray.get` on the same node returns the
 payloads as zero-copy views of shared memory; the codec checks each header and
 checksum before the block is copied into the caller's tensor. Each store object
-also holds the refs of what it put and located (`kvstore.ray_ref_cache`), so a
+also holds the refs of what it put and located (`kvstore.ray.ref_cache`), so a
 repeated `get` needs no actor call.
 
 Lifetime: Ray >= 2.56 removed `ray.put(_owner=...)`, so every object is owned by
@@ -31,12 +31,12 @@ import ray
 import torch
 from ray.exceptions import ObjectFetchTimedOutError, ObjectLostError, RayError
 
-from kvstore.block_batch import pack_blocks, unpack_block
 from kvstore.codec import BlockCodec, BlockCodecError, tail_key
 from kvstore.hashing import BlockHash
-from kvstore.object_index import Located, ObjectKey
-from kvstore.ray_index import RayBlockIndex, StoredBatch, object_key
-from kvstore.ray_ref_cache import RefCache
+from kvstore.ray.block_batch import pack_blocks, unpack_block
+from kvstore.ray.index_actor import RayBlockIndex, StoredBatch, object_key
+from kvstore.ray.object_index import Located, ObjectKey
+from kvstore.ray.ref_cache import RefCache
 from kvstore.spec import BlockSpec
 from kvstore.stats import StatsRecorder, StoreStats
 from kvstore.store import KVStore, StoreUnavailableError
@@ -129,15 +129,7 @@ class RayStore(KVStore):
             self._ref_cache.add_put(object_key(batch.ref), batch.ref, positions, batch.num_bytes)
         self._stats.add(bytes_in=len(blocks) * self.spec.nbytes)
 
-    def get(self, hashes: Sequence[BlockHash]) -> list[torch.Tensor | None]:
-        return self._get(hashes, [None] * len(hashes))
-
-    def get_into(self, hashes: Sequence[BlockHash], out: Sequence[torch.Tensor]) -> list[bool]:
-        if len(out) != len(hashes):
-            raise ValueError(f"{len(hashes)} hashes but {len(out)} output tensors")
-        return [kv is not None for kv in self._get(hashes, list(out))]
-
-    def _get(
+    def _get_blocks(
         self, hashes: Sequence[BlockHash], out: list[torch.Tensor | None]
     ) -> list[torch.Tensor | None]:
         if not hashes:

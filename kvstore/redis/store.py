@@ -13,8 +13,8 @@ from redis.retry import Retry
 
 from kvstore.codec import HEADER_LEN, BlockCodec, BlockCodecError, tail_key
 from kvstore.hashing import BlockHash
-from kvstore.resp_packer import ScatterValue, ZeroCopyRespPacker
-from kvstore.resp_reader import RespReader
+from kvstore.redis.resp_packer import ScatterValue, ZeroCopyRespPacker
+from kvstore.redis.resp_reader import RespReader
 from kvstore.spec import BlockSpec
 from kvstore.stats import StatsRecorder, StoreStats
 from kvstore.store import KVStore, StoreUnavailableError
@@ -117,15 +117,7 @@ class RedisStore(KVStore):
         self._pipeline(run)
         self._stats.add(bytes_in=len(blocks) * self.spec.nbytes)
 
-    def get(self, hashes: Sequence[BlockHash]) -> list[torch.Tensor | None]:
-        return self._get(hashes, [None] * len(hashes))
-
-    def get_into(self, hashes: Sequence[BlockHash], out: Sequence[torch.Tensor]) -> list[bool]:
-        if len(out) != len(hashes):
-            raise ValueError(f"{len(hashes)} hashes but {len(out)} output tensors")
-        return [kv is not None for kv in self._get(hashes, list(out))]
-
-    def _get(
+    def _get_blocks(
         self, hashes: Sequence[BlockHash], out: list[torch.Tensor | None]
     ) -> list[torch.Tensor | None]:
         """One GETEX pipeline, its replies received past hiredis (`RespReader`).

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from kvstore.hashing import BlockHash
-from kvstore.object_index import Located, ObjectIndex, ObjectKey
+from kvstore.ray.object_index import Located, ObjectIndex, ObjectKey
 from kvstore.tail_table import ExpiringTable
 
 ObjectRef = Any
