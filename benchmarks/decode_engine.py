@@ -33,12 +33,13 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from decode_worker.engine import DecodeEngine, EngineConfig, EngineRequest
+from decode_worker.config import EngineConfig
+from decode_worker.engine import DecodeEngine, EngineRequest
 from model.attention import ContiguousKVAttention
 from model.config import ModelConfig
 from model.loader import LoadedModel, available_cores, load_model
 from model.presets import preset_tensors
-from model.sampling import SamplingParams
+from model.sampling_params import SamplingParams
 
 MODEL = "dummy:135m"
 FINGERPRINT = b"benchmark-decode"

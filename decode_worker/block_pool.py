@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvstore.hashing import DEFAULT_BLOCK_SIZE
+
 BlockHash = bytes
 
 
@@ -41,7 +43,7 @@ class BlockPoolConfig:
 
     num_blocks: int
     """Blocks in the pool (each holds `block_size` tokens of every layer's K and V)."""
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     """Tokens per block; must match the KV store's block size."""
     num_layers: int = 1
     """Transformer layers; one K and one V cache per layer."""

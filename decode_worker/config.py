@@ -1,49 +1,49 @@
-"""How a decode worker runs."""
+"""How a decode worker runs: its engine's pool and batch sizes, and the worker around it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from decode_worker.engine import EngineConfig
+from decode_worker.scheduler import SchedulerConfig
+from kvstore.hashing import DEFAULT_BLOCK_SIZE
+from model.runtime import ModelRuntime
 from rpc.worker_server import WorkerAddress
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    """Pool and batch sizes of one decode engine."""
+
+    kv_cache_bytes: int = 512 * 1024 * 1024
+    """Memory for the KV pool; the number of blocks follows from the model's shape."""
+    num_blocks: int | None = None
+    """Pool size in blocks; overrides kv_cache_bytes (tests use tiny pools)."""
+    block_size: int = DEFAULT_BLOCK_SIZE
+    """Tokens per block; must match the KV store's."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Batch limits, the admission watermark and prefix reuse."""
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_bytes <= 0 or (self.num_blocks is not None and self.num_blocks <= 0):
+            raise ValueError("kv_cache_bytes and num_blocks must be positive")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+
+
+@dataclass(frozen=True)
 class DecodeConfig:
-    model: str = "dummy:tiny"
-    """Model name (`dummy:*`) or local Hugging Face directory."""
-    address: str = "127.0.0.1:0"
-    """host:port to serve on; port 0 picks a free one."""
-    advertise_address: str | None = None
-    """host:port the router should dial; defaults to `address` with the bound port."""
-    router: str | None = None
-    """Router's host:port to register with; None runs unregistered (tests)."""
+    where: WorkerAddress = field(default_factory=WorkerAddress)
+    """Where it serves and whom it registers with."""
+    runtime: ModelRuntime = field(default_factory=ModelRuntime)
+    """The model, its dtype, device and threads."""
     store_url: str = "memory"
     """KV store URL (`redis://...`, `ray`, `memory`)."""
-    worker_id: str = ""
-    """Unique id; empty means `decode-<host>:<port>`."""
-    dtype: str | None = None
-    """float32, bfloat16 or float16; default float32 on CPU, bfloat16 on CUDA."""
-    device: str = "cpu"
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Pool and batch sizes."""
     max_local_prefill_len: int = 0
     """Prompts up to this many tokens skip the prefill workers and are prefilled here;
     0 sends every prompt through a prefill worker when one is registered."""
-    num_threads: int | None = None
-    """torch threads; default: the cores this process may run on."""
-    metrics_port: int | None = None
-    """Port for Prometheus `/metrics`; None turns it off, 0 picks a free one."""
-
-    @property
-    def where(self) -> WorkerAddress:
-        """Where it serves and whom it registers with."""
-        return WorkerAddress(
-            self.address, self.advertise_address, self.worker_id, self.router, self.metrics_port
-        )
 
     def __post_init__(self) -> None:
         if self.max_local_prefill_len < 0:
             raise ValueError("max_local_prefill_len must be >= 0")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError("num_threads must be >= 1")

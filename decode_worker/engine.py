@@ -17,37 +17,14 @@ from dataclasses import dataclass, field
 import torch
 
 from decode_worker.block_pool import BlockPool, BlockPoolConfig
+from decode_worker.config import EngineConfig
 from decode_worker.model_runner import ModelRunner
-from decode_worker.scheduler import Scheduler, SchedulerConfig
+from decode_worker.scheduler import Scheduler
 from decode_worker.sequence import SequenceRequest, SequenceStatus
 from kvstore.hashing import BlockHash, hash_block
 from model.loader import LoadedModel
-from model.sampling import FinishReason, SamplingParams, sample
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Pool and batch sizes of one decode engine."""
-
-    kv_cache_bytes: int = 512 * 1024 * 1024
-    """Memory for the KV pool; the number of blocks follows from the model's shape."""
-    num_blocks: int | None = None
-    """Pool size in blocks; overrides kv_cache_bytes (tests use tiny pools)."""
-    block_size: int = 16
-    """Tokens per block; must match the KV store's."""
-    max_num_seqs: int = 64
-    """Running sequences at most."""
-    max_num_batched_tokens: int = 512
-    """Tokens per forward pass; longer prompts are prefilled in chunks."""
-    watermark: float = 0.01
-    """Fraction of blocks admission keeps free for running sequences to grow into."""
-    enable_prefix_cache: bool = True
-    """Reuse blocks resident in the pool by hash (off: every request brings or
-    computes all of its K/V, for comparisons)."""
-
-    def __post_init__(self) -> None:
-        if self.kv_cache_bytes <= 0 or (self.num_blocks is not None and self.num_blocks <= 0):
-            raise ValueError("kv_cache_bytes and num_blocks must be positive")
+from model.sampling import sample
+from model.sampling_params import FinishReason, SamplingParams, stop_token_set
 
 
 @dataclass(frozen=True)
@@ -80,6 +57,25 @@ class TokenOutput:
     first admitted (0 for K/V provided by the caller)."""
     admitted_ns: int
     """Wall clock (ns) when the request first joined the running batch."""
+
+
+@dataclass(frozen=True)
+class DecodeStats:
+    """A snapshot of one decode engine, for heartbeats, metrics and `GetStats`."""
+
+    num_waiting: int
+    """Requests not yet admitted to the running batch."""
+    num_running: int
+    num_blocks: int
+    """Blocks in the KV pool."""
+    num_used_blocks: int
+    """Blocks held by requests."""
+    kv_usage: float
+    """`num_used_blocks / num_blocks`."""
+    num_computed_tokens_total: int
+    num_generated_tokens_total: int
+    num_finished_requests_total: int
+    num_preemptions_total: int
 
 
 @dataclass
@@ -121,16 +117,7 @@ class DecodeEngine:
         self.config = config
         self.fingerprint = fingerprint
         self.pool = BlockPool(pool_config)
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                config.max_num_seqs,
-                config.max_num_batched_tokens,
-                config.watermark,
-                config.enable_prefix_cache,
-            ),
-            self.pool,
-            self._hash_block,
-        )
+        self.scheduler = Scheduler(config.scheduler, self.pool, self._hash_block)
         self.runner = ModelRunner(loaded, self.pool)
         self.counters = EngineCounters()
         self._requests: dict[str, _Request] = {}
@@ -144,9 +131,6 @@ class DecodeEngine:
         the pool, ValueError for a duplicate id or an inconsistent request."""
         sampling = request.sampling
         output = (request.first_token[0],) if request.first_token else ()
-        stop_ids = set(sampling.stop_token_ids)
-        if not sampling.ignore_eos:
-            stop_ids.update(self.loaded.config.eos_token_ids)
         num_provided = (
             request.provided_start_block * self.config.block_size
             + sum(kv.shape[2] for kv in request.provided_kv)
@@ -159,7 +143,7 @@ class DecodeEngine:
                 prompt_token_ids=tuple(request.prompt_token_ids),
                 output_token_ids=output,
                 max_new_tokens=sampling.max_tokens,
-                stop_token_ids=frozenset(stop_ids),
+                stop_token_ids=stop_token_set(sampling, self.loaded.config.eos_token_ids),
                 num_provided_tokens=num_provided,
                 provided_start_block=request.provided_start_block,
             )
@@ -177,6 +161,29 @@ class DecodeEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def count_resident(self, block_hashes: Sequence[BlockHash]) -> int:
+        """Leading blocks of the chain that admission would reuse from the pool (0 with
+        prefix reuse off)."""
+        if not self.config.scheduler.enable_prefix_caching:
+            return 0
+        return self.pool.lookup_prefix(block_hashes)
+
+    def stats(self) -> DecodeStats:
+        """May be read from another thread without a lock: each field is one read of
+        a counter or a length, and the snapshot is for reporting only."""
+        counters = self.counters
+        return DecodeStats(
+            num_waiting=self.scheduler.num_waiting,
+            num_running=self.scheduler.num_running,
+            num_blocks=self.pool.num_blocks,
+            num_used_blocks=self.pool.num_used_blocks,
+            kv_usage=self.pool.usage(),
+            num_computed_tokens_total=counters.num_computed_tokens_total,
+            num_generated_tokens_total=counters.num_generated_tokens_total,
+            num_finished_requests_total=counters.num_finished_requests_total,
+            num_preemptions_total=counters.num_preemptions_total,
+        )
 
     def step(self) -> list[TokenOutput]:
         step = self.scheduler.schedule()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from decode_worker.engine import DecodeEngine, EngineRequest, TokenOutput
+from decode_worker.engine import DecodeEngine, DecodeStats, EngineRequest, TokenOutput
 from decode_worker.scheduler import RequestTooLargeError
 from kvstore.hashing import BlockHash
 
@@ -62,17 +62,11 @@ class EngineLoop:
     def count_resident(self, block_hashes: Sequence[BlockHash]) -> int:
         """Leading blocks resident in the pool. Read from another thread without a lock:
         each lookup is one dict read, and the answer is advice (admission re-checks)."""
-        if not self.engine.config.enable_prefix_cache:
-            return 0
-        return self.engine.pool.lookup_prefix(block_hashes)
+        return self.engine.count_resident(block_hashes)
 
-    @property
-    def num_waiting(self) -> int:
-        return self.engine.scheduler.num_waiting
-
-    @property
-    def num_running(self) -> int:
-        return self.engine.scheduler.num_running
+    def stats(self) -> DecodeStats:
+        """The engine's snapshot; safe from any thread."""
+        return self.engine.stats()
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 
 import torch
 
 from kvstore import BlockHash, KVStore, StoreUnavailableError
+from kvstore.tail_lease import TailLease
 
 log = logging.getLogger(__name__)
 
@@ -15,14 +17,16 @@ log = logging.getLogger(__name__)
 def fetch_prompt_kv(
     store: KVStore,
     block_hashes: Sequence[BlockHash],
-    request_id: str,
-    with_tail: bool,
+    tail_id: str = "",
 ) -> list[torch.Tensor]:
     """The consecutive blocks of `block_hashes` that the store returns, then the
-    request's tail when every block came back. A missing or corrupt block ends the
+    tail stored under `tail_id` (if not empty) when every block came back. A missing or corrupt block ends the
     list there: the engine computes what was not provided, so a miss costs time,
-    never correctness. An unreachable store provides nothing. The tail is deleted
-    from the store once read (it belongs to this one request)."""
+    never correctness. An unreachable store provides nothing.
+
+    With a `tail_id` this worker owns the tail (phase 3 of `kvstore.tail_lease`):
+    it is deleted once read, whether or not it could be used. Blocking; call it
+    in a thread."""
     try:
         blocks = store.get(block_hashes) if block_hashes else []
         provided: list[torch.Tensor] = []
@@ -30,12 +34,12 @@ def fetch_prompt_kv(
             if block is None:
                 break
             provided.append(block)
-        if with_tail:
-            tail = store.get_tail(request_id)
-            store.delete_tail(request_id)
+        if tail_id:
+            with TailLease(functools.partial(store.delete_tail, tail_id), tail_id):
+                tail = store.get_tail(tail_id)
             if tail is not None and len(provided) == len(block_hashes):
                 provided.append(tail)
         return provided
     except StoreUnavailableError as err:
-        log.warning("KV store unavailable, recomputing request %s: %s", request_id, err)
+        log.warning("KV store unavailable, recomputing the prompt: %s", err)
         return []

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from decode_worker.block_pool import BlockHash, BlockPool
 from decode_worker.scheduler_output import KVFill, ScheduledSequence, SchedulerOutput
 from decode_worker.sequence import Sequence, SequenceRequest, SequenceStatus
-from model.sampling import FinishReason
+from model.sampling_params import FinishReason, finish_reason
 
 HashBlockFn = Callable[[BlockHash | None, SequenceOf[int]], BlockHash]
 """`hash_block(parent, token_ids)`: hash of a full block given its predecessor's hash
@@ -180,13 +180,12 @@ class Scheduler:
                 continue
             token_id = sampled_token_ids[seq.request_id]
             seq.token_ids.append(token_id)
-            if token_id in seq.stop_token_ids:
-                self._finish(seq, FinishReason.STOP)
-            elif seq.num_output_tokens >= seq.max_new_tokens:
-                self._finish(seq, FinishReason.LENGTH)
-            else:
-                continue
-            finished.append(seq)
+            reason = finish_reason(
+                token_id, seq.num_output_tokens, seq.stop_token_ids, seq.max_new_tokens
+            )
+            if reason is not None:
+                self._finish(seq, reason)
+                finished.append(seq)
         return finished
 
     def finish(self, request_id: str, reason: FinishReason) -> bool:

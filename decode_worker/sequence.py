@@ -13,7 +13,7 @@ import enum
 from dataclasses import dataclass, field
 
 from decode_worker.block_pool import BlockHash
-from model.sampling import FinishReason
+from model.sampling_params import FinishReason
 
 
 class SequenceStatus(enum.Enum):

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_remote(args, text_prompts, token_id_prompts)
     # Imported here so `kvrelay --help` does not pay for importing torch.
     from deploy.local_generate import LocalGenerateRequest, run_local_generate
-    from model.sampling import SamplingParams
+    from model.sampling_params import SamplingParams
 
     try:
         params = SamplingParams(

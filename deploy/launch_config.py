@@ -7,13 +7,16 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import parse_qsl, urlsplit
 
+from deploy.worker_flags import WorkerOptions
+
 
 @dataclass(frozen=True)
 class LaunchConfig:
     """One kvrelay cluster on Ray: a router and its prefill and decode workers."""
 
-    model: str = "dummy:tiny"
-    """HF directory (present at the same path on every node) or a `dummy:*` preset."""
+    workers: WorkerOptions = field(default_factory=WorkerOptions)
+    """Model, dtype and sizes of every worker. The model is a path present on every
+    node, or a preset; `device` and `num_threads` are set per actor by the launcher."""
     num_prefill_workers: int = 1
     """Prefill worker actors."""
     num_decode_workers: int = 1
@@ -27,14 +30,6 @@ class LaunchConfig:
     num_gpus_per_worker: float | None = None
     """GPUs each worker reserves; None: 1 where the cluster has GPUs, else 0. A
     worker with a GPU runs the model on `cuda`."""
-    dtype: str | None = None
-    """float32, bfloat16 or float16; None: float32 on CPU, bfloat16 on CUDA."""
-    block_size: int = 16
-    """Tokens per KV block."""
-    kv_cache_gb: float = 0.5
-    """Memory for each decode worker's KV pool, GiB."""
-    max_num_seqs: int = 64
-    """Requests a decode worker runs at once."""
     router_resources: Mapping[str, float] = field(default_factory=dict)
     """Extra Ray resources the router asks for (custom node resources pin it)."""
     prefill_resources: Mapping[str, float] = field(default_factory=dict)
@@ -56,8 +51,6 @@ class LaunchConfig:
             raise ValueError("num_cpus_per_actor must be > 0")
         if self.num_gpus_per_worker is not None and self.num_gpus_per_worker < 0:
             raise ValueError("num_gpus_per_worker must be >= 0")
-        if self.block_size < 1 or self.kv_cache_gb <= 0 or self.max_num_seqs < 1:
-            raise ValueError("block_size, kv_cache_gb and max_num_seqs must be positive")
         if self.ready_timeout_s <= 0:
             raise ValueError("ready_timeout_s must be > 0")
         scheme = urlsplit(self.store_url).scheme or self.store_url
@@ -69,6 +62,10 @@ class LaunchConfig:
             )
         for name in ("router_resources", "prefill_resources", "decode_resources"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+
+    @property
+    def model(self) -> str:
+        return self.workers.model
 
     @property
     def num_workers(self) -> int:

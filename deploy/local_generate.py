@@ -15,12 +15,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
-from decode_worker.engine import DecodeEngine, EngineConfig, EngineRequest, TokenOutput
+from decode_worker.config import EngineConfig
+from decode_worker.engine import DecodeEngine, EngineRequest, TokenOutput
 from decode_worker.scheduler import RequestTooLargeError
 from deploy.cli_errors import UsageError
 from kvstore.spec import BlockSpec
 from model.loader import LoadedModel, load_model, parse_dtype
-from model.sampling import FinishReason, SamplingParams
+from model.sampling_params import FinishReason, SamplingParams
 from model.tokenizer import IncrementalDetokenizer
 
 # The engine's defaults: at most 512 MiB of KV pool, 512 tokens per step.

@@ -83,7 +83,8 @@ class PrefillActor(_ServiceActor):
         super().__init__(names.SERVICE_PREFILL)
         from prefill_worker.service import start_prefill_worker
 
-        config = dataclasses.replace(config, address=f"{self._node_ip}:0")
+        where = dataclasses.replace(config.where, address=f"{self._node_ip}:0")
+        config = dataclasses.replace(config, where=where)
         self._host = ServiceThread(lambda: start_prefill_worker(config), "kvrelay-prefill")
 
 
@@ -94,5 +95,6 @@ class DecodeActor(_ServiceActor):
         super().__init__(names.SERVICE_DECODE)
         from decode_worker.service import start_decode_worker
 
-        config = dataclasses.replace(config, address=f"{self._node_ip}:0")
+        where = dataclasses.replace(config.where, address=f"{self._node_ip}:0")
+        config = dataclasses.replace(config, where=where)
         self._host = ServiceThread(lambda: start_decode_worker(config), "kvrelay-decode")

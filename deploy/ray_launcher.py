@@ -17,6 +17,7 @@ On a local Ray instance that is about to stop anyway, `stop_services()` is enoug
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 import uuid
@@ -28,14 +29,13 @@ import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray.exceptions import GetTimeoutError, RayError
 
-from decode_worker.config import DecodeConfig
-from decode_worker.engine import EngineConfig
 from deploy.launch_config import LaunchConfig
 from deploy.ray_actors import ActorInfo, DecodeActor, PrefillActor, RouterActor
-from prefill_worker.config import PrefillConfig
+from deploy.worker_flags import decode_config, prefill_config
 from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
 from router.service import RouterConfig
+from rpc.worker_server import WorkerAddress
 
 # Ray's resource on the head node; a tiny amount of it pins an actor there.
 HEAD_NODE_RESOURCE = "node:__internal_head__"
@@ -109,7 +109,7 @@ class RayDeployment:
         device = "cuda" if num_gpus > 0 else "cpu"
         num_threads = max(1, int(config.num_cpus_per_actor))
         store_url = config.store_url_in_namespace(self.store_namespace)
-        worker_options = {
+        actor_options = {
             "num_cpus": config.num_cpus_per_actor,
             "num_gpus": num_gpus,
             "scheduling_strategy": "SPREAD",
@@ -117,44 +117,23 @@ class RayDeployment:
             "max_task_retries": 3,
             "runtime_env": runtime_env,
         }
+        options = dataclasses.replace(config.workers, device=device, num_threads=num_threads)
         for i in range(config.num_prefill_workers):
-            prefill = PrefillConfig(
-                model=config.model,
-                router=self.endpoint,
-                store_url=store_url,
-                worker_id=f"prefill-{i}",
-                dtype=config.dtype,
-                device=device,
-                block_size=config.block_size,
-                num_threads=num_threads,
-            )
+            where = WorkerAddress(router=self.endpoint, worker_id=f"prefill-{i}")
             actor = (
                 ray.remote(PrefillActor)
-                .options(**worker_options, resources=dict(config.prefill_resources))
-                .remote(prefill)
+                .options(**actor_options, resources=dict(config.prefill_resources))
+                .remote(prefill_config(options, where, store_url))
             )
-            self.workers.append(WorkerActor(prefill.worker_id, "prefill", actor))
+            self.workers.append(WorkerActor(where.worker_id, "prefill", actor))
         for i in range(config.num_decode_workers):
-            decode = DecodeConfig(
-                model=config.model,
-                router=self.endpoint,
-                store_url=store_url,
-                worker_id=f"decode-{i}",
-                dtype=config.dtype,
-                device=device,
-                engine=EngineConfig(
-                    kv_cache_bytes=int(config.kv_cache_gb * 1024**3),
-                    block_size=config.block_size,
-                    max_num_seqs=config.max_num_seqs,
-                ),
-                num_threads=num_threads,
-            )
+            where = WorkerAddress(router=self.endpoint, worker_id=f"decode-{i}")
             actor = (
                 ray.remote(DecodeActor)
-                .options(**worker_options, resources=dict(config.decode_resources))
-                .remote(decode)
+                .options(**actor_options, resources=dict(config.decode_resources))
+                .remote(decode_config(options, where, store_url))
             )
-            self.workers.append(WorkerActor(decode.worker_id, "decode", actor))
+            self.workers.append(WorkerActor(where.worker_id, "decode", actor))
         progress(
             f"starting {config.num_prefill_workers} prefill and "
             f"{config.num_decode_workers} decode workers ({device})..."

@@ -13,6 +13,9 @@ import asyncio
 import logging
 import signal
 
+from deploy.cli_errors import UsageError
+from deploy.worker_flags import add_worker_flags, decode_config, prefill_config, worker_options
+
 EPILOG = """\
 examples:
   redis-server --port 6379 &
@@ -36,7 +39,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("role", choices=("router", "prefill", "decode"), help="which service")
-    parser.add_argument("--model", default="dummy:tiny", help="HF directory or dummy:* preset")
     parser.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s)")
     parser.add_argument(
         "--port",
@@ -55,25 +57,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--worker-id", default="", help="unique worker id (default: role-host:port)"
     )
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    parser.add_argument("--threads", type=int, help="torch threads (default: this process's cores)")
-    parser.add_argument(
-        "--token-budget", type=int, default=2048, help="prefill: most tokens per forward pass"
-    )
-    parser.add_argument(
-        "--kv-cache-gb", type=float, default=0.5, help="decode: memory for the KV pool in GiB"
-    )
-    parser.add_argument(
-        "--max-num-seqs", type=int, default=64, help="decode: running requests at most"
-    )
-    parser.add_argument(
-        "--max-local-prefill-len",
-        type=int,
-        default=0,
-        help="decode: prompts up to this many tokens are prefilled here, not by a prefill worker",
-    )
     parser.add_argument(
         "--max-inflight",
         type=int,
@@ -81,15 +64,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="router: requests at once before RESOURCE_EXHAUSTED",
     )
     parser.add_argument(
-        "--no-prefix-cache",
-        action="store_true",
-        help="workers: compute every prompt in full, never reuse cached KV (for comparisons)",
-    )
-    parser.add_argument(
         "--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: any free one)"
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    add_worker_flags(parser)
     parser.set_defaults(run=run)
 
 
@@ -140,49 +119,17 @@ async def _start(args: argparse.Namespace, address: str):
             ),
             tokenizer_for_model(args.model),
         )
+    from rpc.worker_server import WorkerAddress
+
+    try:
+        options = worker_options(args)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    where = WorkerAddress(address, args.advertise, args.worker_id, args.router, args.metrics_port)
     if args.role == "prefill":
-        from prefill_worker.config import PrefillConfig
         from prefill_worker.service import start_prefill_worker
 
-        return await start_prefill_worker(
-            PrefillConfig(
-                model=args.model,
-                address=address,
-                advertise_address=args.advertise,
-                router=args.router,
-                store_url=args.kv_store,
-                worker_id=args.worker_id,
-                dtype=None if args.dtype == "auto" else args.dtype,
-                device=args.device,
-                block_size=args.block_size,
-                token_budget=args.token_budget,
-                enable_prefix_cache=not args.no_prefix_cache,
-                num_threads=args.threads,
-                metrics_port=args.metrics_port,
-            )
-        )
-    from decode_worker.config import DecodeConfig
-    from decode_worker.engine import EngineConfig
+        return await start_prefill_worker(prefill_config(options, where, args.kv_store))
     from decode_worker.service import start_decode_worker
 
-    return await start_decode_worker(
-        DecodeConfig(
-            model=args.model,
-            address=address,
-            advertise_address=args.advertise,
-            router=args.router,
-            store_url=args.kv_store,
-            worker_id=args.worker_id,
-            dtype=None if args.dtype == "auto" else args.dtype,
-            device=args.device,
-            engine=EngineConfig(
-                kv_cache_bytes=int(args.kv_cache_gb * 1024**3),
-                block_size=args.block_size,
-                max_num_seqs=args.max_num_seqs,
-                enable_prefix_cache=not args.no_prefix_cache,
-            ),
-            max_local_prefill_len=args.max_local_prefill_len,
-            num_threads=args.threads,
-            metrics_port=args.metrics_port,
-        )
-    )
+    return await start_decode_worker(decode_config(options, where, args.kv_store))

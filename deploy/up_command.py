@@ -19,6 +19,7 @@ import time
 from types import FrameType
 
 from deploy.cli_errors import UsageError
+from deploy.worker_flags import add_worker_flags, worker_options
 
 EPILOG = """\
 examples:
@@ -51,7 +52,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default="dummy:tiny", help="HF directory or dummy:* preset")
     parser.add_argument("--prefill-workers", type=int, default=1, help="default: %(default)s")
     parser.add_argument("--decode-workers", type=int, default=1, help="default: %(default)s")
     parser.add_argument(
@@ -71,11 +71,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         help="GPUs per worker actor (default: 1 if the cluster has GPUs, else 0)",
     )
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    parser.add_argument(
-        "--kv-cache-gb", type=float, default=0.5, help="decode: KV pool memory in GiB"
-    )
     parser.add_argument(
         "--object-store-mb",
         type=int,
@@ -93,6 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--verbose", action="store_true", help="show the actors' logs in this terminal"
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    add_worker_flags(parser, with_placement=False)
     parser.set_defaults(run=run)
 
 
@@ -101,16 +97,13 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = LaunchConfig(
-            model=args.model,
+            workers=worker_options(args),
             num_prefill_workers=args.prefill_workers,
             num_decode_workers=args.decode_workers,
             store_url=args.kv_store,
             port=args.port,
             num_cpus_per_actor=args.cpus_per_actor,
             num_gpus_per_worker=args.gpus_per_worker,
-            dtype=None if args.dtype == "auto" else args.dtype,
-            block_size=args.block_size,
-            kv_cache_gb=args.kv_cache_gb,
             ready_timeout_s=args.ready_timeout,
         )
     except ValueError as exc:

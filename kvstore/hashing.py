@@ -23,6 +23,10 @@ BlockHash = bytes
 
 BLOCK_HASH_LEN = 16
 
+DEFAULT_BLOCK_SIZE = 16
+"""Tokens per KV block unless a flag says otherwise: the one place it is defined
+(here, in a torch-free module, so the CLI and the router can read it)."""
+
 _MAX_TOKEN_ID = 2**32 - 1
 
 

@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
+from kvstore.hashing import DEFAULT_BLOCK_SIZE
+
 # Bump when the payload layout or the codec changes meaning: every hash and
 # every key changes with it, so old blocks can never be read as new ones.
 LAYOUT_VERSION = 1
 
-DEFAULT_BLOCK_SIZE = 16
-"""Tokens per KV block unless a flag says otherwise: the one place it is defined."""
 
 # Payload dtypes the codec can carry, with the stable code written in headers.
 # The codes are part of the on-wire format: never renumber, only append.

@@ -15,7 +15,8 @@ import torch
 
 from model.attention import ContiguousKVAttention
 from model.loader import LoadedModel
-from model.sampling import FinishReason, SamplingParams, finish_reason, sample
+from model.sampling import sample
+from model.sampling_params import FinishReason, SamplingParams, finish_reason, stop_token_set
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,8 @@ def generate_stream(
 
     running: list[_Sequence] = []
     for i, (token_id, logprob) in enumerate(zip(token_ids, logprobs, strict=True)):
-        reason = finish_reason(token_id, 1, params_list[i], eos_ids)
+        p = params_list[i]
+        reason = finish_reason(token_id, 1, stop_token_set(p, eos_ids), p.max_tokens)
         yield TokenEvent(i, token_id, logprob, reason)
         if reason is None:
             running.append(_Sequence(i, params_list[i], attention.new_kv(i), token_id, 1))
@@ -91,7 +93,12 @@ def generate_stream(
         still_running = []
         for row, seq in enumerate(running):
             seq.num_output_tokens += 1
-            reason = finish_reason(token_ids[row], seq.num_output_tokens, seq.params, eos_ids)
+            reason = finish_reason(
+                token_ids[row],
+                seq.num_output_tokens,
+                stop_token_set(seq.params, eos_ids),
+                seq.params.max_tokens,
+            )
             yield TokenEvent(seq.seq_idx, token_ids[row], logprobs[row], reason)
             if reason is None:
                 seq.kv = torch.cat((seq.kv, attention.new_kv(row)), dim=2)

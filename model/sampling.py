@@ -1,4 +1,4 @@
-"""Sampling parameters, the batched sampler, and when a sequence is finished.
+"""The batched sampler: one token per row of logits, by the request's `SamplingParams`.
 
 Seeded draws are reproducible across processes and batches: token `i` of a request
 with seed `s` is drawn from a generator seeded by a stable digest of `(s, i)`, and
@@ -6,89 +6,19 @@ the draw only reads that request's row of logits. So the prefill worker (token 0
 a decode worker (the rest) and the local engine produce the same tokens, whatever
 else shares the batch. The uniform number comes from a CPU generator and is turned
 into a token by inverse CDF, so the device the logits live on does not matter either.
+The parameters, their defaults and when a sequence is finished are in the torch-free
+`model.sampling_params`.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick each output token and when to stop."""
-
-    max_tokens: int = 16
-    """Most output tokens to generate (the finish reason is `length` when reached)."""
-    temperature: float = 0.0
-    """0 means greedy (argmax); otherwise logits are divided by it before softmax."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set of top tokens whose mass reaches top_p."""
-    top_k: int = 0
-    """Keep only the k most likely tokens; 0 means off. top_k=1 is greedy."""
-    seed: int | None = None
-    """Makes sampling reproducible: token i depends only on (seed, i, the logits)."""
-    stop: tuple[str, ...] = ()
-    """Stop strings: generation ends when the text contains one (matched on text)."""
-    stop_token_ids: tuple[int, ...] = ()
-    """Generation ends after any of these tokens (even with ignore_eos)."""
-    ignore_eos: bool = False
-    """Keep generating past the model's EOS tokens (benchmarks want fixed lengths)."""
-    logprobs: bool = False
-    """Report the log-probability of each sampled token."""
-
-    def __post_init__(self) -> None:
-        # Accept lists from callers; the stored value is always a tuple (hashable, frozen).
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be non-negative integers")
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
-
-
-class FinishReason(enum.Enum):
-    STOP = "stop"
-    """A stop token, EOS or a stop string."""
-    LENGTH = "length"
-    """max_tokens reached."""
-    ABORT = "abort"
-    """Cancelled by the client, a deadline, or the worker giving up; never sent as a
-    finish reason (the call ends with a gRPC status instead)."""
-
-
-def finish_reason(
-    token_id: int,
-    num_output_tokens: int,
-    params: SamplingParams,
-    eos_token_ids: Sequence[int],
-) -> FinishReason | None:
-    """Whether the sequence ends after emitting `token_id` as its
-    `num_output_tokens`-th output token (stop strings are matched elsewhere, on text)."""
-    if token_id in params.stop_token_ids:
-        return FinishReason.STOP
-    if not params.ignore_eos and token_id in eos_token_ids:
-        return FinishReason.STOP
-    if num_output_tokens >= params.max_tokens:
-        return FinishReason.LENGTH
-    return None
+from model.sampling_params import SamplingParams
 
 
 def sample(

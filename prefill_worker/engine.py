@@ -22,7 +22,8 @@ import torch
 
 from model.attention import ContiguousKVAttention
 from model.loader import LoadedModel
-from model.sampling import SamplingParams, sample
+from model.sampling import sample
+from model.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,19 @@ class PrefillCounters:
     num_finished_requests_total: int = 0
 
 
+@dataclass(frozen=True)
+class PrefillStats:
+    """A snapshot of the engine, for heartbeats, metrics and `GetStats`."""
+
+    num_waiting: int
+    """Jobs submitted, not yet picked up by the engine thread."""
+    num_running: int
+    """Jobs being computed."""
+    num_computed_tokens_total: int
+    num_cached_tokens_total: int
+    num_finished_requests_total: int
+
+
 class PrefillEngine:
     """Runs `PrefillJob`s on a dedicated thread. `submit` and `cancel` are thread-safe."""
 
@@ -119,13 +133,17 @@ class PrefillEngine:
         """The job ends at the next step boundary; its future raises PrefillCancelled."""
         job.is_cancelled = True
 
-    @property
-    def num_waiting(self) -> int:
-        return self._num_queued
-
-    @property
-    def num_running(self) -> int:
-        return len(self._running)
+    def stats(self) -> PrefillStats:
+        """Read from other threads without a lock: each field is one read, and the
+        snapshot is for reporting only."""
+        counters = self.counters
+        return PrefillStats(
+            num_waiting=self._num_queued,
+            num_running=len(self._running),
+            num_computed_tokens_total=counters.num_computed_tokens_total,
+            num_cached_tokens_total=counters.num_cached_tokens_total,
+            num_finished_requests_total=counters.num_finished_requests_total,
+        )
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)

@@ -1,14 +1,15 @@
 """Publishing a prompt's K/V for a caller that may go away while it is published.
 
 The put runs in a thread, and a cancelled gRPC handler (client cancel, deadline,
-shutdown) cannot stop that thread; once the caller is gone, no decode worker
-will take the request's tail. Without this, a tail put after the router gave up
-(and after its `Release`, which found nothing yet) would live out its whole TTL.
+shutdown) cannot stop that thread. The tail it writes is this worker's to delete
+until its answer is sent (phase 1 of `kvstore.tail_lease`): each publication holds
+a `TailLease` that is released if the caller left or the put failed, and whose
+delete waits for the write to end, so a tail written after its caller left is
+deleted at once instead of living out its TTL.
 
-Whoever finishes last deletes the tail: the put's own thread, if the caller had
-left before the put was through; otherwise the cancelled handler, in a thread of
-its own. Neither needs the event loop afterwards, so this also holds while a
-worker shuts down, and `wait_idle` lets it wait for them before it closes the store.
+Deletes run in threads of their own, so neither the event loop nor a cancelled
+handler waits for the store; `wait_idle` lets the worker wait for them (and the
+puts) before it closes the store.
 """
 
 from __future__ import annotations
@@ -17,34 +18,26 @@ import asyncio
 import functools
 import logging
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import torch
 
 from kvstore import BlockHash, KVStore, StoreUnavailableError
+from kvstore.tail_lease import TailLease
 from prefill_worker.store_io import publish_prompt_kv
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Publication:
-    """One request's put, shared by its handler and its thread."""
-
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    has_caller_left: bool = False
-    is_put_done: bool = False
-
-
 class TailHandoff:
-    """Publishes prompts' K/V in threads; a request whose caller left before the
-    put was through loses its tail as soon as the put is. Thread-safe."""
+    """Publishes prompts' K/V in threads and owns their tails while they are written.
+    `publish` and `release` run on the event loop; the rest is thread-safe."""
 
     def __init__(self, store: KVStore) -> None:
         self.store = store
         self._idle = threading.Condition()
         self._num_running = 0
+        self._writing: dict[str, TailLease] = {}  # by request id; event loop only
 
     @property
     def num_running(self) -> int:
@@ -66,70 +59,62 @@ class TailHandoff:
         first_block: int,
         with_tail: bool,
     ) -> None:
-        """`publish_prompt_kv` in a thread. Raises StoreUnavailableError, or
-        CancelledError if the caller went away (the tail is then deleted once
-        the put is through)."""
-        publication = _Publication()
+        """`publish_prompt_kv` in a thread. On return the tail (if any) is the
+        caller's to hand on in its answer. Raises StoreUnavailableError, or
+        CancelledError if the caller went away; either way the tail is deleted
+        once the put is through."""
+        delete = functools.partial(self._delete_in_thread, request_id)
+        lease = TailLease(delete if with_tail else _nothing, request_id)
         put_kv = functools.partial(
             publish_prompt_kv, self.store, request_id, block_hashes, kv, first_block, with_tail
         )
+        lease.begin_write()  # before the thread starts, so a release cannot miss it
         self._enter()
-        put = asyncio.get_running_loop().run_in_executor(
-            None, self._put, publication, put_kv, request_id, with_tail
-        )
+        self._writing[request_id] = lease
+        put = asyncio.get_running_loop().run_in_executor(None, self._put, lease, put_kv)
         try:
             await asyncio.shield(put)
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled, or the store failed
             put.add_done_callback(_retrieve_exception)  # the thread logs what matters
-            with publication.lock:
-                publication.has_caller_left = True
-                is_put_done = publication.is_put_done
-            if is_put_done and with_tail:
-                # The put was through before we heard of it: the tail is ours to delete.
-                self._enter()
-                threading.Thread(
-                    target=self._delete_tail, args=(request_id,), name="tail-delete", daemon=True
-                ).start()
+            lease.release()
             raise
-
-    def _put(
-        self,
-        publication: _Publication,
-        put_kv: Callable[[], None],
-        request_id: str,
-        with_tail: bool,
-    ) -> None:
-        try:
-            error: BaseException | None = None
-            try:
-                put_kv()
-            except BaseException as exc:  # re-raised below unless nobody is left to hear it
-                error = exc
-            with publication.lock:
-                publication.is_put_done = True
-                has_caller_left = publication.has_caller_left
-            if not has_caller_left:
-                if error is not None:
-                    raise error
-                return
-            if error is not None:
-                log.warning("publishing for cancelled request %s failed: %s", request_id, error)
-            if with_tail:
-                self._delete_tail_now(request_id)
         finally:
+            self._writing.pop(request_id, None)
+        lease.hand_over()
+
+    def release(self, request_id: str) -> None:
+        """Deletes a request's tail for the router (its `Release`): after the write
+        in progress, if there is one; else now, in a thread."""
+        lease = self._writing.pop(request_id, None)
+        if lease is not None:
+            lease.release()
+        else:
+            self._delete_in_thread(request_id)
+
+    def _put(self, lease: TailLease, put_kv: functools.partial) -> None:
+        try:
+            put_kv()
+        except Exception as err:
+            if lease.is_released:  # nobody awaits the result any more
+                log.warning("publishing for cancelled request %s failed: %s", lease.name, err)
+            raise
+        finally:
+            lease.end_write()  # runs the delete if the caller left meanwhile
             self._exit()
 
-    def _delete_tail(self, request_id: str) -> None:
-        try:
-            self._delete_tail_now(request_id)
-        finally:
-            self._exit()
+    def _delete_in_thread(self, request_id: str) -> None:
+        self._enter()
+        threading.Thread(
+            target=self._delete, args=(request_id,), name="tail-delete", daemon=True
+        ).start()
 
-    def _delete_tail_now(self, request_id: str) -> None:
+    def _delete(self, request_id: str) -> None:
         try:
             self.store.delete_tail(request_id)
         except StoreUnavailableError as err:
-            log.warning("tail of cancelled request %s left to its TTL: %s", request_id, err)
+            log.warning("tail of request %s left to its TTL: %s", request_id, err)
+        finally:
+            self._exit()
 
     def _enter(self) -> None:
         with self._idle:
@@ -140,6 +125,10 @@ class TailHandoff:
             self._num_running -= 1
             assert self._num_running >= 0
             self._idle.notify_all()
+
+
+def _nothing() -> None:
+    """The delete of a publication without a tail."""
 
 
 def _retrieve_exception(future: asyncio.Future) -> None:

@@ -9,12 +9,12 @@ mis-deployed worker can never receive a block it would misread.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 
 from protos import workers_pb2 as wpb
-from protos import workers_pb2_grpc as wgrpc
 from router.registry import Role, WorkerEntry, WorkerRegistry
 from router.routing import RoutingPolicy
 from rpc.channel import open_channel
@@ -22,6 +22,9 @@ from rpc.channel import open_channel
 log = logging.getLogger(__name__)
 
 _ROLES = {wpb.WORKER_ROLE_PREFILL: Role.PREFILL, wpb.WORKER_ROLE_DECODE: Role.DECODE}
+
+Connect = Callable[[str], grpc.aio.Channel]
+"""Opens a channel to a worker's `host:port`."""
 
 
 class RegistrationRefused(ValueError):
@@ -39,28 +42,25 @@ class ClusterModel:
     max_context_len: int
 
 
-@dataclass
-class WorkerHandle:
-    """A registered worker's channel and stub, beside its registry entry."""
-
-    entry: WorkerEntry
-    channel: grpc.aio.Channel
-    stub: wgrpc.PrefillWorkerStub | wgrpc.DecodeWorkerStub
-    max_local_prefill_len: int
-
-
 class Cluster:
-    """Workers by id with open channels. Used from the router's event loop only."""
+    """Workers by id, with an open channel each. Used from the router's event loop only."""
 
-    def __init__(self, model: str, policy: RoutingPolicy, expiry_s: float = 6.0) -> None:
+    def __init__(
+        self,
+        model: str,
+        policy: RoutingPolicy,
+        expiry_s: float = 6.0,
+        connect: Connect = open_channel,
+    ) -> None:
         self.model_name = model
         self.policy = policy
         self.heartbeat_interval_s = expiry_s / 3
         self.registry = WorkerRegistry(expiry_s)
         self.model: ClusterModel | None = None
-        self._handles: dict[str, WorkerHandle] = {}
+        self._connect = connect
+        self._channels: dict[str, grpc.aio.Channel] = {}
 
-    async def register(self, request: wpb.RegisterRequest) -> None:
+    async def register(self, request: wpb.RegisterRequest) -> WorkerEntry:
         role = _ROLES.get(request.role)
         if role is None:
             raise RegistrationRefused("role must be WORKER_ROLE_PREFILL or WORKER_ROLE_DECODE")
@@ -81,16 +81,15 @@ class Cluster:
                 "start it with the same model, dtype and block size"
             )
         self.model = offered
-        old = self._handles.pop(request.worker_id, None)
+        old = self._channels.pop(request.worker_id, None)
         if old is not None:
-            await old.channel.close()
-        entry = self.registry.register(request.worker_id, role, request.address)
-        channel = open_channel(request.address)
-        stub_type = wgrpc.PrefillWorkerStub if role is Role.PREFILL else wgrpc.DecodeWorkerStub
-        self._handles[request.worker_id] = WorkerHandle(
-            entry, channel, stub_type(channel), request.max_local_prefill_len
+            await old.close()
+        entry = self.registry.register(
+            request.worker_id, role, request.address, request.max_local_prefill_len
         )
+        self._channels[request.worker_id] = self._connect(request.address)
         log.info("worker %s (%s) registered at %s", request.worker_id, role.value, request.address)
+        return entry
 
     def heartbeat(self, request: wpb.HeartbeatRequest) -> bool:
         return self.registry.heartbeat(
@@ -100,22 +99,24 @@ class Cluster:
     async def remove(self, worker_id: str) -> None:
         self.registry.deregister(worker_id)
         self.policy.forget_worker(worker_id)
-        handle = self._handles.pop(worker_id, None)
-        if handle is not None:
+        channel = self._channels.pop(worker_id, None)
+        if channel is not None:
             log.info("worker %s left", worker_id)
-            await handle.channel.close()
+            await channel.close()
 
     async def expire(self) -> None:
         for entry in self.registry.expire():
             log.warning("worker %s missed its heartbeats; dropping it", entry.worker_id)
             await self.remove(entry.worker_id)
 
-    def handles(self, role: Role) -> list[WorkerHandle]:
-        return [self._handles[w.worker_id] for w in self.registry.workers(role)]
+    def workers(self, role: Role) -> list[WorkerEntry]:
+        """The live workers of a role, in registration order."""
+        return self.registry.workers(role)
 
-    def handle(self, worker_id: str) -> WorkerHandle | None:
-        return self._handles.get(worker_id)
+    def channel(self, worker_id: str) -> grpc.aio.Channel | None:
+        """The open channel to a live worker; None once it left."""
+        return self._channels.get(worker_id)
 
     async def close(self) -> None:
-        for worker_id in list(self._handles):
+        for worker_id in list(self._channels):
             await self.remove(worker_id)

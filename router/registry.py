@@ -23,6 +23,9 @@ class WorkerEntry:
     worker_id: str
     role: Role
     address: str
+    max_local_prefill_len: int = 0
+    """Decode workers: prompts up to this many tokens are prefilled there, not by a
+    prefill worker."""
     num_inflight: int = 0
     """Calls the router has in flight to this worker."""
     num_waiting: int = 0
@@ -42,9 +45,13 @@ class WorkerRegistry:
         self._expiry_s = expiry_s
         self._clock = clock
 
-    def register(self, worker_id: str, role: Role, address: str) -> WorkerEntry:
+    def register(
+        self, worker_id: str, role: Role, address: str, max_local_prefill_len: int = 0
+    ) -> WorkerEntry:
         """Adds a worker, or replaces the entry of a worker that restarted."""
-        entry = WorkerEntry(worker_id, role, address, last_seen=self._clock())
+        entry = WorkerEntry(
+            worker_id, role, address, max_local_prefill_len, last_seen=self._clock()
+        )
         self._workers[worker_id] = entry
         return entry
 

@@ -1,21 +1,38 @@
-"""Turning a request's token ids into the GenerateResponses the client receives:
-incremental detokenization, stop strings, logprobs and usage, in one place."""
+"""Turning the token chunks that reach the router into the GenerateResponses the
+client receives: incremental detokenization, stop strings, finish-reason
+precedence, logprobs and usage, in one place."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from model.sampling_params import FinishReason, SamplingParams, final_finish_reason
 from model.tokenizer import IncrementalDetokenizer
 from protos import generator_pb2 as pb
 from router.stop_strings import StopStringMatcher
+from rpc.sampling_proto import finish_reason_to_proto
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """Tokens from a worker: the prefill worker's first token, or one Decode message."""
+
+    token_ids: Sequence[int]
+    logprobs: Sequence[float]
+    finish_reason: FinishReason | None = None
+    """The worker's token-level reason (stop token, EOS, length); None until the end."""
+    num_cached_tokens: int | None = None
+    """Prompt tokens whose KV was reused, when the chunk's worker knows it."""
 
 
 class ResponseEmitter:
-    """Turns token ids into GenerateResponses: detokenizes, applies stop strings,
-    and counts what was sent."""
+    """Turns token chunks into GenerateResponses and decides when the request ends."""
 
     def __init__(
         self,
         request_id: str,
-        sampling: pb.SamplingParams,
+        sampling: SamplingParams,
         num_prompt_tokens: int,
         detokenizer: IncrementalDetokenizer | None,
     ) -> None:
@@ -26,34 +43,49 @@ class ResponseEmitter:
         self.want_logprobs = sampling.logprobs
         self.num_sent_tokens = 0
         self.cached_prompt_tokens = 0
-        self.is_stopped = False
-        self.finish_reason: int | None = None
+        self.finish_reason: FinishReason | None = None
+        """Set by the chunk that ends the request."""
 
-    def add(self, token_ids: list[int], logprobs: list[float]) -> pb.GenerateResponse | None:
-        """The message for newly generated tokens, or None when there is nothing to
-        send yet (text held back for a possible stop string, and no tokens)."""
-        delta = self.detokenizer.add(token_ids) if self.detokenizer else ""
-        text, self.is_stopped = self.stop.feed(delta)
-        self.num_sent_tokens += len(token_ids)
-        if not token_ids and not text:
-            return None
-        return pb.GenerateResponse(
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, chunk: TokenChunk) -> pb.GenerateResponse | None:
+        """The message for a chunk, or None when there is nothing to send yet (text
+        held back for a possible stop string, and no tokens). When the chunk ends
+        the request, by its own finish reason or because a stop string matched (which
+        wins over LENGTH), the message is the last one: it carries the finish reason,
+        the held-back text and the usage."""
+        assert not self.is_finished, "no chunk after the last"
+        if chunk.num_cached_tokens is not None:
+            self.cached_prompt_tokens = chunk.num_cached_tokens
+        delta = self.detokenizer.add(list(chunk.token_ids)) if self.detokenizer else ""
+        text, is_stop_matched = self.stop.feed(delta)
+        self.num_sent_tokens += len(chunk.token_ids)
+        message = pb.GenerateResponse(
             request_id=self.request_id,
-            token_ids=token_ids,
+            token_ids=chunk.token_ids,
             text=text,
-            logprobs=logprobs if self.want_logprobs else (),
+            logprobs=chunk.logprobs if self.want_logprobs else (),
         )
+        reason = final_finish_reason(chunk.finish_reason, is_stop_matched)
+        if reason is not None:
+            return self._finish(message, reason, is_stop_matched)
+        if not chunk.token_ids and not text:
+            return None
+        return message
 
-    def finish(self, message: pb.GenerateResponse | None, reason: int) -> pb.GenerateResponse:
-        """The last message: held-back text (unless a stop string matched), the
-        finish reason and the usage."""
-        if message is None:
-            message = pb.GenerateResponse(request_id=self.request_id)
-        if not self.is_stopped:
+    def _finish(
+        self, message: pb.GenerateResponse, reason: FinishReason, is_stop_matched: bool
+    ) -> pb.GenerateResponse:
+        if not is_stop_matched:
+            # The detokenizer's held-back bytes may complete a stop string too.
             rest = self.detokenizer.flush() if self.detokenizer else ""
-            message.text += self.stop.feed(rest)[0] + self.stop.flush()
+            flushed, is_stop_matched = self.stop.feed(rest)
+            message.text += flushed if is_stop_matched else flushed + self.stop.flush()
+            reason = final_finish_reason(reason, is_stop_matched) or reason
         self.finish_reason = reason
-        message.finish_reason = reason
+        message.finish_reason = finish_reason_to_proto(reason)
         message.usage.CopyFrom(
             pb.Usage(
                 prompt_tokens=self.num_prompt_tokens,

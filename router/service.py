@@ -21,9 +21,11 @@ from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
 from router.cluster import Cluster, RegistrationRefused
 from router.registry import Role
-from router.relay import RelayError, RequestRelay
+from router.relay import RequestRelay
+from router.relay_error import RelayError
 from router.routing import PrefixLoadPolicy
 from router.validation import InvalidRequest, RequestLimits
+from router.worker_client import GrpcWorkerClient
 from rpc.server import RunningServer, ServiceBinding, start_server
 from telemetry.metrics import ServiceMetrics, serve_metrics
 from telemetry.propagation import caller_context
@@ -131,13 +133,16 @@ class Router:
         with contextlib.suppress(asyncio.CancelledError):
             await self._expiry_task
         await self.server.stop(grace_s)
+        await self.relay.calls.wait_background(grace_s)
         await self.cluster.close()
 
 
 async def start_router(config: RouterConfig, tokenizer: Tokenizer | None) -> Router:
     cluster = Cluster(config.model, PrefixLoadPolicy(), config.worker_expiry_s)
     metrics = ServiceMetrics(config.model, "router")
-    relay = RequestRelay(cluster, tokenizer, config.limits, config.max_inflight, metrics)
+    relay = RequestRelay(
+        cluster, GrpcWorkerClient(cluster), tokenizer, config.limits, config.max_inflight, metrics
+    )
     server = await start_server(
         [
             ServiceBinding(

@@ -1,4 +1,7 @@
-"""Checks a GenerateRequest against the model and the router's limits.
+"""What the router checks of a GenerateRequest before it routes it: the shape of
+the request and its own limits. The sampling rules themselves are
+`model.sampling_params`'s and the prompt rule `model.prompt_limits`'s, which every
+service applies alike.
 
 Plain functions over protos, so they are tested without a server. Every refusal
 is an `InvalidRequest` whose message names the field and says what to change;
@@ -7,12 +10,11 @@ the servicer turns it into `INVALID_ARGUMENT`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+from model.sampling_params import SamplingParams
 from protos import generator_pb2 as pb
-
-DEFAULT_MAX_TOKENS = 16
+from rpc.sampling_proto import sampling_from_proto
 
 
 class InvalidRequest(ValueError):
@@ -21,7 +23,8 @@ class InvalidRequest(ValueError):
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """What the router accepts. Defaults follow common serving stacks."""
+    """What this router accepts, beyond what the model accepts. Defaults follow
+    common serving stacks."""
 
     max_tokens: int = 4096
     """Largest `sampling.max_tokens` a request may ask for."""
@@ -38,48 +41,30 @@ class RequestLimits:
                 raise ValueError(f"RequestLimits.{name} must be >= 1")
 
 
-@dataclass(frozen=True)
-class ModelLimits:
-    """What the served model accepts."""
-
-    vocab_size: int
-    max_context_len: int
-
-
-def validate_sampling(sampling: pb.SamplingParams, limits: RequestLimits) -> pb.SamplingParams:
-    """Checks sampling fields and returns a copy with every default filled in."""
-    max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
-    if max_tokens == 0:
-        raise InvalidRequest("sampling.max_tokens must be at least 1")
-    if max_tokens > limits.max_tokens:
+def validate_sampling(sampling: pb.SamplingParams, limits: RequestLimits) -> SamplingParams:
+    """The request's `SamplingParams`, every default filled in, within this router's
+    limits. Raises InvalidRequest."""
+    try:
+        params = sampling_from_proto(sampling)
+    except ValueError as err:
+        raise InvalidRequest(f"sampling.{err}") from None
+    if params.max_tokens > limits.max_tokens:
         raise InvalidRequest(
-            f"sampling.max_tokens is {max_tokens}; this server allows at most {limits.max_tokens}"
+            f"sampling.max_tokens is {params.max_tokens}; this server allows at most "
+            f"{limits.max_tokens}"
         )
-    if not math.isfinite(sampling.temperature) or sampling.temperature < 0:
+    if len(params.stop) > limits.max_stop_strings:
         raise InvalidRequest(
-            f"sampling.temperature must be a finite number >= 0 (0 is greedy), got {sampling.temperature}"
+            f"sampling.stop has {len(params.stop)} strings; at most "
+            f"{limits.max_stop_strings} are allowed"
         )
-    top_p = sampling.top_p if sampling.HasField("top_p") else 1.0
-    if not (0.0 < top_p <= 1.0):  # also refuses NaN
-        raise InvalidRequest(f"sampling.top_p must be in (0, 1], got {top_p}")
-    if sampling.top_k < 0:
-        raise InvalidRequest(f"sampling.top_k must be >= 0 (0 turns it off), got {sampling.top_k}")
-    if len(sampling.stop) > limits.max_stop_strings:
-        raise InvalidRequest(
-            f"sampling.stop has {len(sampling.stop)} strings; at most {limits.max_stop_strings} are allowed"
-        )
-    for i, stop in enumerate(sampling.stop):
-        if not stop:
-            raise InvalidRequest(f"sampling.stop[{i}] is empty; remove it")
+    for i, stop in enumerate(params.stop):
         if len(stop.encode()) > limits.max_stop_bytes:
             raise InvalidRequest(
-                f"sampling.stop[{i}] is {len(stop.encode())} bytes; the limit is {limits.max_stop_bytes}"
+                f"sampling.stop[{i}] is {len(stop.encode())} bytes; the limit is "
+                f"{limits.max_stop_bytes}"
             )
-    normalized = pb.SamplingParams()
-    normalized.CopyFrom(sampling)
-    normalized.max_tokens = max_tokens
-    normalized.top_p = top_p
-    return normalized
+    return params
 
 
 def validate_prompt_shape(request: pb.GenerateRequest, limits: RequestLimits) -> None:
@@ -94,22 +79,3 @@ def validate_prompt_shape(request: pb.GenerateRequest, limits: RequestLimits) ->
         raise InvalidRequest("set only one of prompt and prompt_token_ids, not both")
     if not has_text and not has_ids:
         raise InvalidRequest("prompt is empty: set prompt (text) or prompt_token_ids")
-
-
-def validate_prompt_tokens(
-    token_ids: list[int], max_tokens: int, model: ModelLimits, field: str
-) -> None:
-    """Checks token ids against the vocabulary and the context length."""
-    if not token_ids:
-        raise InvalidRequest(f"{field} encodes to no tokens; send a non-empty prompt")
-    for i, token_id in enumerate(token_ids):
-        if token_id >= model.vocab_size:
-            raise InvalidRequest(
-                f"prompt_token_ids[{i}] is {token_id}; token ids must be below the vocabulary size {model.vocab_size}"
-            )
-    if len(token_ids) + max_tokens > model.max_context_len:
-        raise InvalidRequest(
-            f"{field} has {len(token_ids)} tokens and sampling.max_tokens is {max_tokens}: "
-            f"together over the model's context of {model.max_context_len} tokens; "
-            "shorten the prompt or lower max_tokens"
-        )

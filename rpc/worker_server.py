@@ -25,7 +25,7 @@ _ROLE_NAMES = {wpb.WORKER_ROLE_PREFILL: "prefill", wpb.WORKER_ROLE_DECODE: "deco
 class WorkerAddress:
     """Where a worker listens and how it is known."""
 
-    address: str
+    address: str = "127.0.0.1:0"
     """host:port to bind; port 0 picks a free one."""
     advertise_address: str | None = None
     """host:port the router should dial; default: the bound address, made dialable."""

@@ -13,7 +13,7 @@ import pytest
 from deploy.cli import main
 from model.generation import generate_stream
 from model.loader import load_model
-from model.sampling import SamplingParams
+from model.sampling_params import SamplingParams
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,7 +151,7 @@ def test_missing_config_json(tmp_path, capsys) -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (("--max-tokens", "0", "hi"), "max_tokens must be >= 1"),
+        (("--max-tokens", "0", "hi"), "max_tokens must be at least 1"),
         (("--top-p", "2", "hi"), "top_p must be in (0, 1]"),
         (("--prompt-token-ids", "1,x"), "is not a comma-separated list of integers"),
         (("--prompt-token-ids", "1,999"), "outside the vocab"),

@@ -52,7 +52,8 @@ class LocalEngineProbe:
     def __init__(self, model: str, core: int) -> None:
         import torch
 
-        from decode_worker.engine import DecodeEngine, EngineConfig
+        from decode_worker.config import EngineConfig
+        from decode_worker.engine import DecodeEngine
         from model.loader import load_model
 
         torch.set_num_threads(1)
@@ -65,7 +66,7 @@ class LocalEngineProbe:
 
     def first_token(self, prompt: tuple[int, ...], index: int) -> RequestRecord:
         from decode_worker.engine import EngineRequest
-        from model.sampling import SamplingParams
+        from model.sampling_params import SamplingParams
 
         # Only this thread is pinned (pid 0); it is put back as it was afterwards.
         allowed = os.sched_getaffinity(0)

@@ -39,7 +39,7 @@ def cluster_model(hf_checkpoint) -> Path:
     other tests share."""
     from model.generation import generate
     from model.loader import load_model
-    from model.sampling import SamplingParams
+    from model.sampling_params import SamplingParams
 
     probe = load_model(str(hf_checkpoint("llama_gqa", seed=11)))
     params = SamplingParams(max_tokens=8, ignore_eos=True)

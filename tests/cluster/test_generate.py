@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from model.generation import generate
 from model.loader import load_model
-from model.sampling import SamplingParams
+from model.sampling_params import SamplingParams
 from protos import generator_pb2 as pb
 
 pytestmark = pytest.mark.slow

@@ -8,12 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from decode_worker.engine import DecodeEngine, EngineConfig, EngineRequest
-from decode_worker.scheduler import RequestTooLargeError
+from decode_worker.config import EngineConfig
+from decode_worker.engine import DecodeEngine, EngineRequest
+from decode_worker.scheduler import RequestTooLargeError, SchedulerConfig
 from kvstore.hashing import hash_token_blocks
 from model.attention import ContiguousKVAttention
 from model.loader import load_model
-from model.sampling import FinishReason, SamplingParams
+from model.sampling_params import FinishReason, SamplingParams
 
 FINGERPRINT = b"f" * 16
 BLOCK_SIZE = 8
@@ -69,7 +70,11 @@ def test_sixteen_prompts_with_preemption_and_late_arrivals_match_transformers(mo
     # sixteen (about 660 tokens), so the scheduler must preempt and recompute.
     engine = DecodeEngine(
         loaded,
-        EngineConfig(num_blocks=40, block_size=BLOCK_SIZE, max_num_batched_tokens=64),
+        EngineConfig(
+            num_blocks=40,
+            block_size=BLOCK_SIZE,
+            scheduler=SchedulerConfig(max_num_batched_tokens=64),
+        ),
         FINGERPRINT,
     )
     arrivals: dict[int, list[EngineRequest]] = {}

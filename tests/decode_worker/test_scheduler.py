@@ -11,7 +11,7 @@ from decode_worker.block_pool import BlockPool, BlockPoolConfig
 from decode_worker.scheduler import RequestTooLargeError, Scheduler, SchedulerConfig
 from decode_worker.sequence import SequenceRequest, SequenceStatus
 from kvstore.hashing import hash_block
-from model.sampling import FinishReason
+from model.sampling_params import FinishReason
 
 SEED = bytes(16)
 BLOCK_SIZE = 4

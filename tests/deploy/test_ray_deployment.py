@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 from deploy.cli import main
 from deploy.launch_config import LaunchConfig
 from deploy.ray_launcher import RayDeployment
+from deploy.worker_flags import WorkerOptions
 from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
 from protos import workers_pb2 as wpb
@@ -64,9 +65,8 @@ def deployment(hf_checkpoint) -> Iterator[RayDeployment]:
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
         config = LaunchConfig(
-            model=str(model),
+            workers=WorkerOptions(model=str(model), kv_cache_gb=0.01),
             port=free_port(),
-            kv_cache_gb=0.01,
             router_resources={"router_node": 1},
             prefill_resources={"prefill_node": 1},
             decode_resources={"decode_node": 1},

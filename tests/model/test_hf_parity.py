@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from model.attention import ContiguousKVAttention
 from model.generation import generate
 from model.loader import load_model
-from model.sampling import FinishReason, SamplingParams
+from model.sampling_params import FinishReason, SamplingParams
 
 KINDS = ["llama_gqa", "llama_mqa_llama3", "qwen2", "mistral"]
 PROMPT_LENS = [1, 15, 16, 17, 100]

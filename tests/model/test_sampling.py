@@ -5,12 +5,13 @@ import torch
 
 from model.generation import generate
 from model.loader import load_model
-from model.sampling import (
+from model.sampling import filtered_probs, sample
+from model.sampling_params import (
     FinishReason,
     SamplingParams,
-    filtered_probs,
+    final_finish_reason,
     finish_reason,
-    sample,
+    stop_token_set,
 )
 
 
@@ -99,13 +100,33 @@ def test_logprobs_are_raw_log_softmax() -> None:
 
 def test_finish_reason() -> None:
     params = SamplingParams(max_tokens=3, stop_token_ids=(9,))
-    assert finish_reason(5, 1, params, (7,)) is None
-    assert finish_reason(9, 1, params, (7,)) is FinishReason.STOP
-    assert finish_reason(7, 1, params, (7,)) is FinishReason.STOP
-    assert finish_reason(5, 3, params, (7,)) is FinishReason.LENGTH
+    stops = stop_token_set(params, (7,))
+    assert stops == {7, 9}
+    assert finish_reason(5, 1, stops, 3) is None
+    assert finish_reason(9, 1, stops, 3) is FinishReason.STOP
+    assert finish_reason(7, 1, stops, 3) is FinishReason.STOP
+    assert finish_reason(5, 3, stops, 3) is FinishReason.LENGTH
+    assert finish_reason(9, 3, stops, 3) is FinishReason.STOP  # a stop token wins over length
     ignoring = SamplingParams(max_tokens=3, ignore_eos=True, stop_token_ids=(9,))
-    assert finish_reason(7, 1, ignoring, (7,)) is None
-    assert finish_reason(9, 1, ignoring, (7,)) is FinishReason.STOP
+    assert stop_token_set(ignoring, (7,)) == {9}
+
+
+def test_a_stop_string_match_wins_over_length() -> None:
+    assert final_finish_reason(FinishReason.LENGTH, True) is FinishReason.STOP
+    assert final_finish_reason(None, True) is FinishReason.STOP
+    assert final_finish_reason(FinishReason.LENGTH, False) is FinishReason.LENGTH
+    assert final_finish_reason(None, False) is None
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-20, 9.9e-6])
+def test_a_tiny_temperature_is_greedy(temperature: float) -> None:
+    # 1e-38 once overflowed the softmax and returned the last vocabulary id.
+    logits = _logits(3)
+    params = SamplingParams(temperature=temperature, seed=3)
+    assert params.is_greedy
+    tokens, _ = sample(logits, [params] * 3, [0, 1, 2])
+    assert tokens == logits.argmax(-1).tolist()
+    assert not SamplingParams(temperature=1e-5).is_greedy
 
 
 def test_seeded_generation_is_independent_of_the_batch(tiny) -> None:

@@ -2,18 +2,17 @@ import math
 
 import pytest
 
+from model.prompt_limits import InvalidPrompt, check_prompt
 from protos import generator_pb2 as pb
 from router.validation import (
     InvalidRequest,
-    ModelLimits,
     RequestLimits,
     validate_prompt_shape,
-    validate_prompt_tokens,
     validate_sampling,
 )
 
 LIMITS = RequestLimits(max_tokens=100, max_request_bytes=10_000)
-MODEL = ModelLimits(vocab_size=300, max_context_len=64)
+MODEL = {"vocab_size": 300, "max_context_len": 64}
 
 
 def test_defaults_are_filled():
@@ -22,7 +21,7 @@ def test_defaults_are_filled():
     assert sampling.top_p == 1.0
     assert sampling.temperature == 0.0
     assert sampling.top_k == 0
-    assert not sampling.HasField("seed")
+    assert sampling.seed is None
 
 
 @pytest.mark.parametrize(
@@ -86,16 +85,21 @@ def test_prompt_shape_refusals(request_, message):
 
 def test_token_ids_must_be_in_vocab():
     with pytest.raises(
-        InvalidRequest,
-        match=r"prompt_token_ids\[2\] is 300; token ids must be below the vocabulary size 300",
+        InvalidPrompt,
+        match=r"prompt_token_ids\[2\] is 300; token ids must be in \[0, 300\)",
     ):
-        validate_prompt_tokens([1, 2, 300], 4, MODEL, "prompt_token_ids")
+        check_prompt([1, 2, 300], 4, **MODEL)
 
 
 def test_context_overflow_names_both_numbers():
-    validate_prompt_tokens([1] * 60, 4, MODEL, "prompt")  # exactly fits
+    check_prompt([1] * 60, 4, **MODEL, field="prompt")  # exactly fits
     with pytest.raises(
-        InvalidRequest,
+        InvalidPrompt,
         match=r"prompt has 60 tokens and sampling.max_tokens is 5: together over the model's context of 64",
     ):
-        validate_prompt_tokens([1] * 60, 5, MODEL, "prompt")
+        check_prompt([1] * 60, 5, **MODEL, field="prompt")
+
+
+def test_an_empty_prompt_is_refused():
+    with pytest.raises(InvalidPrompt, match="prompt encodes to no tokens"):
+        check_prompt([], 4, **MODEL, field="prompt")

@@ -1,0 +1,151 @@
+"""The worker flags `kvrelay serve` and `kvrelay up` share, and the one place they
+become the workers' configs.
+
+`add_worker_flags` declares them, `worker_options` reads them into a
+`WorkerOptions`, and `prefill_config` / `decode_config` turn options plus a
+worker's address into the `PrefillConfig` / `DecodeConfig` its service runs with.
+`kvrelay serve` calls them for its one process; the Ray launcher for each actor.
+Config modules are imported inside the functions: `decode_worker.config` pulls in
+torch, which `kvrelay --help` must not.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kvstore.hashing import DEFAULT_BLOCK_SIZE
+
+if TYPE_CHECKING:
+    from decode_worker.config import DecodeConfig
+    from prefill_worker.config import PrefillConfig
+    from rpc.worker_server import WorkerAddress
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """What a user sets for the workers of a cluster (every worker alike)."""
+
+    model: str = "dummy:tiny"
+    """HF directory, GGUF file or preset."""
+    dtype: str | None = None
+    """float32, bfloat16 or float16; None: the device's default."""
+    device: str = "cpu"
+    num_threads: int | None = None
+    """torch threads; None: the cores the process may run on."""
+    block_size: int = DEFAULT_BLOCK_SIZE
+    """Tokens per KV block; every worker of a cluster must agree."""
+    token_budget: int = 2048
+    """Prefill: most prompt tokens in one forward pass."""
+    kv_cache_gb: float = 0.5
+    """Decode: memory for the KV pool, GiB."""
+    max_num_seqs: int = 64
+    """Decode: running requests at most."""
+    max_local_prefill_len: int = 0
+    """Decode: prompts up to this many tokens are prefilled there."""
+    enable_prefix_cache: bool = True
+    """Reuse cached KV (off: compute every prompt in full, for comparisons)."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.token_budget < 1 or self.max_num_seqs < 1:
+            raise ValueError("--block-size, --token-budget and --max-num-seqs must be >= 1")
+        if self.kv_cache_gb <= 0:
+            raise ValueError(f"--kv-cache-gb must be > 0, got {self.kv_cache_gb}")
+        if self.max_local_prefill_len < 0:
+            raise ValueError("--max-local-prefill-len must be >= 0")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError("--threads must be >= 1")
+
+
+def add_worker_flags(parser: argparse.ArgumentParser, *, with_placement: bool = True) -> None:
+    """Declares the worker flags; `with_placement` adds --device and --threads (which
+    `kvrelay up` leaves to Ray)."""
+    group = parser.add_argument_group("workers")
+    group.add_argument(
+        "--model", default="dummy:tiny", help="HF directory, GGUF file or preset (dummy:*)"
+    )
+    group.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    if with_placement:
+        group.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+        group.add_argument(
+            "--threads", type=int, help="torch threads (default: this process's cores)"
+        )
+    group.add_argument(
+        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tokens per KV block"
+    )
+    group.add_argument(
+        "--token-budget", type=int, default=2048, help="prefill: most tokens per forward pass"
+    )
+    group.add_argument(
+        "--kv-cache-gb", type=float, default=0.5, help="decode: memory for the KV pool in GiB"
+    )
+    group.add_argument(
+        "--max-num-seqs", type=int, default=64, help="decode: running requests at most"
+    )
+    group.add_argument(
+        "--max-local-prefill-len",
+        type=int,
+        default=0,
+        help="decode: prompts up to this many tokens are prefilled here, not by a prefill worker",
+    )
+    group.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="compute every prompt in full, never reuse cached KV (for comparisons)",
+    )
+
+
+def worker_options(args: argparse.Namespace) -> WorkerOptions:
+    """Raises ValueError (naming the flag) for values no worker accepts."""
+    return WorkerOptions(
+        model=args.model,
+        dtype=None if args.dtype == "auto" else args.dtype,
+        device=getattr(args, "device", "cpu"),
+        num_threads=getattr(args, "threads", None),
+        block_size=args.block_size,
+        token_budget=args.token_budget,
+        kv_cache_gb=args.kv_cache_gb,
+        max_num_seqs=args.max_num_seqs,
+        max_local_prefill_len=args.max_local_prefill_len,
+        enable_prefix_cache=not args.no_prefix_cache,
+    )
+
+
+def prefill_config(options: WorkerOptions, where: WorkerAddress, store_url: str) -> PrefillConfig:
+    from prefill_worker.config import PrefillConfig
+
+    return PrefillConfig(
+        where=where,
+        runtime=_runtime(options),
+        store_url=store_url,
+        block_size=options.block_size,
+        token_budget=options.token_budget,
+        enable_prefix_cache=options.enable_prefix_cache,
+    )
+
+
+def decode_config(options: WorkerOptions, where: WorkerAddress, store_url: str) -> DecodeConfig:
+    from decode_worker.config import DecodeConfig, EngineConfig
+    from decode_worker.scheduler import SchedulerConfig
+
+    return DecodeConfig(
+        where=where,
+        runtime=_runtime(options),
+        store_url=store_url,
+        engine=EngineConfig(
+            kv_cache_bytes=int(options.kv_cache_gb * 1024**3),
+            block_size=options.block_size,
+            scheduler=SchedulerConfig(
+                max_num_seqs=options.max_num_seqs,
+                enable_prefix_caching=options.enable_prefix_cache,
+            ),
+        ),
+        max_local_prefill_len=options.max_local_prefill_len,
+    )
+
+
+def _runtime(options: WorkerOptions):
+    from model.runtime import ModelRuntime
+
+    return ModelRuntime(options.model, options.dtype, options.device, options.num_threads)

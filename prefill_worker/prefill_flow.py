@@ -1,0 +1,169 @@
+"""One request through a prefill worker, as plain async code.
+
+`PrefillFlow.run` is the prefill half of the request path: check the prompt, claim
+the blocks no other request is computing (wait for those it is), load the cached
+prefix from the store, run the engine over the rest, then publish the new blocks
+and the tail. The servicer converts the request, calls it, and converts the
+`PrefillOutcome` back; the tests drive it with the memory store and no sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from opentelemetry import trace
+
+from kvstore import BlockHash, KVStore, hash_token_blocks
+from model.config import ModelConfig
+from model.prompt_limits import check_prompt
+from model.sampling_params import FinishReason, SamplingParams, finish_reason, stop_token_set
+from prefill_worker.engine import PrefillEngine, PrefillJob, PrefillOutput
+from prefill_worker.handoff import TailHandoff
+from prefill_worker.inflight_prefixes import InflightPrefixes
+from prefill_worker.store_io import load_cached_prefix
+from telemetry import names
+from telemetry.metrics import ServiceMetrics
+
+tracer = trace.get_tracer("kvrelay.prefill")
+
+
+@dataclass(frozen=True)
+class PrefillOutcome:
+    """What one prefill produced (the servicer's `PrefillResult`)."""
+
+    first_token_id: int
+    """Output token 0, sampled here."""
+    first_logprob: float
+    block_hashes: list[BlockHash]
+    """Hashes of the prompt's full blocks; all are in the store when this returns."""
+    has_tail: bool
+    """The partial last block is in the store under the request's id (`tail_id`),
+    for the router to hand on: it owns the tail from now on."""
+    tail_id: str
+    """The id the tail is stored under (the request id this prefill ran for)."""
+    num_cached_tokens: int
+    """Leading prompt tokens loaded from the store instead of computed."""
+    num_computed_tokens: int
+    finish_reason: FinishReason | None
+    """Set when the first token ends the request; then no tail was stored."""
+
+
+class PrefillFlow:
+    """Prefills requests on one engine and one store; event-loop only."""
+
+    def __init__(
+        self,
+        engine: PrefillEngine,
+        store: KVStore,
+        model: ModelConfig,
+        metrics: ServiceMetrics,
+        *,
+        enable_prefix_cache: bool = True,
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.model = model
+        self.metrics = metrics
+        self.enable_prefix_cache = enable_prefix_cache
+        self.inflight = InflightPrefixes()
+        self.handoff = TailHandoff(store)
+
+    async def run(
+        self, request_id: str, token_ids: list[int], sampling: SamplingParams
+    ) -> PrefillOutcome:
+        """Raises InvalidPrompt, PrefillCancelled (the engine dropped the job),
+        StoreUnavailableError (publishing failed), or CancelledError; whatever it
+        raises, the tail is deleted and every claimed block released."""
+        check_prompt(
+            token_ids,
+            sampling.max_tokens,
+            vocab_size=self.model.vocab_size,
+            max_context_len=self.model.max_position_embeddings,
+        )
+        hashes = hash_token_blocks(
+            token_ids, self.store.spec.block_size, self.store.spec.fingerprint
+        )
+        # Requests sharing a prefix wait for the one computing it (only when they
+        # can reuse it: with the cache off every request computes its own).
+        shared = hashes if self.enable_prefix_cache else []
+        async with self.inflight.claim(shared) as claim:
+            job = self.engine.new_job(request_id, token_ids, sampling)
+            num_present = await self._load_cached_prefix(hashes, job)
+            # Blocks the store had need no waiting for; the rest wait for publishing.
+            claim.release_leading(num_present)
+            output = await self._compute(job)
+            finished = finish_reason(
+                output.first_token_id,
+                1,
+                stop_token_set(sampling, self.model.eos_token_ids),
+                sampling.max_tokens,
+            )
+            await self._publish(request_id, hashes, output, num_present, finished is None)
+        block_size = self.store.spec.block_size
+        return PrefillOutcome(
+            first_token_id=output.first_token_id,
+            first_logprob=output.first_logprob,
+            block_hashes=hashes,
+            has_tail=finished is None and len(token_ids) % block_size != 0,
+            tail_id=request_id,
+            num_cached_tokens=job.num_cached_tokens,
+            num_computed_tokens=len(token_ids) - job.num_cached_tokens,
+            finish_reason=finished,
+        )
+
+    async def _load_cached_prefix(self, hashes: list[BlockHash], job: PrefillJob) -> int:
+        """Copies the prompt's stored prefix into the job; returns the blocks present."""
+        with tracer.start_as_current_span(names.SPAN_STORE_LOOKUP) as span:
+            started = time.perf_counter()
+            num_present, job.num_cached_tokens = 0, 0
+            if self.enable_prefix_cache:
+                num_present, job.num_cached_tokens = await asyncio.to_thread(
+                    load_cached_prefix, self.store, hashes, job.kv
+                )
+            if job.num_cached_tokens:
+                self.metrics.kv_transfer_time.observe(time.perf_counter() - started)
+            span.set_attribute(names.NUM_BLOCKS, len(hashes))
+            span.set_attribute(names.NUM_HITS, num_present)
+            span.set_attribute(names.CACHED_PROMPT_TOKENS, job.num_cached_tokens)
+        return num_present
+
+    async def _compute(self, job: PrefillJob) -> PrefillOutput:
+        submitted_ns = time.time_ns()
+        try:
+            output = await asyncio.wrap_future(self.engine.submit(job))
+        except asyncio.CancelledError:
+            self.engine.cancel(job)
+            raise
+        self._record_engine_spans(job, submitted_ns)
+        return output
+
+    async def _publish(
+        self,
+        request_id: str,
+        hashes: list[BlockHash],
+        output: PrefillOutput,
+        num_present: int,
+        with_tail: bool,
+    ) -> None:
+        with tracer.start_as_current_span(names.SPAN_STORE_PUT) as span:
+            span.set_attribute(names.NUM_BLOCKS, len(hashes) - num_present)
+            started = time.perf_counter()
+            await self.handoff.publish(
+                request_id, hashes, output.kv, first_block=num_present, with_tail=with_tail
+            )
+            self.metrics.kv_transfer_time.observe(time.perf_counter() - started)
+
+    def _record_engine_spans(self, job: PrefillJob, submitted_ns: int) -> None:
+        """The engine thread timed the job; its queueing and forward spans are
+        recorded here, with those times, as children of the current span."""
+        queue_span = tracer.start_span(names.SPAN_PREFILL_QUEUE, start_time=submitted_ns)
+        queue_span.end(end_time=job.started_ns)
+        forward_span = tracer.start_span(names.SPAN_PREFILL_FORWARD, start_time=job.started_ns)
+        forward_span.set_attribute(names.CACHED_PROMPT_TOKENS, job.num_cached_tokens)
+        forward_span.set_attribute(
+            names.COMPUTED_PROMPT_TOKENS, len(job.token_ids) - job.num_cached_tokens
+        )
+        forward_span.end(end_time=job.finished_ns)
+        self.metrics.queue_time.observe((job.started_ns - submitted_ns) / 1e9)

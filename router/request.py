@@ -1,0 +1,74 @@
+"""`prepare`: a GenerateRequest checked, tokenized and hashed, ready to route.
+
+The order is the request path's: the router's own limits on the request's shape
+and sampling, then the prompt as token ids (tokenized when it is text), then the
+model's rule for prompts (`model.prompt_limits.check_prompt`), then the hash chain
+of its full blocks, seeded with the cluster's KV fingerprint.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from kvstore.hashing import BlockHash, hash_token_blocks
+from model.prompt_limits import InvalidPrompt, check_prompt
+from model.sampling_params import SamplingParams
+from model.tokenizer import Tokenizer
+from protos import generator_pb2 as pb
+from router.cluster import ClusterModel
+from router.validation import (
+    InvalidRequest,
+    RequestLimits,
+    validate_prompt_shape,
+    validate_sampling,
+)
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated request, tokenized, with its block hashes."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    block_hashes: list[BlockHash]
+
+
+def prepare(
+    request: pb.GenerateRequest,
+    limits: RequestLimits,
+    model: ClusterModel,
+    tokenizer: Tokenizer | None,
+) -> PreparedRequest:
+    """Raises InvalidRequest, whose message names the field and says what to change."""
+    validate_prompt_shape(request, limits)
+    sampling = validate_sampling(request.sampling, limits)
+    if request.prompt_token_ids:
+        token_ids, field = list(request.prompt_token_ids), "prompt_token_ids"
+    else:
+        if tokenizer is None:
+            raise InvalidRequest(
+                "this model has no tokenizer.json: send prompt_token_ids instead of prompt"
+            )
+        token_ids, field = tokenizer.encode(request.prompt), "prompt"
+    if sampling.stop and tokenizer is None:
+        raise InvalidRequest(
+            "sampling.stop needs text, and this model has no tokenizer.json: use stop_token_ids"
+        )
+    try:
+        check_prompt(
+            token_ids,
+            sampling.max_tokens,
+            vocab_size=model.vocab_size,
+            max_context_len=model.max_context_len,
+            field=field,
+        )
+    except InvalidPrompt as err:
+        raise InvalidRequest(str(err)) from None
+    return PreparedRequest(
+        request_id=request.request_id or uuid.uuid4().hex,
+        prompt_token_ids=token_ids,
+        sampling=sampling,
+        block_hashes=hash_token_blocks(token_ids, model.block_size, model.kv_fingerprint),
+    )
