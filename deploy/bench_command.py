@@ -10,19 +10,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shlex
 import signal
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from deploy.cli_errors import UsageError
-
-if TYPE_CHECKING:  # the benchmark's modules load in `run`, so `--help` stays fast
-    from benchmarks.serving.arrivals import ArrivalProcess
-    from benchmarks.serving.metrics import Slo
-    from benchmarks.serving.result import Comparison, RunResult
-    from benchmarks.serving.workload import Workload
 
 EPILOG = """\
 examples:
@@ -124,130 +115,24 @@ def _cores(text: str | None) -> tuple[int, ...]:
     return cores
 
 
-def _workload(args: argparse.Namespace) -> Workload:
-    from benchmarks.serving import workload as w
-
-    if args.workload == "random":
-        input_len = args.input_len or 128
-        return w.random_workload(args.num_prompts, input_len, args.output_len, args.seed)
-    if args.workload == "shared-prefix":
-        return w.shared_prefix_workload(
-            args.num_groups,
-            args.prompts_per_group,
-            args.prefix_len,
-            args.question_len,
-            args.output_len,
-            args.seed,
-        )
-    if args.workload == "mixed":
-        return w.mixed_workload(
-            args.num_prompts,
-            args.short_len,
-            args.long_len,
-            args.long_every,
-            args.output_len,
-            args.seed,
-        )
-    if args.dataset is None:
-        raise UsageError("--workload jsonl needs --dataset FILE")
-    return w.jsonl_workload(args.dataset, args.output_len, args.num_prompts)
-
-
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # unwinds through the clusters' cleanup, as Ctrl-C does
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks.serving.arrivals import ArrivalProcess
-    from benchmarks.serving.metrics import Slo
+    # The benchmark's modules load here, so `--help` stays fast and the CLI does not
+    # depend on benchmark code until a benchmark runs.
+    from benchmarks.serving.command import BenchInputs, run_bench
 
     try:
-        slo = Slo.parse(args.slo)
-        arrivals = ArrivalProcess(args.request_rate, args.burstiness, args.seed)
-        workload = _workload(args)
+        inputs = BenchInputs.from_args(args)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise UsageError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
+    cores = _cores(args.cores) if args.compare is not None else ()
     previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        runs, comparison, workload = _run_benchmark(args, workload, arrivals, slo)
+        return run_bench(args, inputs, cores)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-    return _report(args, workload, arrivals, slo, runs, comparison)
-
-
-def _run_benchmark(
-    args: argparse.Namespace, workload: Workload, arrivals: ArrivalProcess, slo: Slo
-) -> tuple[list[RunResult], Comparison | None, Workload]:
-    """(runs, comparison or None, workload), the overhead comparison making its own."""
-    show_progress = not args.no_progress
-    comparison = None
-    if args.compare == "overhead":
-        from benchmarks.serving.overhead import run_overhead
-
-        workload, runs, comparison = run_overhead(
-            args.model,
-            _cores(args.cores),
-            args.num_trials,
-            args.input_len or 16,
-            show_progress=show_progress,
-        )
-    elif args.compare is not None:
-        from benchmarks.serving.compare import run_comparison
-
-        runs, comparison = run_comparison(
-            args.compare,
-            args.model,
-            _cores(args.cores),
-            workload,
-            arrivals,
-            slo,
-            max_concurrency=args.max_concurrency,
-            show_progress=show_progress,
-        )
-    else:
-        from benchmarks.serving.driver import measure
-
-        config = {"target": args.target}
-        runs = [
-            measure(
-                args.target,
-                "target",
-                config,
-                workload,
-                arrivals,
-                slo,
-                max_concurrency=args.max_concurrency,
-                show_progress=show_progress,
-            )
-        ]
-    return runs, comparison, workload
-
-
-def _report(
-    args: argparse.Namespace,
-    workload: Workload,
-    arrivals: ArrivalProcess,
-    slo: Slo,
-    runs: list[RunResult],
-    comparison: Comparison | None,
-) -> int:
-    from benchmarks.serving.plot import plot_latencies
-    from benchmarks.serving.report import format_table
-    from benchmarks.serving.result import result_document, write_json
-
-    name = args.compare or workload.name
-    result_path = args.result_json or Path(f"kvrelay-bench-{name}.json")
-    plot_path = args.plot or result_path.with_suffix(".png")
-    # argv is the bench's own when run as `kvrelay bench` or `python -m deploy.cli bench`.
-    command = shlex.join(["kvrelay", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else ""
-    document = result_document(
-        workload, arrivals, slo, runs, comparison, command, args.max_concurrency
-    )
-    write_json(document, result_path)
-    title = f"kvrelay bench --compare {args.compare}" if args.compare else "kvrelay bench"
-    plot_latencies(runs, plot_path, f"{title}: {workload.name} workload")
-    print(format_table(runs, comparison), flush=True)
-    print(f"result: {result_path}  plot: {plot_path}", file=sys.stderr)
-    return 0

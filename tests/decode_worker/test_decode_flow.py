@@ -1,0 +1,218 @@
+"""Decode admission and the decode flow without sockets: a real engine loop on
+`dummy:tiny` with a pool of 16 blocks of 4 tokens, the memory store, and a prefill
+flow that publishes each prompt's K/V as a prefill worker would. After each
+request the exact block ids of the prompt in the pool, what was fetched, what is
+left in the store and in the pool are asserted, and every answer is checked
+against the reference generation loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from decode_worker.admission import DecodeAdmission, DecodeCall, PrefillHandoff
+from decode_worker.config import EngineConfig
+from decode_worker.decode_flow import DecodeFailed, DecodeFlow
+from decode_worker.engine import DecodeEngine
+from decode_worker.engine_loop import EngineLoop
+from kvstore.memory_store import MemoryStore
+from kvstore.spec import BlockSpec
+from model.generation import generate
+from model.loader import LoadedModel, load_model
+from model.sampling_params import FinishReason, SamplingParams
+from prefill_worker.engine import PrefillEngine
+from prefill_worker.prefill_flow import PrefillFlow
+from telemetry.metrics import ServiceMetrics
+from tests.kvstore.gated_store import GatedStore
+
+BLOCK_SIZE = 4
+NUM_BLOCKS = 16
+GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
+PROMPT = list(range(10, 20))  # blocks [10..13] [14..17], tail [18, 19]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LoadedModel:
+    return load_model("dummy:tiny")
+
+
+@pytest.fixture(scope="module")
+def spec(tiny: LoadedModel) -> BlockSpec:
+    return BlockSpec.for_model("dummy:tiny", tiny.config, tiny.dtype, BLOCK_SIZE)
+
+
+@pytest.fixture
+def prefill_engine(tiny: LoadedModel) -> Iterator[PrefillEngine]:
+    engine = PrefillEngine(tiny, token_budget=64)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture
+def loop(tiny: LoadedModel, spec: BlockSpec) -> Iterator[EngineLoop]:
+    config = EngineConfig(num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE)
+    loop = EngineLoop(DecodeEngine(tiny, config, spec.fingerprint))
+    loop.start()
+    yield loop
+    loop.stop()
+
+
+class Worker:
+    """A prefill flow and a decode flow sharing one store, as a cluster would."""
+
+    def __init__(self, tiny, store, prefill_engine, loop) -> None:
+        metrics = ServiceMetrics("dummy:tiny", "decode")
+        self.store = store
+        self.loop = loop
+        self.pool = loop.engine.pool
+        self.prefill = PrefillFlow(prefill_engine, store, tiny.config, metrics)
+        admission = DecodeAdmission(loop, store, tiny.config, tiny.device, tiny.dtype, metrics)
+        self.decode = DecodeFlow(loop, admission, metrics)
+
+    async def call(self, request_id: str, prompt: list[int]) -> DecodeCall:
+        out = await self.prefill.run(request_id, prompt, GREEDY)
+        handoff = PrefillHandoff(
+            out.first_token_id, out.first_logprob, tuple(out.block_hashes), out.tail_id
+        )
+        return DecodeCall(request_id, prompt, GREEDY, handoff)
+
+    async def generate(self, call: DecodeCall) -> tuple[list[int], list]:
+        """The tokens after the prefill worker's, and the batches they came in."""
+        batches = [batch async for batch in self.decode.run(call)]
+        return [t for b in batches for t in b.token_ids], batches
+
+
+@pytest.fixture
+def worker(tiny, spec, prefill_engine, loop) -> Worker:
+    return Worker(tiny, MemoryStore(spec), prefill_engine, loop)
+
+
+def expected(tiny: LoadedModel, prompt: list[int]) -> list[int]:
+    return generate(tiny, [prompt], GREEDY)[0].token_ids
+
+
+def wait_idle(loop: EngineLoop) -> None:
+    """Until the engine thread has applied the aborts sent to it."""
+    for _ in range(200):
+        stats = loop.stats()
+        if stats.num_running == stats.num_waiting == 0:
+            return
+        asyncio.run(asyncio.sleep(0.01))
+    raise AssertionError(f"engine still busy: {loop.stats()}")
+
+
+def test_none_resident_fetches_every_block_and_the_tail(tiny, worker) -> None:
+    async def scenario():
+        call = await worker.call("a", PROMPT)
+        return call, await worker.generate(call)
+
+    call, (tokens, batches) = asyncio.run(scenario())
+    assert [call.prefill.first_token_id, *tokens] == expected(tiny, PROMPT)
+    assert (batches[0].num_resident_blocks, batches[0].num_fetched_blocks) == (0, 3)
+    assert batches[-1].finish_reason is FinishReason.LENGTH
+    # The fetched blocks went to the first free blocks, and stay cached by hash.
+    assert [worker.pool.cached_block(h) for h in call.prefill.block_hashes] == [0, 1]
+    assert worker.pool.num_used_blocks == 0
+    assert worker.store.num_tails() == 0  # read once, then deleted
+
+
+def test_all_resident_fetches_only_the_tail(tiny, worker) -> None:
+    async def scenario():
+        await worker.generate(await worker.call("a", PROMPT))
+        call = await worker.call("b", PROMPT)
+        return call, await worker.generate(call)
+
+    call, (tokens, batches) = asyncio.run(scenario())
+    assert [call.prefill.first_token_id, *tokens] == expected(tiny, PROMPT)
+    assert (batches[0].num_resident_blocks, batches[0].num_fetched_blocks) == (2, 1)
+    assert [worker.pool.cached_block(h) for h in call.prefill.block_hashes] == [0, 1]
+    assert worker.pool.num_used_blocks == 0 and worker.store.num_tails() == 0
+
+
+def test_some_resident_fetches_the_rest(tiny, worker) -> None:
+    other = [*PROMPT[:4], 40, 41, 42, 43, 44, 45]
+
+    async def scenario():
+        await worker.generate(await worker.call("a", PROMPT))
+        call = await worker.call("b", other)
+        return call, await worker.generate(call)
+
+    call, (tokens, batches) = asyncio.run(scenario())
+    assert [call.prefill.first_token_id, *tokens] == expected(tiny, other)
+    assert (batches[0].num_resident_blocks, batches[0].num_fetched_blocks) == (1, 2)
+    assert worker.pool.cached_block(call.prefill.block_hashes[0]) == 0  # shared with `a`
+    assert worker.pool.num_used_blocks == 0
+
+
+def test_a_block_evicted_from_the_store_between_lookup_and_get_is_computed(
+    tiny, spec, prefill_engine, loop
+) -> None:
+    # A store that holds two blocks: after the prefill, the second is evicted.
+    store = MemoryStore(spec, budget_bytes=2 * spec.nbytes)
+    worker = Worker(tiny, store, prefill_engine, loop)
+
+    async def scenario():
+        call = await worker.call("a", PROMPT)
+        store.get(call.prefill.block_hashes[:1])  # block 0 is now the most recent
+        store.put([(b"\x00" * 16, store.get(call.prefill.block_hashes[:1])[0])])
+        assert store.lookup(call.prefill.block_hashes) == 1
+        return call, await worker.generate(call)
+
+    call, (tokens, batches) = asyncio.run(scenario())
+    assert [call.prefill.first_token_id, *tokens] == expected(tiny, PROMPT)
+    # Block 0 came from the store; block 1 and the tail's tokens were recomputed, so
+    # the tail (unusable past the gap) was still deleted.
+    assert (batches[0].num_resident_blocks, batches[0].num_fetched_blocks) == (0, 1)
+    assert store.num_tails() == 0 and worker.pool.num_used_blocks == 0
+
+
+def test_an_abort_during_the_fetch_leaves_nothing_behind(tiny, spec, prefill_engine, loop) -> None:
+    store = GatedStore(spec, gated="get")
+    worker = Worker(tiny, store, prefill_engine, loop)
+
+    async def scenario():
+        call = await worker.call("a", PROMPT)
+        task = asyncio.ensure_future(worker.generate(call))
+        while not store.entered.is_set():
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        store.open()
+        while store.num_tails():  # the fetch thread goes on and deletes the tail
+            await asyncio.sleep(0.005)
+
+    asyncio.run(scenario())
+    stats = loop.stats()
+    assert (stats.num_waiting, stats.num_running, stats.num_used_blocks) == (0, 0, 0)
+    assert stats.num_finished_requests_total == 0  # the engine never heard of it
+
+
+def test_an_abort_mid_generation_frees_every_block(tiny, worker, loop) -> None:
+    async def scenario():
+        call = await worker.call("a", PROMPT)
+        stream = worker.decode.run(call)
+        first = await anext(stream)
+        assert worker.pool.num_used_blocks == 3  # two prompt blocks and the tail's
+        await stream.aclose()
+        return first
+
+    first = asyncio.run(scenario())
+    assert first.num_fetched_blocks == 3
+    wait_idle(loop)
+    assert worker.pool.num_used_blocks == 0
+    worker.pool.check_integrity()
+
+
+def test_a_request_the_pool_can_never_hold_fails_with_the_cause(tiny, worker) -> None:
+    huge = DecodeCall("a", [5] * 100, SamplingParams(max_tokens=8))  # 27 blocks > 16
+
+    async def scenario():
+        return [batch async for batch in worker.decode.run(huge)]
+
+    with pytest.raises(DecodeFailed, match="pool admits at most") as err:
+        asyncio.run(scenario())
+    assert isinstance(err.value.cause, ValueError)
