@@ -145,6 +145,27 @@ def test_stop_string_max_tokens_and_stop_token_ids_behave_as_in_local_mode(clust
     assert responses[-1].finish_reason == pb.FINISH_REASON_STOP
 
 
+@pytest.mark.parametrize(
+    ("prompt", "path"), [("kvrelay serves models", "disaggregated"), ("Jump", "colocated")]
+)
+def test_a_stop_string_in_the_last_allowed_token_finishes_with_stop(cluster, local, prompt, path):
+    # max_tokens=1 and a stop string that the first token completes: STOP, as the
+    # decode loop reports it, wherever that token was sampled (the prefill worker for
+    # the long prompt, the decode worker for the short one).
+    assert (len(local.tokenizer.encode(prompt)) > cluster.max_local_prefill_len) == (
+        path == "disaggregated"
+    )
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    first = generate(local, [local.tokenizer.encode(prompt)], params)[0].token_ids
+    stop = local.tokenizer.decode(first)
+    assert stop and "\ufffd" not in stop, "the model's first token is not a whole character"
+    responses = cluster.generate(
+        prompt=prompt, sampling=pb.SamplingParams(max_tokens=1, stop=[stop], ignore_eos=True)
+    )
+    assert tokens_of(responses) == first and text_of(responses) == ""
+    assert responses[-1].finish_reason == pb.FINISH_REASON_STOP
+
+
 def test_seeded_sampling_matches_local_mode(cluster, local):
     prompt = random_prompt(40, seed=9)
     params = SamplingParams(
