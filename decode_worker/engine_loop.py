@@ -77,7 +77,7 @@ class EngineLoop:
                 self._step()
         for request_id in list(self._sinks):
             self.engine.abort(request_id)
-            self._sinks.pop(request_id)(RuntimeError("decode worker shutting down"))
+            _deliver(self._sinks.pop(request_id), RuntimeError("decode worker shutting down"))
 
     def _apply_commands(self, block: bool) -> bool:
         """Applies queued submits and aborts; False when asked to stop."""
@@ -99,7 +99,7 @@ class EngineLoop:
         try:
             self.engine.add_request(command.request)
         except (RequestTooLargeError, ValueError) as err:
-            command.sink(err)
+            _deliver(command.sink, err)
             return
         self._sinks[command.request.request_id] = command.sink
 
@@ -111,7 +111,7 @@ class EngineLoop:
         ) as err:  # a bug fails the requests (the engine aborted them), not the worker
             log.exception("decode step failed")
             for sink in self._sinks.values():
-                sink(err)
+                _deliver(sink, err)
             self._sinks.clear()
             return
         for out in outputs:
@@ -120,4 +120,19 @@ class EngineLoop:
                 continue
             if out.finish_reason is not None:
                 del self._sinks[out.request_id]
-            sink(out)
+            if not _deliver(sink, out):
+                # Nobody can hear the request any more (its event loop is gone).
+                self.engine.abort(out.request_id)
+                self._sinks.pop(out.request_id, None)
+
+
+def _deliver(sink: Sink, item: TokenOutput | BaseException) -> bool:
+    """Hands `item` to a sink; False when the sink failed. A sink must not block or
+    raise, but one whose event loop has closed does, and that must cost its request,
+    never the engine thread every other request runs on."""
+    try:
+        sink(item)
+    except Exception:
+        log.warning("dropping a request whose caller is gone", exc_info=True)
+        return False
+    return True

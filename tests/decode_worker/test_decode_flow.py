@@ -8,6 +8,7 @@ against the reference generation loop."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -216,3 +217,25 @@ def test_a_request_the_pool_can_never_hold_fails_with_the_cause(tiny, worker) ->
     with pytest.raises(DecodeFailed, match="pool admits at most") as err:
         asyncio.run(scenario())
     assert isinstance(err.value.cause, ValueError)
+
+
+def test_a_sink_that_fails_costs_its_request_not_the_engine_thread(tiny, loop) -> None:
+    from decode_worker.engine import EngineRequest
+
+    def broken_sink(item) -> None:
+        raise RuntimeError("Event loop is closed")
+
+    loop.submit(EngineRequest("gone", PROMPT, GREEDY), broken_sink)
+    received = []
+    done = threading.Event()
+
+    def sink(item) -> None:
+        received.append(item)
+        if getattr(item, "finish_reason", None) is not None:
+            done.set()
+
+    loop.submit(EngineRequest("alive", PROMPT, GREEDY), sink)
+    assert done.wait(30), "the engine thread stopped serving"
+    assert [o.token_id for o in received] == expected(tiny, PROMPT)
+    wait_idle(loop)
+    assert loop.stats().num_used_blocks == 0
