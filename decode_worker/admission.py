@@ -1,10 +1,15 @@
 """Decode admission: what a request brings, what the pool already holds, and what
 must be fetched, turned into the `EngineRequest` the engine continues.
 
-A prefilled request names its prompt's block hashes. Blocks resident in this
-worker's pool are reused by the scheduler at admission; the rest (and the tail)
-are fetched from the KV store in a thread, beside the engine loop, which never
-waits for them. A request without a prefill is computed here in full.
+The worker hashes the request's tokens itself (prompt, then the output tokens it
+already has) and trusts no hash a caller sends. Leading blocks resident in this
+worker's pool are reused by the scheduler at admission; the rest are fetched from
+the KV store in a thread, beside the engine loop, which never waits for them: all
+of them for a prefilled request (and its tail), and whatever the store holds for
+any other (a prompt prefilled here whose prefix another worker computed, the next
+turn of a conversation, or a request resumed after its decode worker failed).
+Whatever is neither resident nor fetched is computed here. At least the last
+token is always computed: its logits give the next token.
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ from opentelemetry.context import Context
 from decode_worker.engine import EngineRequest
 from decode_worker.engine_loop import EngineLoop
 from decode_worker.kv_fetch import fetch_prompt_kv
-from kvstore import BlockHash, KVStore
+from kvstore import BlockHash, KVStore, hash_token_blocks
 from model.config import ModelConfig
-from model.prompt_limits import check_prompt
+from model.prompt_limits import check_prompt, check_token_ids
 from model.sampling_params import SamplingParams
 from telemetry import names
 from telemetry.metrics import ServiceMetrics
@@ -33,13 +38,8 @@ tracer = trace.get_tracer("kvrelay.decode")
 
 @dataclass(frozen=True)
 class PrefillHandoff:
-    """What a prefill worker handed on: its token and where the prompt's K/V is."""
+    """What a prefill worker handed on besides its token: where the prompt's tail is."""
 
-    first_token_id: int
-    """Output token 0."""
-    first_logprob: float
-    block_hashes: tuple[BlockHash, ...]
-    """The prompt's full blocks, in order; all were put in the store."""
     tail_id: str
     """The store key of the prompt's partial last block; empty when there is none."""
 
@@ -51,8 +51,16 @@ class DecodeCall:
     request_id: str
     prompt_token_ids: Sequence[int]
     sampling: SamplingParams
+    generated_token_ids: Sequence[int] = ()
+    """Output tokens the caller already has: the prefill worker's first token, or
+    what a resumed request had sent."""
     prefill: PrefillHandoff | None = None
-    """None: the prompt is prefilled here (short prompts, colocated serving)."""
+    """Set when a prefill worker stored the prompt's K/V for this request."""
+
+    @property
+    def is_resumed(self) -> bool:
+        """Continued here after another decode worker failed it."""
+        return self.prefill is None and bool(self.generated_token_ids)
 
 
 @dataclass(frozen=True)
@@ -89,28 +97,31 @@ class DecodeAdmission:
         """Raises InvalidPrompt. Cancelling it while the store is read leaves nothing
         behind: the fetch thread finishes (and deletes the tail) on its own, and the
         engine never heard of the request."""
+        tokens = [*call.prompt_token_ids, *call.generated_token_ids]
         check_prompt(
             call.prompt_token_ids,
             call.sampling.max_tokens,
             vocab_size=self.model.vocab_size,
             max_context_len=self.model.max_position_embeddings,
         )
-        prefill = call.prefill
-        if prefill is None:
-            return Admission(
-                EngineRequest(call.request_id, call.prompt_token_ids, call.sampling), 0, 0
-            )
-        hashes = list(prefill.block_hashes)
+        check_token_ids(call.generated_token_ids, self.model.vocab_size, "generated_token_ids")
+        spec = self.store.spec
+        # Blocks that can be reused: all full ones but the one holding the last token.
+        num_reusable = (len(tokens) - 1) // spec.block_size
+        hashes = hash_token_blocks(tokens, spec.block_size, spec.fingerprint)[:num_reusable]
+        tail_id = call.prefill.tail_id if call.prefill is not None else ""
         with tracer.start_as_current_span(names.SPAN_DECODE_ADMISSION, context=parent) as span:
             num_resident = self.loop.count_resident(hashes)
-            provided = await self._fetch(hashes[num_resident:], prefill.tail_id)
+            provided = []
+            if num_resident < len(hashes) or tail_id:
+                provided = await self._fetch(hashes[num_resident:], tail_id)
             span.set_attribute(names.NUM_RESIDENT_BLOCKS, num_resident)
             span.set_attribute(names.NUM_FETCHED_BLOCKS, len(provided))
         request = EngineRequest(
             call.request_id,
             call.prompt_token_ids,
             call.sampling,
-            first_token=(prefill.first_token_id, prefill.first_logprob),
+            output_token_ids=call.generated_token_ids,
             provided_kv=[t.to(self.device, self.dtype) for t in provided],
             provided_start_block=num_resident,
         )

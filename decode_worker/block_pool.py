@@ -229,6 +229,12 @@ class BlockPool:
         """A contiguous copy of `block_id` as a store payload `[num_layers, 2, bs, kvh, d]`."""
         return self.kv[:, :, block_id].contiguous()
 
+    def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """One CPU copy of several blocks, `[num_layers, 2, n, bs, kvh, d]`: a single
+        gather (and, on a GPU, one transfer) however many blocks are read."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.kv.device)
+        return self.kv.index_select(2, index).to("cpu")
+
     def check_integrity(self) -> None:
         """Assert every invariant of the bookkeeping (for tests and debug builds)."""
         free_uncached, free_cached = set(self._free_uncached), set(self._free_cached)

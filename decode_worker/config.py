@@ -43,6 +43,10 @@ class DecodeConfig:
     max_local_prefill_len: int = 0
     """Prompts up to this many tokens skip the prefill workers and are prefilled here;
     0 sends every prompt through a prefill worker when one is registered."""
+    publish_computed_blocks: bool = True
+    """Put every full block this worker computes (generated tokens, prompts it
+    prefilled) into the store, so a resumed request or the next turn of a
+    conversation finds them on any worker (`--no-publish-generated` turns it off)."""
 
     def __post_init__(self) -> None:
         if self.max_local_prefill_len < 0:

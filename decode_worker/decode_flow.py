@@ -51,6 +51,19 @@ class TokenBatch:
     """First batch only: prompt blocks resident in the pool at admission."""
     num_fetched_blocks: int = 0
     """First batch only: prompt blocks fetched from the store."""
+    num_reused_tokens: int = 0
+    """First batch only: tokens whose K/V was resident or fetched at admission."""
+
+
+@dataclass
+class DecodeCounters:
+    """What the flow counts across requests."""
+
+    num_active: int = 0
+    """Requests in the flow now (admitting, queued or generating)."""
+    num_resumed_requests_total: int = 0
+    num_resumed_computed_tokens_total: int = 0
+    """Tokens resumed requests computed on admission (neither resident nor fetched)."""
 
 
 class DecodeFlow:
@@ -62,6 +75,7 @@ class DecodeFlow:
         self.loop = loop
         self.admission = admission
         self.metrics = metrics
+        self.counters = DecodeCounters()
 
     async def run(
         self, call: DecodeCall, parent: Context | None = None
@@ -74,6 +88,7 @@ class DecodeFlow:
         timer = TokenTimer(self.metrics)
         generation_span = None
         is_finished, num_tokens = False, 0
+        self.counters.num_active += 1
         try:
             admission = await self.admission.admit(call, trace.set_span_in_context(span))
             outputs: asyncio.Queue[TokenOutput | BaseException] = asyncio.Queue()
@@ -108,11 +123,21 @@ class DecodeFlow:
                         batch,
                         num_resident_blocks=admission.num_resident_blocks,
                         num_fetched_blocks=admission.num_fetched_blocks,
+                        num_reused_tokens=outs[0].num_reused_tokens,
                     )
+                    if call.is_resumed:
+                        num_sequence_tokens = len(call.prompt_token_ids) + len(
+                            call.generated_token_ids
+                        )
+                        self.counters.num_resumed_requests_total += 1
+                        self.counters.num_resumed_computed_tokens_total += (
+                            num_sequence_tokens - outs[0].num_reused_tokens
+                        )
                     is_first = False
                 yield batch
             timer.finish()
         finally:
+            self.counters.num_active -= 1
             if not is_finished:  # cancelled, deadline passed, or the caller left
                 self.loop.abort(call.request_id)
             if generation_span is not None:

@@ -11,7 +11,7 @@ recompute after preemption. Single-threaded: `EngineLoop` owns it.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +26,10 @@ from model.loader import LoadedModel
 from model.sampling import sample
 from model.sampling_params import FinishReason, SamplingParams, stop_token_set
 
+PublishBlocks = Callable[[list[tuple[BlockHash, torch.Tensor]]], None]
+"""Receives (hash, payload `[L, 2, block_size, H, D]`) of full blocks the engine
+computed, on the engine thread; must not block."""
+
 
 @dataclass(frozen=True)
 class EngineRequest:
@@ -34,8 +38,10 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: Sequence[int]
     sampling: SamplingParams
-    first_token: tuple[int, float] | None = None
-    """(token id, logprob) of output token 0 when a prefill worker sampled it."""
+    output_token_ids: Sequence[int] = ()
+    """Output tokens generated elsewhere: a prefill worker's first token, or what a
+    resumed request had sent before its decode worker failed. The engine continues
+    after them; token i of a seeded request is drawn as in an uninterrupted run."""
     provided_kv: Sequence[torch.Tensor] = ()
     """K/V payloads `[L, 2, n, H, D]` of consecutive blocks from `provided_start_block`
     on; every block is full except possibly the last (the prompt's tail)."""
@@ -55,6 +61,9 @@ class TokenOutput:
     num_cached_tokens: int
     """Prompt tokens whose K/V was found resident in the pool when the request was
     first admitted (0 for K/V provided by the caller)."""
+    num_reused_tokens: int
+    """Tokens of the sequence whose K/V was resident or provided at first admission;
+    the rest were computed here."""
     admitted_ns: int
     """Wall clock (ns) when the request first joined the running batch."""
 
@@ -92,11 +101,18 @@ class _Request:
     provided_kv: Sequence[torch.Tensor] = field(default_factory=tuple)
     provided_start_block: int = 0
     num_cached_tokens: int = 0
+    num_reused_tokens: int = 0
     admitted_ns: int = 0
 
 
 class DecodeEngine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig, fingerprint: bytes) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig,
+        fingerprint: bytes,
+        publish: PublishBlocks | None = None,
+    ) -> None:
         model_config = loaded.config
         pool_config = BlockPoolConfig(
             num_blocks=config.num_blocks or 1,
@@ -116,6 +132,7 @@ class DecodeEngine:
         self.loaded = loaded
         self.config = config
         self.fingerprint = fingerprint
+        self._publish = publish
         self.pool = BlockPool(pool_config)
         self.scheduler = Scheduler(config.scheduler, self.pool, self._hash_block)
         self.runner = ModelRunner(loaded, self.pool)
@@ -130,7 +147,6 @@ class DecodeEngine:
         """Queues a request. Raises RequestTooLargeError when it could never fit in
         the pool, ValueError for a duplicate id or an inconsistent request."""
         sampling = request.sampling
-        output = (request.first_token[0],) if request.first_token else ()
         num_provided = (
             request.provided_start_block * self.config.block_size
             + sum(kv.shape[2] for kv in request.provided_kv)
@@ -141,7 +157,7 @@ class DecodeEngine:
             SequenceRequest(
                 request_id=request.request_id,
                 prompt_token_ids=tuple(request.prompt_token_ids),
-                output_token_ids=output,
+                output_token_ids=tuple(request.output_token_ids),
                 max_new_tokens=sampling.max_tokens,
                 stop_token_ids=stop_token_set(sampling, self.loaded.config.eos_token_ids),
                 num_provided_tokens=num_provided,
@@ -213,6 +229,7 @@ class DecodeEngine:
             raise
         self.counters.num_computed_tokens_total += step.num_scheduled_tokens
         self.scheduler.update(dict(zip(request_ids, token_ids, strict=True)))
+        self._publish_computed_blocks()
         outputs = []
         for seq, token_id, logprob in zip(sequences, token_ids, logprobs, strict=True):
             request = self._requests[seq.request_id]
@@ -223,6 +240,7 @@ class DecodeEngine:
                     logprob,
                     seq.finish_reason,
                     request.num_cached_tokens,
+                    request.num_reused_tokens,
                     request.admitted_ns,
                 )
             )
@@ -231,6 +249,15 @@ class DecodeEngine:
                 self.counters.num_finished_requests_total += 1
         self.counters.num_generated_tokens_total += len(outputs)
         return outputs
+
+    def _publish_computed_blocks(self) -> None:
+        """Hands the blocks this step filled to `publish` (one copy off the pool for
+        all of them; the store put happens on the publisher's thread)."""
+        computed = self.scheduler.take_computed_blocks()
+        if not computed or self._publish is None:
+            return
+        payloads = self.pool.read_blocks([block_id for _, block_id in computed])
+        self._publish([(h, payloads[:, :, i]) for i, (h, _) in enumerate(computed)])
 
     def _note_admissions(self) -> None:
         """Records what each newly admitted request found resident, and drops provided
@@ -245,6 +272,7 @@ class DecodeEngine:
             self._unadmitted.discard(request_id)
             request = self._requests[request_id]
             request.admitted_ns = time.time_ns()
+            request.num_reused_tokens = seq.num_computed_tokens
             if not request.provided_kv:
                 request.num_cached_tokens = seq.num_computed_tokens
             request.provided_kv = ()

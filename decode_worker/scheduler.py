@@ -81,6 +81,9 @@ class Scheduler:
         self._num_arrived = 0
         # (sequence, tokens scheduled) of the step awaiting update(); None when idle.
         self._in_flight: list[tuple[Sequence, int, bool]] | None = None
+        # Blocks that became full because the model computed them (not ones copied in
+        # or found resident), since the last `take_computed_blocks`.
+        self._computed_blocks: list[tuple[BlockHash, int]] = []
 
     @property
     def num_waiting(self) -> int:
@@ -175,7 +178,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             seq.num_computed_tokens += num_new
-            self._register_full_blocks(seq)
+            self._register_full_blocks(seq, is_computed=True)
             if not is_sampled:
                 continue
             token_id = sampled_token_ids[seq.request_id]
@@ -265,11 +268,20 @@ class Scheduler:
         seq.finish_reason = reason
         del self._sequences[seq.request_id]
 
-    def _register_full_blocks(self, seq: Sequence) -> None:
+    def take_computed_blocks(self) -> list[tuple[BlockHash, int]]:
+        """(hash, block id) of each block the model filled since the last call, in
+        order; each is a new copy the pool now holds under its hash, so the caller can
+        read (and publish) it before the next step changes the pool."""
+        blocks, self._computed_blocks = self._computed_blocks, []
+        return blocks
+
+    def _register_full_blocks(self, seq: Sequence, is_computed: bool = False) -> None:
         hashes = self._full_block_hashes(seq)
         num_full = seq.num_computed_tokens // self._block_size
         for idx in range(seq.num_hashed_blocks, num_full):
-            self.pool.register_hash(seq.block_ids[idx], hashes[idx])
+            is_new = self.pool.register_hash(seq.block_ids[idx], hashes[idx])
+            if is_new and is_computed:
+                self._computed_blocks.append((hashes[idx], seq.block_ids[idx]))
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, num_full)
 
     def _full_block_hashes(self, seq: Sequence) -> list[BlockHash]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import grpc
 
 from decode_worker.admission import DecodeAdmission, DecodeCall, PrefillHandoff
+from decode_worker.block_publisher import BlockPublisher
 from decode_worker.config import DecodeConfig
 from decode_worker.decode_flow import DecodeFailed, DecodeFlow, TokenBatch
 from decode_worker.engine import DecodeEngine
@@ -24,7 +25,7 @@ from model.prompt_limits import InvalidPrompt
 from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
 from rpc.sampling_proto import finish_reason_to_proto, sampling_from_proto
-from rpc.server import ServiceBinding
+from rpc.server import DEFAULT_DRAIN_TIMEOUT_S, DRAIN_STOP_GRACE_S, ServiceBinding
 from rpc.store_stats import store_stats_to_proto
 from rpc.worker_server import WorkerServer, serve_worker
 from telemetry.metrics import ServiceMetrics, Snapshot
@@ -35,11 +36,17 @@ log = logging.getLogger(__name__)
 
 class DecodeServicer(wgrpc.DecodeWorkerServicer):
     def __init__(
-        self, worker_id: str, flow: DecodeFlow, store: KVStore, metrics: ServiceMetrics
+        self,
+        worker_id: str,
+        flow: DecodeFlow,
+        store: KVStore,
+        metrics: ServiceMetrics,
+        publisher: BlockPublisher | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.flow = flow
         self.store = store
+        self.publisher = publisher
         metrics.report(self.snapshot)
 
     async def Decode(self, request: wpb.DecodeRequest, context: grpc.aio.ServicerContext):
@@ -61,7 +68,7 @@ class DecodeServicer(wgrpc.DecodeWorkerServicer):
         )
 
     async def GetStats(self, request: wpb.StatsRequest, context):
-        stats = self.flow.loop.stats()
+        stats, counters = self.flow.loop.stats(), self.flow.counters
         return wpb.WorkerStats(
             worker_id=self.worker_id,
             role="decode",
@@ -74,6 +81,11 @@ class DecodeServicer(wgrpc.DecodeWorkerServicer):
             num_finished_requests_total=stats.num_finished_requests_total,
             num_preemptions_total=stats.num_preemptions_total,
             store=store_stats_to_proto(self.store.stats()),
+            num_resumed_requests_total=counters.num_resumed_requests_total,
+            num_resumed_computed_tokens_total=counters.num_resumed_computed_tokens_total,
+            num_published_blocks_total=(
+                self.publisher.num_published_blocks if self.publisher is not None else 0
+            ),
         )
 
     def snapshot(self) -> Snapshot:
@@ -95,18 +107,15 @@ class DecodeServicer(wgrpc.DecodeWorkerServicer):
 
 def _call_from_proto(request: wpb.DecodeRequest) -> DecodeCall:
     """Raises ValueError (naming a sampling field) for sampling the model refuses."""
-    prefill = None
+    prefill, generated = None, list(request.generated_token_ids)
     if request.HasField("prefill"):
-        prefill = PrefillHandoff(
-            first_token_id=request.prefill.first_token_id,
-            first_logprob=request.prefill.first_logprob,
-            block_hashes=tuple(request.prefill.block_hashes),
-            tail_id=request.prefill.tail_id if request.prefill.has_tail else "",
-        )
+        prefill = PrefillHandoff(request.prefill.tail_id if request.prefill.has_tail else "")
+        generated = [request.prefill.first_token_id]
     return DecodeCall(
         request_id=request.request_id,
         prompt_token_ids=list(request.prompt_token_ids),
         sampling=sampling_from_proto(request.sampling),
+        generated_token_ids=generated,
         prefill=prefill,
     )
 
@@ -119,6 +128,7 @@ def _response_to_proto(batch: TokenBatch) -> wpb.DecodeResponse:
         num_cached_tokens=batch.num_cached_tokens,
         num_resident_blocks=batch.num_resident_blocks,
         num_fetched_blocks=batch.num_fetched_blocks,
+        num_reused_tokens=batch.num_reused_tokens,
     )
 
 
@@ -135,8 +145,13 @@ class DecodeWorker:
     """A running decode worker."""
 
     hosted: WorkerServer
-    loop: EngineLoop
+    flow: DecodeFlow
     store: KVStore
+    publisher: BlockPublisher | None
+
+    @property
+    def loop(self) -> EngineLoop:
+        return self.flow.loop
 
     @property
     def worker_id(self) -> str:
@@ -150,9 +165,22 @@ class DecodeWorker:
     def metrics_port(self) -> int | None:
         return self.hosted.metrics_port
 
+    async def drain(self, timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> bool:
+        """Takes no new requests and finishes those in flight (at most `timeout_s`);
+        then stops, which cancels the rest: the router resumes them on another decode
+        worker from the blocks this one published. Returns whether all finished."""
+        finished = await self.hosted.drain(timeout_s, lambda: self.flow.counters.num_active == 0)
+        if not finished and self.publisher is not None:
+            # What the cut requests generated so far, for their resumes to fetch.
+            await asyncio.to_thread(self.publisher.flush, DRAIN_STOP_GRACE_S)
+        await self.stop(DRAIN_STOP_GRACE_S)
+        return finished
+
     async def stop(self, grace_s: float = 2.0) -> None:
         await self.hosted.stop(grace_s)
         await asyncio.to_thread(self.loop.stop)
+        if self.publisher is not None:
+            await asyncio.to_thread(self.publisher.stop, grace_s)
         self.store.close()
 
 
@@ -162,11 +190,16 @@ async def start_decode_worker(config: DecodeConfig) -> DecodeWorker:
         config.runtime.model, loaded.config, loaded.dtype, config.engine.block_size
     )
     store = await asyncio.to_thread(open_store, config.store_url, spec)
-    loop = EngineLoop(DecodeEngine(loaded, config.engine, spec.fingerprint))
+    publisher = BlockPublisher(store) if config.publish_computed_blocks else None
+    engine = DecodeEngine(
+        loaded, config.engine, spec.fingerprint, publisher.submit if publisher else None
+    )
+    loop = EngineLoop(engine)
     loop.start()
     metrics = ServiceMetrics(config.runtime.model, "decode")
     admission = DecodeAdmission(loop, store, loaded.config, loaded.device, loaded.dtype, metrics)
-    servicer = DecodeServicer("", DecodeFlow(loop, admission, metrics), store, metrics)
+    flow = DecodeFlow(loop, admission, metrics)
+    servicer = DecodeServicer("", flow, store, metrics, publisher)
     hosted = await serve_worker(
         ServiceBinding(
             wgrpc.add_DecodeWorkerServicer_to_server, servicer, "kvrelay.v1.DecodeWorker"
@@ -191,7 +224,7 @@ async def start_decode_worker(config: DecodeConfig) -> DecodeWorker:
         config.runtime.model,
         hosted.advertise_address,
     )
-    return DecodeWorker(hosted, loop, store)
+    return DecodeWorker(hosted, flow, store, publisher)
 
 
 def _heartbeat(loop: EngineLoop) -> wpb.HeartbeatRequest:

@@ -26,15 +26,20 @@ def check_prompt(
     `field` is what the caller sent (`prompt` for text), for the message."""
     if not token_ids:
         raise InvalidPrompt(f"{field} encodes to no tokens; send a non-empty prompt")
-    for i, token_id in enumerate(token_ids):
-        if not 0 <= token_id < vocab_size:
-            raise InvalidPrompt(
-                f"prompt_token_ids[{i}] is {token_id}; token ids must be in "
-                f"[0, {vocab_size}), the vocabulary size"
-            )
+    check_token_ids(token_ids, vocab_size, "prompt_token_ids")
     if len(token_ids) + max_tokens > max_context_len:
         raise InvalidPrompt(
             f"{field} has {len(token_ids)} tokens and sampling.max_tokens is {max_tokens}: "
             f"together over the model's context of {max_context_len} tokens; "
             "shorten the prompt or lower max_tokens"
         )
+
+
+def check_token_ids(token_ids: Sequence[int], vocab_size: int, field: str) -> None:
+    """Raises InvalidPrompt unless every id of `field` is in `[0, vocab_size)`."""
+    for i, token_id in enumerate(token_ids):
+        if not 0 <= token_id < vocab_size:
+            raise InvalidPrompt(
+                f"{field}[{i}] is {token_id}; token ids must be in [0, {vocab_size}), "
+                "the vocabulary size"
+            )

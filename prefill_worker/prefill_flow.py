@@ -69,6 +69,8 @@ class PrefillFlow:
         self.enable_prefix_cache = enable_prefix_cache
         self.inflight = InflightPrefixes()
         self.handoff = TailHandoff(store)
+        self.num_active = 0
+        """Requests in the flow now; a draining worker waits for none."""
 
     async def run(
         self, request_id: str, token_ids: list[int], sampling: SamplingParams
@@ -76,6 +78,15 @@ class PrefillFlow:
         """Raises InvalidPrompt, PrefillCancelled (the engine dropped the job),
         StoreUnavailableError (publishing failed), or CancelledError; whatever it
         raises, the tail is deleted and every claimed block released."""
+        self.num_active += 1
+        try:
+            return await self._run(request_id, token_ids, sampling)
+        finally:
+            self.num_active -= 1
+
+    async def _run(
+        self, request_id: str, token_ids: list[int], sampling: SamplingParams
+    ) -> PrefillOutcome:
         check_prompt(
             token_ids,
             sampling.max_tokens,

@@ -22,7 +22,7 @@ from prefill_worker.prefill_flow import PrefillFlow, PrefillOutcome
 from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
 from rpc.sampling_proto import finish_reason_to_proto, sampling_from_proto
-from rpc.server import ServiceBinding
+from rpc.server import DEFAULT_DRAIN_TIMEOUT_S, DRAIN_STOP_GRACE_S, ServiceBinding
 from rpc.store_stats import store_stats_to_proto
 from rpc.worker_server import WorkerServer, serve_worker
 from telemetry import names
@@ -135,6 +135,13 @@ class PrefillWorker:
     @property
     def metrics_port(self) -> int | None:
         return self.hosted.metrics_port
+
+    async def drain(self, timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> bool:
+        """Takes no new prompts and finishes those in flight (at most `timeout_s`);
+        then stops. Returns whether every prefill finished before the stop."""
+        finished = await self.hosted.drain(timeout_s, lambda: self.flow.num_active == 0)
+        await self.stop(DRAIN_STOP_GRACE_S)
+        return finished
 
     async def stop(self, grace_s: float = 2.0) -> None:
         await self.hosted.stop(grace_s)

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from protos import generator_pb2 as protos_dot_generator__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/workers.proto\x12\nkvrelay.v1\x1a\x16protos/generator.proto\"l\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParams\"\xe0\x01\n\rPrefillResult\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x15\n\rfirst_logprob\x18\x02 \x01(\x02\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x0c\x12\x10\n\x08has_tail\x18\x04 \x01(\x08\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x06 \x01(\r\x12/\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x18.kvrelay.v1.FinishReason\x12\x0f\n\x07tail_id\x18\x08 \x01(\t\"O\n\x0fPrefillResponse\x12)\n\x06result\x18\x01 \x01(\x0b\x32\x19.kvrelay.v1.PrefillResult\x12\x11\n\tworker_id\x18\x02 \x01(\t\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x11\n\x0fReleaseResponse\"\x97\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParams\x12*\n\x07prefill\x18\x04 \x01(\x0b\x32\x19.kvrelay.v1.PrefillResult\"\xba\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.kvrelay.v1.FinishReason\x12\x1b\n\x13num_resident_blocks\x18\x04 \x01(\r\x12\x1a\n\x12num_fetched_blocks\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\",\n\x14\x43ountResidentRequest\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\"4\n\x15\x43ountResidentResponse\x12\x1b\n\x13num_resident_blocks\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\xf0\x02\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x13\n\x0bnum_running\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x17\n\x0fnum_used_blocks\x18\x06 \x01(\r\x12!\n\x19num_computed_tokens_total\x18\x07 \x01(\x04\x12\x1f\n\x17num_cached_tokens_total\x18\x08 \x01(\x04\x12\"\n\x1anum_generated_tokens_total\x18\t \x01(\x04\x12#\n\x1bnum_finished_requests_total\x18\n \x01(\x04\x12\x1d\n\x15num_preemptions_total\x18\x0b \x01(\x04\x12%\n\x05store\x18\x0c \x01(\x0b\x32\x16.kvrelay.v1.StoreStats\x12\x16\n\x0enum_live_tails\x18\r \x01(\r\"w\n\nStoreStats\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x03 \x01(\x04\x12\x11\n\tbytes_out\x18\x04 \x01(\x04\x12\x16\n\x0e\x63orrupt_blocks\x18\x05 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\"\xe2\x01\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.kvrelay.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x16\n\x0ekv_fingerprint\x18\x05 \x01(\x0c\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x17\n\x0fmax_context_len\x18\x08 \x01(\r\x12\x1d\n\x15max_local_prefill_len\x18\t \x01(\r\"0\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x02\"a\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x13\n\x0bnum_running\x18\x03 \x01(\r\x12\x10\n\x08kv_usage\x18\x04 \x01(\x02\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"&\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"\x14\n\x12ListWorkersRequest\"\xa7\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.kvrelay.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x10\n\x08kv_usage\x18\x06 \x01(\x02\x12\x13\n\x0blast_seen_s\x18\x07 \x01(\x02\"M\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.kvrelay.v1.WorkerInfo\x12\r\n\x05model\x18\x02 \x01(\t*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x32\xd6\x01\n\rPrefillWorker\x12\x42\n\x07Prefill\x12\x1a.kvrelay.v1.PrefillRequest\x1a\x1b.kvrelay.v1.PrefillResponse\x12\x42\n\x07Release\x12\x1a.kvrelay.v1.ReleaseRequest\x1a\x1b.kvrelay.v1.ReleaseResponse\x12=\n\x08GetStats\x12\x18.kvrelay.v1.StatsRequest\x1a\x17.kvrelay.v1.WorkerStats2\xe6\x01\n\x0c\x44\x65\x63odeWorker\x12\x41\n\x06\x44\x65\x63ode\x12\x19.kvrelay.v1.DecodeRequest\x1a\x1a.kvrelay.v1.DecodeResponse0\x01\x12T\n\rCountResident\x12 .kvrelay.v1.CountResidentRequest\x1a!.kvrelay.v1.CountResidentResponse\x12=\n\x08GetStats\x12\x18.kvrelay.v1.StatsRequest\x1a\x17.kvrelay.v1.WorkerStats2\xb8\x02\n\x08Registry\x12\x45\n\x08Register\x12\x1b.kvrelay.v1.RegisterRequest\x1a\x1c.kvrelay.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.kvrelay.v1.HeartbeatRequest\x1a\x1d.kvrelay.v1.HeartbeatResponse\x12K\n\nDeregister\x12\x1d.kvrelay.v1.DeregisterRequest\x1a\x1e.kvrelay.v1.DeregisterResponse\x12N\n\x0bListWorkers\x12\x1e.kvrelay.v1.ListWorkersRequest\x1a\x1f.kvrelay.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/workers.proto\x12\nkvrelay.v1\x1a\x16protos/generator.proto\"l\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParams\"\xe0\x01\n\rPrefillResult\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x15\n\rfirst_logprob\x18\x02 \x01(\x02\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x0c\x12\x10\n\x08has_tail\x18\x04 \x01(\x08\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x06 \x01(\r\x12/\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x18.kvrelay.v1.FinishReason\x12\x0f\n\x07tail_id\x18\x08 \x01(\t\"O\n\x0fPrefillResponse\x12)\n\x06result\x18\x01 \x01(\x0b\x32\x19.kvrelay.v1.PrefillResult\x12\x11\n\tworker_id\x18\x02 \x01(\t\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x11\n\x0fReleaseResponse\"\xb4\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParams\x12*\n\x07prefill\x18\x04 \x01(\x0b\x32\x19.kvrelay.v1.PrefillResult\x12\x1b\n\x13generated_token_ids\x18\x05 \x03(\r\"\xd5\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.kvrelay.v1.FinishReason\x12\x1b\n\x13num_resident_blocks\x18\x04 \x01(\r\x12\x1a\n\x12num_fetched_blocks\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_reused_tokens\x18\x07 \x01(\r\",\n\x14\x43ountResidentRequest\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\"4\n\x15\x43ountResidentResponse\x12\x1b\n\x13num_resident_blocks\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\xe3\x03\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x13\n\x0bnum_running\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x17\n\x0fnum_used_blocks\x18\x06 \x01(\r\x12!\n\x19num_computed_tokens_total\x18\x07 \x01(\x04\x12\x1f\n\x17num_cached_tokens_total\x18\x08 \x01(\x04\x12\"\n\x1anum_generated_tokens_total\x18\t \x01(\x04\x12#\n\x1bnum_finished_requests_total\x18\n \x01(\x04\x12\x1d\n\x15num_preemptions_total\x18\x0b \x01(\x04\x12%\n\x05store\x18\x0c \x01(\x0b\x32\x16.kvrelay.v1.StoreStats\x12\x16\n\x0enum_live_tails\x18\r \x01(\r\x12\"\n\x1anum_resumed_requests_total\x18\x0e \x01(\x04\x12)\n!num_resumed_computed_tokens_total\x18\x0f \x01(\x04\x12\"\n\x1anum_published_blocks_total\x18\x10 \x01(\x04\"w\n\nStoreStats\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x03 \x01(\x04\x12\x11\n\tbytes_out\x18\x04 \x01(\x04\x12\x16\n\x0e\x63orrupt_blocks\x18\x05 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\"\xe2\x01\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.kvrelay.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x16\n\x0ekv_fingerprint\x18\x05 \x01(\x0c\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x17\n\x0fmax_context_len\x18\x08 \x01(\r\x12\x1d\n\x15max_local_prefill_len\x18\t \x01(\r\"0\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x02\"v\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x13\n\x0bnum_running\x18\x03 \x01(\r\x12\x10\n\x08kv_usage\x18\x04 \x01(\x02\x12\x13\n\x0bis_draining\x18\x05 \x01(\x08\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"&\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"\x14\n\x12ListWorkersRequest\"\xbc\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.kvrelay.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x10\n\x08kv_usage\x18\x06 \x01(\x02\x12\x13\n\x0blast_seen_s\x18\x07 \x01(\x02\x12\x13\n\x0bis_draining\x18\x08 \x01(\x08\"M\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.kvrelay.v1.WorkerInfo\x12\r\n\x05model\x18\x02 \x01(\t*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x32\xd6\x01\n\rPrefillWorker\x12\x42\n\x07Prefill\x12\x1a.kvrelay.v1.PrefillRequest\x1a\x1b.kvrelay.v1.PrefillResponse\x12\x42\n\x07Release\x12\x1a.kvrelay.v1.ReleaseRequest\x1a\x1b.kvrelay.v1.ReleaseResponse\x12=\n\x08GetStats\x12\x18.kvrelay.v1.StatsRequest\x1a\x17.kvrelay.v1.WorkerStats2\xe6\x01\n\x0c\x44\x65\x63odeWorker\x12\x41\n\x06\x44\x65\x63ode\x12\x19.kvrelay.v1.DecodeRequest\x1a\x1a.kvrelay.v1.DecodeResponse0\x01\x12T\n\rCountResident\x12 .kvrelay.v1.CountResidentRequest\x1a!.kvrelay.v1.CountResidentResponse\x12=\n\x08GetStats\x12\x18.kvrelay.v1.StatsRequest\x1a\x17.kvrelay.v1.WorkerStats2\xb8\x02\n\x08Registry\x12\x45\n\x08Register\x12\x1b.kvrelay.v1.RegisterRequest\x1a\x1c.kvrelay.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.kvrelay.v1.HeartbeatRequest\x1a\x1d.kvrelay.v1.HeartbeatResponse\x12K\n\nDeregister\x12\x1d.kvrelay.v1.DeregisterRequest\x1a\x1e.kvrelay.v1.DeregisterResponse\x12N\n\x0bListWorkers\x12\x1e.kvrelay.v1.ListWorkersRequest\x1a\x1f.kvrelay.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.workers_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERROLE']._serialized_start=2233
-  _globals['_WORKERROLE']._serialized_end=2323
+  _globals['_WORKERROLE']._serialized_start=2446
+  _globals['_WORKERROLE']._serialized_end=2536
   _globals['_PREFILLREQUEST']._serialized_start=60
   _globals['_PREFILLREQUEST']._serialized_end=168
   _globals['_PREFILLRESULT']._serialized_start=171
@@ -45,41 +45,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELEASERESPONSE']._serialized_start=516
   _globals['_RELEASERESPONSE']._serialized_end=533
   _globals['_DECODEREQUEST']._serialized_start=536
-  _globals['_DECODEREQUEST']._serialized_end=687
-  _globals['_DECODERESPONSE']._serialized_start=690
-  _globals['_DECODERESPONSE']._serialized_end=876
-  _globals['_COUNTRESIDENTREQUEST']._serialized_start=878
-  _globals['_COUNTRESIDENTREQUEST']._serialized_end=922
-  _globals['_COUNTRESIDENTRESPONSE']._serialized_start=924
-  _globals['_COUNTRESIDENTRESPONSE']._serialized_end=976
-  _globals['_STATSREQUEST']._serialized_start=978
-  _globals['_STATSREQUEST']._serialized_end=992
-  _globals['_WORKERSTATS']._serialized_start=995
-  _globals['_WORKERSTATS']._serialized_end=1363
-  _globals['_STORESTATS']._serialized_start=1365
-  _globals['_STORESTATS']._serialized_end=1484
-  _globals['_REGISTERREQUEST']._serialized_start=1487
-  _globals['_REGISTERREQUEST']._serialized_end=1713
-  _globals['_REGISTERRESPONSE']._serialized_start=1715
-  _globals['_REGISTERRESPONSE']._serialized_end=1763
-  _globals['_HEARTBEATREQUEST']._serialized_start=1765
-  _globals['_HEARTBEATREQUEST']._serialized_end=1862
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1864
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1898
-  _globals['_DEREGISTERREQUEST']._serialized_start=1900
-  _globals['_DEREGISTERREQUEST']._serialized_end=1938
-  _globals['_DEREGISTERRESPONSE']._serialized_start=1940
-  _globals['_DEREGISTERRESPONSE']._serialized_end=1960
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1962
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1982
-  _globals['_WORKERINFO']._serialized_start=1985
-  _globals['_WORKERINFO']._serialized_end=2152
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=2154
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=2231
-  _globals['_PREFILLWORKER']._serialized_start=2326
-  _globals['_PREFILLWORKER']._serialized_end=2540
-  _globals['_DECODEWORKER']._serialized_start=2543
-  _globals['_DECODEWORKER']._serialized_end=2773
-  _globals['_REGISTRY']._serialized_start=2776
-  _globals['_REGISTRY']._serialized_end=3088
+  _globals['_DECODEREQUEST']._serialized_end=716
+  _globals['_DECODERESPONSE']._serialized_start=719
+  _globals['_DECODERESPONSE']._serialized_end=932
+  _globals['_COUNTRESIDENTREQUEST']._serialized_start=934
+  _globals['_COUNTRESIDENTREQUEST']._serialized_end=978
+  _globals['_COUNTRESIDENTRESPONSE']._serialized_start=980
+  _globals['_COUNTRESIDENTRESPONSE']._serialized_end=1032
+  _globals['_STATSREQUEST']._serialized_start=1034
+  _globals['_STATSREQUEST']._serialized_end=1048
+  _globals['_WORKERSTATS']._serialized_start=1051
+  _globals['_WORKERSTATS']._serialized_end=1534
+  _globals['_STORESTATS']._serialized_start=1536
+  _globals['_STORESTATS']._serialized_end=1655
+  _globals['_REGISTERREQUEST']._serialized_start=1658
+  _globals['_REGISTERREQUEST']._serialized_end=1884
+  _globals['_REGISTERRESPONSE']._serialized_start=1886
+  _globals['_REGISTERRESPONSE']._serialized_end=1934
+  _globals['_HEARTBEATREQUEST']._serialized_start=1936
+  _globals['_HEARTBEATREQUEST']._serialized_end=2054
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2056
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2090
+  _globals['_DEREGISTERREQUEST']._serialized_start=2092
+  _globals['_DEREGISTERREQUEST']._serialized_end=2130
+  _globals['_DEREGISTERRESPONSE']._serialized_start=2132
+  _globals['_DEREGISTERRESPONSE']._serialized_end=2152
+  _globals['_LISTWORKERSREQUEST']._serialized_start=2154
+  _globals['_LISTWORKERSREQUEST']._serialized_end=2174
+  _globals['_WORKERINFO']._serialized_start=2177
+  _globals['_WORKERINFO']._serialized_end=2365
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=2367
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=2444
+  _globals['_PREFILLWORKER']._serialized_start=2539
+  _globals['_PREFILLWORKER']._serialized_end=2753
+  _globals['_DECODEWORKER']._serialized_start=2756
+  _globals['_DECODEWORKER']._serialized_end=2986
+  _globals['_REGISTRY']._serialized_start=2989
+  _globals['_REGISTRY']._serialized_end=3301
 # @@protoc_insertion_point(module_scope)

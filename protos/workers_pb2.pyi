@@ -66,32 +66,36 @@ class ReleaseResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "prefill")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "prefill", "generated_token_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PREFILL_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _generator_pb2.SamplingParams
     prefill: PrefillResult
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generator_pb2.SamplingParams, _Mapping]] = ..., prefill: _Optional[_Union[PrefillResult, _Mapping]] = ...) -> None: ...
+    generated_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generator_pb2.SamplingParams, _Mapping]] = ..., prefill: _Optional[_Union[PrefillResult, _Mapping]] = ..., generated_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
-    __slots__ = ("token_ids", "logprobs", "finish_reason", "num_resident_blocks", "num_fetched_blocks", "num_cached_tokens")
+    __slots__ = ("token_ids", "logprobs", "finish_reason", "num_resident_blocks", "num_fetched_blocks", "num_cached_tokens", "num_reused_tokens")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     NUM_RESIDENT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_FETCHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_REUSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedScalarFieldContainer[float]
     finish_reason: _generator_pb2.FinishReason
     num_resident_blocks: int
     num_fetched_blocks: int
     num_cached_tokens: int
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[_generator_pb2.FinishReason, str]] = ..., num_resident_blocks: _Optional[int] = ..., num_fetched_blocks: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
+    num_reused_tokens: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[_generator_pb2.FinishReason, str]] = ..., num_resident_blocks: _Optional[int] = ..., num_fetched_blocks: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., num_reused_tokens: _Optional[int] = ...) -> None: ...
 
 class CountResidentRequest(_message.Message):
     __slots__ = ("block_hashes",)
@@ -110,7 +114,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "num_waiting", "num_running", "num_blocks", "num_used_blocks", "num_computed_tokens_total", "num_cached_tokens_total", "num_generated_tokens_total", "num_finished_requests_total", "num_preemptions_total", "store", "num_live_tails")
+    __slots__ = ("worker_id", "role", "num_waiting", "num_running", "num_blocks", "num_used_blocks", "num_computed_tokens_total", "num_cached_tokens_total", "num_generated_tokens_total", "num_finished_requests_total", "num_preemptions_total", "store", "num_live_tails", "num_resumed_requests_total", "num_resumed_computed_tokens_total", "num_published_blocks_total")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +128,9 @@ class WorkerStats(_message.Message):
     NUM_PREEMPTIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     STORE_FIELD_NUMBER: _ClassVar[int]
     NUM_LIVE_TAILS_FIELD_NUMBER: _ClassVar[int]
+    NUM_RESUMED_REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    NUM_RESUMED_COMPUTED_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    NUM_PUBLISHED_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     num_waiting: int
@@ -137,7 +144,10 @@ class WorkerStats(_message.Message):
     num_preemptions_total: int
     store: StoreStats
     num_live_tails: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_used_blocks: _Optional[int] = ..., num_computed_tokens_total: _Optional[int] = ..., num_cached_tokens_total: _Optional[int] = ..., num_generated_tokens_total: _Optional[int] = ..., num_finished_requests_total: _Optional[int] = ..., num_preemptions_total: _Optional[int] = ..., store: _Optional[_Union[StoreStats, _Mapping]] = ..., num_live_tails: _Optional[int] = ...) -> None: ...
+    num_resumed_requests_total: int
+    num_resumed_computed_tokens_total: int
+    num_published_blocks_total: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_used_blocks: _Optional[int] = ..., num_computed_tokens_total: _Optional[int] = ..., num_cached_tokens_total: _Optional[int] = ..., num_generated_tokens_total: _Optional[int] = ..., num_finished_requests_total: _Optional[int] = ..., num_preemptions_total: _Optional[int] = ..., store: _Optional[_Union[StoreStats, _Mapping]] = ..., num_live_tails: _Optional[int] = ..., num_resumed_requests_total: _Optional[int] = ..., num_resumed_computed_tokens_total: _Optional[int] = ..., num_published_blocks_total: _Optional[int] = ...) -> None: ...
 
 class StoreStats(_message.Message):
     __slots__ = ("hits", "misses", "bytes_in", "bytes_out", "corrupt_blocks", "errors")
@@ -184,16 +194,18 @@ class RegisterResponse(_message.Message):
     def __init__(self, heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "num_waiting", "num_running", "kv_usage")
+    __slots__ = ("worker_id", "num_waiting", "num_running", "kv_usage", "is_draining")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
+    IS_DRAINING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     num_waiting: int
     num_running: int
     kv_usage: float
-    def __init__(self, worker_id: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_usage: _Optional[float] = ...) -> None: ...
+    is_draining: bool
+    def __init__(self, worker_id: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_usage: _Optional[float] = ..., is_draining: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("known",)
@@ -216,7 +228,7 @@ class ListWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "num_waiting", "num_running", "kv_usage", "last_seen_s")
+    __slots__ = ("worker_id", "role", "address", "num_waiting", "num_running", "kv_usage", "last_seen_s", "is_draining")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +236,7 @@ class WorkerInfo(_message.Message):
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_S_FIELD_NUMBER: _ClassVar[int]
+    IS_DRAINING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     address: str
@@ -231,7 +244,8 @@ class WorkerInfo(_message.Message):
     num_running: int
     kv_usage: float
     last_seen_s: float
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_usage: _Optional[float] = ..., last_seen_s: _Optional[float] = ...) -> None: ...
+    is_draining: bool
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_usage: _Optional[float] = ..., last_seen_s: _Optional[float] = ..., is_draining: _Optional[bool] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
     __slots__ = ("workers", "model")

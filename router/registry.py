@@ -9,6 +9,7 @@ interval); heartbeat figures are kept for `kvrelay status`.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -34,7 +35,20 @@ class WorkerEntry:
     """From the last heartbeat."""
     kv_usage: float = 0.0
     """From the last heartbeat."""
+    is_draining: bool = False
+    """The worker said it is draining: nothing new is routed to it; its calls go on."""
     last_seen: float = field(default_factory=time.monotonic)
+    loss_watchers: set[Callable[[], None]] = field(default_factory=set, repr=False)
+    """Called when the worker is declared lost (it missed its heartbeats), so calls
+    in flight to it fail over at once instead of waiting for their timeouts."""
+
+    @property
+    def is_routable(self) -> bool:
+        return not self.is_draining
+
+    def declare_lost(self) -> None:
+        for watcher in list(self.loss_watchers):
+            watcher()
 
 
 class WorkerRegistry:
@@ -48,7 +62,15 @@ class WorkerRegistry:
     def register(
         self, worker_id: str, role: Role, address: str, max_local_prefill_len: int = 0
     ) -> WorkerEntry:
-        """Adds a worker, or replaces the entry of a worker that restarted."""
+        """Adds a worker. A worker registering again at the same address (it lost
+        touch with the router for a while) keeps its entry, so its calls in flight and
+        their counts go on; one at a new address (it restarted) gets a new entry."""
+        known = self._workers.get(worker_id)
+        if known is not None and (known.role, known.address) == (role, address):
+            known.max_local_prefill_len = max_local_prefill_len
+            known.is_draining = False
+            known.last_seen = self._clock()
+            return known
         entry = WorkerEntry(
             worker_id, role, address, max_local_prefill_len, last_seen=self._clock()
         )
@@ -56,13 +78,19 @@ class WorkerRegistry:
         return entry
 
     def heartbeat(
-        self, worker_id: str, num_waiting: int, num_running: int, kv_usage: float
+        self,
+        worker_id: str,
+        num_waiting: int,
+        num_running: int,
+        kv_usage: float,
+        is_draining: bool = False,
     ) -> bool:
         """Records load; False when the worker is unknown (it must register again)."""
         entry = self._workers.get(worker_id)
         if entry is None:
             return False
         entry.num_waiting, entry.num_running, entry.kv_usage = num_waiting, num_running, kv_usage
+        entry.is_draining = entry.is_draining or is_draining
         entry.last_seen = self._clock()
         return True
 

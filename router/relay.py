@@ -12,6 +12,7 @@ decode worker took.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ from router.relay_error import RelayError
 from router.request import PreparedRequest, prepare
 from router.responses import ResponseEmitter, TokenChunk
 from router.validation import RequestLimits
-from router.worker_calls import WorkerCalls
+from router.worker_calls import FailoverConfig, WorkerCalls
 from router.worker_client import WorkerClient
 from telemetry import names
 from telemetry.metrics import ServiceMetrics, Snapshot
@@ -68,15 +69,18 @@ class RequestRelay:
         limits: RequestLimits,
         max_inflight: int,
         metrics: ServiceMetrics,
+        failover: FailoverConfig | None = None,
     ) -> None:
         self.cluster = cluster
-        self.calls = WorkerCalls(cluster, client)
+        self.calls = WorkerCalls(cluster, client, failover)
+        self.is_draining = False
+        """Set when the router drains: new requests are refused with UNAVAILABLE."""
         self.tokenizer = tokenizer
         self.limits = limits
         self.max_inflight = max_inflight
         self.stats = RelayStats()
         self.metrics = metrics
-        metrics.report(self.stats.snapshot)
+        metrics.report(self._snapshot)
 
     async def generate(
         self,
@@ -87,7 +91,11 @@ class RequestRelay:
         """The whole request. Raises InvalidRequest or RelayError before the first
         message, RelayError after it."""
         timer = TokenTimer(self.metrics)
-        deadline = None if time_remaining is None else timer.arrival + time_remaining
+        # Every request has a deadline: the client's, or the router's request timeout.
+        timeout_s = self.calls.failover.request_timeout_s
+        if time_remaining is not None:
+            timeout_s = min(timeout_s, time_remaining)
+        deadline = timer.arrival + timeout_s
         # Started, not made current: this is an async generator (see outgoing_metadata).
         span = tracer.start_span(names.SPAN_GENERATE, context=parent, kind=trace.SpanKind.SERVER)
         try:
@@ -116,7 +124,7 @@ class RequestRelay:
                                 timer.finish()
                                 return
                     raise RelayError(
-                        grpc.StatusCode.INTERNAL, "decode worker ended the stream early"
+                        grpc.StatusCode.INTERNAL, "the decode stream ended without a finish"
                     )
                 finally:
                     _set_outcome_attributes(span, emitter)
@@ -127,22 +135,21 @@ class RequestRelay:
             span.end()
 
     async def _token_chunks(
-        self, req: PreparedRequest, deadline: float | None, span: trace.Span
+        self, req: PreparedRequest, deadline: float, span: trace.Span
     ) -> AsyncIterator[TokenChunk]:
         """The request's tokens as they reach the router: the prefill worker's first
-        (when one ran the prompt), then the decode worker's."""
+        (when one ran the prompt), then the decode workers'."""
         prefilled = None
         if self.calls.needs_prefill(req):
             prefilled = await self.calls.prefill(req, deadline, span)
+        if prefilled is not None:
             span.set_attribute(names.PREFILL_WORKER, prefilled.worker_id)
         # The router owns the tail until the decode worker's first message (the lease
         # releases it however this generator ends before that).
         with prefilled.tail if prefilled else contextlib.nullcontext():
             if prefilled is not None:
                 yield prefilled.first_chunk()
-            worker = await self.calls.pick_decode(req)
-            span.set_attribute(names.DECODE_WORKER, worker.worker_id)
-            async for chunk in self.calls.decode(worker, req, prefilled, deadline, span):
+            async for chunk in self.calls.decode_stream(req, prefilled, deadline, span):
                 if prefilled is not None:
                     prefilled.tail.hand_over()
                 yield chunk
@@ -150,6 +157,10 @@ class RequestRelay:
     @contextlib.contextmanager
     def _admitted(self):
         """Counts the request in flight; RESOURCE_EXHAUSTED past the limit."""
+        if self.is_draining:
+            raise RelayError(
+                grpc.StatusCode.UNAVAILABLE, "the router is shutting down; retry on another"
+            )
         if self.stats.num_inflight >= self.max_inflight:
             self.stats.num_rejected += 1
             raise RelayError(
@@ -172,6 +183,11 @@ class RequestRelay:
             )
         return prepare(request, self.limits, model, self.tokenizer)
 
+    def _snapshot(self) -> Snapshot:
+        return dataclasses.replace(
+            self.stats.snapshot(), request_migrations_total=self.calls.num_migrations_total
+        )
+
 
 def _set_request_attributes(span: trace.Span, model: str, req: PreparedRequest) -> None:
     span.set_attribute(names.GEN_AI_OPERATION_NAME, "text_completion")
@@ -181,6 +197,7 @@ def _set_request_attributes(span: trace.Span, model: str, req: PreparedRequest) 
     span.set_attribute(names.GEN_AI_REQUEST_TOP_P, req.sampling.top_p)
     span.set_attribute(names.GEN_AI_USAGE_INPUT_TOKENS, len(req.prompt_token_ids))
     span.set_attribute(names.REQUEST_ID, req.request_id)
+    span.set_attribute(names.INTERNAL_REQUEST_ID, req.internal_id)
 
 
 def _set_outcome_attributes(span: trace.Span, emitter: ResponseEmitter) -> None:

@@ -24,12 +24,19 @@ from router.validation import (
     validate_sampling,
 )
 
+MAX_REQUEST_ID_BYTES = 128
+"""Longest client request id; it is echoed in every response."""
+
 
 @dataclass(frozen=True)
 class PreparedRequest:
     """A validated request, tokenized, with its block hashes."""
 
     request_id: str
+    """The client's id (or one the router made up): echoed, never used as a key."""
+    internal_id: str
+    """The router's own id, unique per request: every id inside the cluster (tails,
+    engine requests, aborts) derives from it."""
     prompt_token_ids: list[int]
     sampling: SamplingParams
     block_hashes: list[BlockHash]
@@ -43,6 +50,11 @@ def prepare(
 ) -> PreparedRequest:
     """Raises InvalidRequest, whose message names the field and says what to change."""
     validate_prompt_shape(request, limits)
+    if len(request.request_id.encode()) > MAX_REQUEST_ID_BYTES:
+        raise InvalidRequest(
+            f"request_id is {len(request.request_id.encode())} bytes; the limit is "
+            f"{MAX_REQUEST_ID_BYTES}"
+        )
     sampling = validate_sampling(request.sampling, limits)
     if request.prompt_token_ids:
         token_ids, field = list(request.prompt_token_ids), "prompt_token_ids"
@@ -68,6 +80,7 @@ def prepare(
         raise InvalidRequest(str(err)) from None
     return PreparedRequest(
         request_id=request.request_id or uuid.uuid4().hex,
+        internal_id=uuid.uuid4().hex,
         prompt_token_ids=token_ids,
         sampling=sampling,
         block_hashes=hash_token_blocks(token_ids, model.block_size, model.kv_fingerprint),

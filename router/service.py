@@ -25,8 +25,9 @@ from router.relay import RequestRelay
 from router.relay_error import RelayError
 from router.routing import PrefixLoadPolicy
 from router.validation import InvalidRequest, RequestLimits
+from router.worker_calls import FailoverConfig
 from router.worker_client import GrpcWorkerClient
-from rpc.server import RunningServer, ServiceBinding, start_server
+from rpc.server import DRAIN_POLL_S, DRAIN_STOP_GRACE_S, RunningServer, ServiceBinding, start_server
 from telemetry.metrics import ServiceMetrics, serve_metrics
 from telemetry.propagation import caller_context
 
@@ -51,6 +52,8 @@ class RouterConfig:
     """A worker silent for this long is dropped; it heartbeats every third of it."""
     metrics_port: int | None = None
     """Port for Prometheus `/metrics`; None turns it off, 0 picks a free one."""
+    failover: FailoverConfig = field(default_factory=FailoverConfig)
+    """Request and token timeouts, and how often a request may move between workers."""
 
     def __post_init__(self) -> None:
         if self.max_inflight < 1:
@@ -107,6 +110,7 @@ class RegistryServicer(wgrpc.RegistryServicer):
                     num_running=w.num_running,
                     kv_usage=w.kv_usage,
                     last_seen_s=now - w.last_seen,
+                    is_draining=w.is_draining,
                 )
                 for w in self.cluster.registry.workers()
             ],
@@ -128,6 +132,18 @@ class Router:
     def port(self) -> int:
         return self.server.port
 
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuses new requests (UNAVAILABLE) and lets those in flight finish, for at
+        most `timeout_s`, then stops; returns whether they all finished."""
+        self.relay.is_draining = True
+        await self.server.health.enter_graceful_shutdown()
+        deadline = time.monotonic() + timeout_s
+        while self.relay.stats.num_inflight and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        finished = self.relay.stats.num_inflight == 0
+        await self.stop(DRAIN_STOP_GRACE_S)
+        return finished
+
     async def stop(self, grace_s: float = 2.0) -> None:
         self._expiry_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -141,7 +157,13 @@ async def start_router(config: RouterConfig, tokenizer: Tokenizer | None) -> Rou
     cluster = Cluster(config.model, PrefixLoadPolicy(), config.worker_expiry_s)
     metrics = ServiceMetrics(config.model, "router")
     relay = RequestRelay(
-        cluster, GrpcWorkerClient(cluster), tokenizer, config.limits, config.max_inflight, metrics
+        cluster,
+        GrpcWorkerClient(cluster),
+        tokenizer,
+        config.limits,
+        config.max_inflight,
+        metrics,
+        config.failover,
     )
     server = await start_server(
         [

@@ -1,16 +1,23 @@
 """What the router asks of its workers, with the rules around each call.
 
-- `prefill`: pick a prefill worker, fail over to another when one is gone, and
-  hold the tail's lease from the moment the call is sent (phase 2 of
-  `kvstore.tail_lease`); each attempt stores its tail under an id of its own.
+- `prefill`: pick a prefill worker; on any failure of that worker (it is gone, it
+  failed, it answered nothing within the token timeout) retry once on another,
+  and when none is left let the decode worker prefill the prompt itself. The tail
+  is leased from the moment each attempt is sent (phase 2 of `kvstore.tail_lease`),
+  and each attempt stores its tail under an id of its own.
+- `decode_stream`: the decode worker's tokens, as `TokenChunk`s. When a decode
+  worker fails before the request finished (an error status, a reset stream, no
+  token within the token timeout, the worker declared lost), the request resumes
+  on another decode worker with the tokens the client already has; that worker
+  fetches what the failed one published and computes only the rest, so the client
+  sees a pause, never a duplicated or missing token. At most `max_migrations`.
 - `pick_decode`: ask every decode worker how much of the prompt it holds (bounded
   by `RESIDENCY_TIMEOUT_S`, so a slow worker only loses locality), then let the
-  routing policy choose.
-- `decode`: the decode worker's stream, as `TokenChunk`s.
+  routing policy choose among those new work may go to.
 
 Every failure reaches the caller as a `RelayError` with the status the client
-should see. The calls go through a `WorkerClient`, so tests can drive all of this
-with a fake one and no sockets.
+should see. The calls go through a `WorkerClient`, so tests drive all of this with
+a scripted one and no sockets.
 """
 
 from __future__ import annotations
@@ -18,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 
 import grpc
@@ -36,10 +44,48 @@ from router.worker_client import WorkerCallError, WorkerClient
 from rpc.sampling_proto import finish_reason_from_proto, sampling_to_proto
 from telemetry import names
 
+log = logging.getLogger(__name__)
 tracer = trace.get_tracer("kvrelay.router")
 
 RESIDENCY_TIMEOUT_S = 0.5
 """How long the router waits for CountResident answers before routing without them."""
+
+# Statuses that say the worker failed (or is gone), not that the request is wrong:
+# the request goes to another worker. DEADLINE_EXCEEDED is here only when the token
+# timeout, not the request's deadline, bounded the call.
+_WORKER_FAILURES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
+
+MAX_PREFILL_ATTEMPTS = 2
+"""A prefill is tried on at most this many workers before the decode worker runs it."""
+
+
+@dataclass(frozen=True)
+class FailoverConfig:
+    """How long the router waits for workers, and how often it moves a request."""
+
+    request_timeout_s: float = 600.0
+    """Every request's deadline when the client sets none (or a later one)."""
+    token_timeout_s: float = 60.0
+    """A worker that sends no token (a prefill no answer) for this long has failed."""
+    max_migrations: int = 3
+    """Decode resumes of one request at most; then its error goes to the client."""
+
+    def __post_init__(self) -> None:
+        if self.request_timeout_s <= 0 or self.token_timeout_s <= 0:
+            raise ValueError("--request-timeout and --token-timeout must be > 0")
+        if self.max_migrations < 0:
+            raise ValueError(f"--max-migrations must be >= 0, got {self.max_migrations}")
 
 
 @dataclass(frozen=True)
@@ -64,9 +110,14 @@ class Prefilled:
 class WorkerCalls:
     """The router's worker calls over one cluster; event-loop only."""
 
-    def __init__(self, cluster: Cluster, client: WorkerClient) -> None:
+    def __init__(
+        self, cluster: Cluster, client: WorkerClient, failover: FailoverConfig | None = None
+    ) -> None:
         self.cluster = cluster
         self.client = client
+        self.failover = failover or FailoverConfig()
+        self.num_migrations_total = 0
+        """Decode resumes, for `kvrelay:request_migrations_total`."""
         self._background: set[asyncio.Task] = set()
 
     def needs_prefill(self, req: PreparedRequest) -> bool:
@@ -78,56 +129,134 @@ class WorkerCalls:
         return len(req.prompt_token_ids) > max(w.max_local_prefill_len for w in decoders)
 
     async def prefill(
-        self, req: PreparedRequest, deadline: float | None, parent: trace.Span
-    ) -> Prefilled:
-        """Prefills on one worker after another until one answers; a worker that is
-        gone (UNAVAILABLE) is failed over, any other failure is the request's."""
+        self, req: PreparedRequest, deadline: float, parent: trace.Span
+    ) -> Prefilled | None:
+        """The first prefill worker that answers; None when every attempt failed, so
+        the decode worker prefills the prompt itself."""
         tried: set[str] = set()
-        while True:
+        while len(tried) < MAX_PREFILL_ATTEMPTS:
             candidates = [w for w in self.cluster.workers(Role.PREFILL) if w.worker_id not in tried]
             if not candidates:
-                raise RelayError(
-                    grpc.StatusCode.UNAVAILABLE, "no prefill worker could serve the request"
-                )
+                break
             entry = self.cluster.policy.pick_prefill(candidates, req.block_hashes)
             tried.add(entry.worker_id)
-            attempt_id = f"{req.request_id}.p{len(tried)}"
-            release = functools.partial(self._release_in_background, entry.worker_id, attempt_id)
-            tail = TailLease(release, attempt_id)
-            entry.num_inflight += 1
+            attempt_id = f"{req.internal_id}.p{len(tried)}"
             try:
-                with tracer.start_as_current_span(
-                    names.SPAN_PREFILL_CALL,
-                    context=trace.set_span_in_context(parent),
-                    kind=trace.SpanKind.CLIENT,
-                ):
-                    result = await self.client.prefill(
-                        entry.worker_id,
-                        wpb.PrefillRequest(
-                            request_id=attempt_id,
-                            prompt_token_ids=req.prompt_token_ids,
-                            sampling=sampling_to_proto(req.sampling),
-                        ),
-                        _remaining(deadline),
-                    )
+                result, tail = await self._prefill_once(entry, req, attempt_id, deadline, parent)
             except WorkerCallError as err:
-                # The worker may have put the tail before it failed or its answer was lost.
-                tail.release()
-                if err.code == grpc.StatusCode.UNAVAILABLE:
-                    continue  # the worker is gone: fail over to another one
-                raise RelayError(err.code, f"prefill failed: {err.message}") from err
-            except BaseException:  # cancelled, or the deadline passed before the call
-                tail.release()
-                raise
-            finally:
-                entry.num_inflight -= 1
+                if err.code not in _WORKER_FAILURES:
+                    raise RelayError(err.code, f"prefill failed: {err.message}") from err
+                _check_deadline(deadline)
+                log.warning("prefill worker %s failed (%s); retrying", entry.worker_id, err)
+                parent.add_event(
+                    names.EVENT_PREFILL_RETRY,
+                    {names.WORKER_ID: entry.worker_id, names.STATUS_CODE: err.code.name},
+                )
+                continue
             self.cluster.policy.on_prefilled(entry, req.block_hashes)
-            if not result.has_tail:
-                tail.hand_over()  # nothing to delete
             return Prefilled(entry.worker_id, result, tail)
+        parent.add_event(names.EVENT_LOCAL_PREFILL, {names.NUM_ATTEMPTS: len(tried)})
+        return None
 
-    async def pick_decode(self, req: PreparedRequest) -> WorkerEntry:
-        workers = self.cluster.workers(Role.DECODE)
+    async def _prefill_once(
+        self,
+        entry: WorkerEntry,
+        req: PreparedRequest,
+        attempt_id: str,
+        deadline: float,
+        parent: trace.Span,
+    ) -> tuple[wpb.PrefillResult, TailLease]:
+        release = functools.partial(self._release_in_background, entry.worker_id, attempt_id)
+        tail = TailLease(release, attempt_id)
+        entry.num_inflight += 1
+        try:
+            with tracer.start_as_current_span(
+                names.SPAN_PREFILL_CALL,
+                context=trace.set_span_in_context(parent),
+                kind=trace.SpanKind.CLIENT,
+            ):
+                result = await self.client.prefill(
+                    entry.worker_id,
+                    wpb.PrefillRequest(
+                        request_id=attempt_id,
+                        prompt_token_ids=req.prompt_token_ids,
+                        sampling=sampling_to_proto(req.sampling),
+                    ),
+                    self._call_timeout(deadline),
+                )
+        except BaseException:
+            # The worker may have put the tail before it failed or its answer was lost.
+            tail.release()
+            raise
+        finally:
+            entry.num_inflight -= 1
+        if not result.has_tail:
+            tail.hand_over()  # nothing to delete
+        return result, tail
+
+    async def decode_stream(
+        self,
+        req: PreparedRequest,
+        prefilled: Prefilled | None,
+        deadline: float,
+        parent: trace.Span,
+    ) -> AsyncIterator[TokenChunk]:
+        """The request's tokens from decode workers, resumed on another worker (with
+        what the client already has) each time one fails, up to `max_migrations`."""
+        generated = [prefilled.result.first_token_id] if prefilled is not None else []
+        failed: set[str] = set()
+        num_migrations = 0
+        while True:
+            worker = await self.pick_decode(req, avoid=failed)
+            parent.set_attribute(names.DECODE_WORKER, worker.worker_id)  # the last one's
+            is_resume = num_migrations > 0
+            request = wpb.DecodeRequest(
+                request_id=f"{req.internal_id}.d{num_migrations + 1}",
+                prompt_token_ids=req.prompt_token_ids,
+                sampling=sampling_to_proto(req.sampling),
+                prefill=prefilled.result if prefilled is not None and not is_resume else None,
+                generated_token_ids=generated if is_resume else (),
+            )
+            try:
+                async for chunk in self._decode_once(worker, request, deadline, parent):
+                    generated.extend(chunk.token_ids)
+                    yield chunk
+                    if chunk.finish_reason is not None:
+                        return
+                error = RelayError(
+                    grpc.StatusCode.UNAVAILABLE, "decode worker ended the stream early"
+                )
+            except RelayError as err:
+                error = err
+            if error.code not in _WORKER_FAILURES or num_migrations >= self.failover.max_migrations:
+                raise error
+            _check_deadline(deadline)
+            if prefilled is not None:
+                prefilled.tail.release()  # a resume computes the tail's tokens instead
+            num_migrations += 1
+            self.num_migrations_total += 1
+            failed.add(worker.worker_id)
+            log.warning(
+                "decode worker %s failed (%s); resuming %s after %d tokens",
+                worker.worker_id,
+                error.message,
+                req.internal_id,
+                len(generated),
+            )
+            parent.add_event(
+                names.EVENT_RESUME,
+                {
+                    names.WORKER_ID: worker.worker_id,
+                    names.STATUS_CODE: error.code.name,
+                    names.NUM_GENERATED_TOKENS: len(generated),
+                },
+            )
+
+    async def pick_decode(self, req: PreparedRequest, avoid: Collection[str] = ()) -> WorkerEntry:
+        """A decode worker for the request, preferring those not in `avoid` (workers
+        that failed it); one of those only when no other is left."""
+        routable = self.cluster.workers(Role.DECODE)
+        workers = [w for w in routable if w.worker_id not in avoid] or routable
         if not workers:
             raise RelayError(grpc.StatusCode.UNAVAILABLE, "no decode worker is registered")
         num_resident: dict[str, int] = {}
@@ -144,35 +273,58 @@ class WorkerCalls:
                     num_resident[worker.worker_id] = answer
         return self.cluster.policy.pick_decode(workers, num_resident)
 
-    async def decode(
+    async def _decode_once(
         self,
         worker: WorkerEntry,
-        req: PreparedRequest,
-        prefilled: Prefilled | None,
-        deadline: float | None,
+        request: wpb.DecodeRequest,
+        deadline: float,
         parent: trace.Span,
     ) -> AsyncIterator[TokenChunk]:
-        """The decode worker's tokens. Leaving the iteration cancels the call, which
-        frees the request's blocks there."""
+        """One decode call. Each message must come within the token timeout, and the
+        call fails at once when the worker is declared lost. Leaving the iteration
+        cancels the call, which frees the request's blocks there."""
         timeout_s = _remaining(deadline)
         span = tracer.start_span(
             names.SPAN_DECODE_CALL,
             context=trace.set_span_in_context(parent),
             kind=trace.SpanKind.CLIENT,
         )
-        request = wpb.DecodeRequest(
-            request_id=req.request_id,
-            prompt_token_ids=req.prompt_token_ids,
-            sampling=sampling_to_proto(req.sampling),
-            prefill=None if prefilled is None else prefilled.result,
-        )
         stream = self.client.decode(
             worker.worker_id, request, timeout_s, trace.set_span_in_context(span)
         )
+        current: list[asyncio.Timeout] = []  # the wait for the next message
+        lost = [False]
+
+        def on_lost() -> None:
+            lost[0] = True
+            if current:
+                current[0].reschedule(asyncio.get_running_loop().time())
+
+        worker.loss_watchers.add(on_lost)
         worker.num_inflight += 1
         try:
             async with contextlib.aclosing(stream):
-                async for response in stream:
+                while True:
+                    # Only the wait is bounded, never the caller's work between messages.
+                    try:
+                        async with asyncio.timeout(self.failover.token_timeout_s) as wait:
+                            current[:] = [wait]
+                            if lost[0]:
+                                wait.reschedule(asyncio.get_running_loop().time())
+                            response = await anext(stream)
+                    except StopAsyncIteration:
+                        return
+                    except TimeoutError:
+                        why = (
+                            "the worker missed its heartbeats"
+                            if lost[0]
+                            else f"no token for {self.failover.token_timeout_s:g} s"
+                        )
+                        raise RelayError(
+                            grpc.StatusCode.UNAVAILABLE, f"decode failed: {why}"
+                        ) from None
+                    finally:
+                        current.clear()
                     yield TokenChunk(
                         token_ids=response.token_ids,
                         logprobs=response.logprobs,
@@ -183,8 +335,13 @@ class WorkerCalls:
             span.set_status(trace.StatusCode.ERROR, err.message)
             raise RelayError(err.code, f"decode failed: {err.message}") from err
         finally:
+            worker.loss_watchers.discard(on_lost)
             worker.num_inflight -= 1
             span.end()
+
+    def _call_timeout(self, deadline: float) -> float:
+        """A unary call's bound: the token timeout, or what is left of the deadline."""
+        return min(_remaining(deadline), self.failover.token_timeout_s)
 
     def _release_in_background(self, worker_id: str, tail_id: str) -> None:
         """Deletes a tail no decode worker took. Runs as its own task because the
@@ -205,10 +362,12 @@ class WorkerCalls:
             await asyncio.wait(list(self._background), timeout=timeout_s)
 
 
-def _remaining(deadline: float | None) -> float | None:
-    if deadline is None:
-        return None
+def _remaining(deadline: float) -> float:
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise RelayError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
     return remaining
+
+
+def _check_deadline(deadline: float) -> None:
+    _remaining(deadline)

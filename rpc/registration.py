@@ -39,6 +39,7 @@ class RouterMembership:
         self._stub = wgrpc.RegistryStub(self._channel)
         self._task: asyncio.Task | None = None
         self.is_registered = asyncio.Event()
+        self.is_draining = False
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -57,18 +58,35 @@ class RouterMembership:
                 if not known:
                     interval = await self._register()
                     known = True
-                beat = self._load()
-                beat.worker_id = self.registration.worker_id
-                known = (await self._stub.Heartbeat(beat, timeout=CALL_TIMEOUT_S)).known
+                known = await self._heartbeat()
             except grpc.aio.AioRpcError as err:
+                # A heartbeat that fails (a slow or restarting router) is retried: the
+                # worker re-registers only when the router answers it does not know it,
+                # so a missed beat never re-registers (which used to cut its calls).
                 if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     log.error("the router refused this worker: %s", err.details())
+                    known = False
+                    self.is_registered.clear()
                 else:
                     log.warning("router unreachable (%s); retrying", err.code().name)
-                known = False
-                self.is_registered.clear()
                 interval = RETRY_INTERVAL_S
             await asyncio.sleep(interval)
+
+    async def _heartbeat(self) -> bool:
+        beat = self._load()
+        beat.worker_id = self.registration.worker_id
+        beat.is_draining = self.is_draining
+        known = (await self._stub.Heartbeat(beat, timeout=CALL_TIMEOUT_S)).known
+        if not known:
+            self.is_registered.clear()
+        return known
+
+    async def drain(self) -> None:
+        """Tells the router at once that this worker takes no new work (and keeps
+        saying so in every heartbeat); its calls in flight go on."""
+        self.is_draining = True
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self._heartbeat()
 
     async def stop(self) -> None:
         """Stops heartbeating and leaves the cluster, so no new work arrives."""

@@ -19,6 +19,12 @@ from rpc.limits import channel_options
 
 AddServicer = Callable[[object, grpc.aio.Server], None]
 
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+"""How long a draining service lets its requests finish (`--drain-timeout`)."""
+DRAIN_POLL_S = 0.05
+DRAIN_STOP_GRACE_S = 1.0
+"""After a drain: how long the server waits for calls before cancelling them."""
+
 
 @dataclass(frozen=True)
 class ServiceBinding:

@@ -2,17 +2,26 @@
 `/metrics`, and keep itself registered with the router.
 
 Each worker builds its model, store and servicer itself; `serve_worker` does the
-rest the same way for both roles, and `WorkerServer.stop` undoes it in order:
-leave the cluster first (no new work arrives), then drain the server.
+rest the same way for both roles. Shutting down is `drain` (NOT_SERVING, the router
+told, the work in flight finished) then `stop` (leave the cluster, stop the server).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from protos import workers_pb2 as wpb
 from rpc.registration import LoadProbe, RouterMembership
-from rpc.server import RunningServer, ServiceBinding, dialable_address, start_server
+from rpc.server import (
+    DRAIN_POLL_S,
+    RunningServer,
+    ServiceBinding,
+    dialable_address,
+    start_server,
+)
 from telemetry.metrics import ServiceMetrics, serve_metrics
 
 # Worker calls carry token ids, never KV (that goes through the store).
@@ -51,7 +60,22 @@ class WorkerServer:
     def port(self) -> int:
         return self.server.port
 
+    async def drain(self, timeout_s: float, is_idle: Callable[[], bool]) -> bool:
+        """Stops taking new work without cutting the work in flight: health reports
+        NOT_SERVING and the router is told this worker is draining (it routes nothing
+        new here), then waits until `is_idle()` or `timeout_s` has passed. Returns
+        whether the worker went idle; the caller then stops it, which cancels what is
+        left (the router resumes those requests elsewhere)."""
+        await self.server.health.enter_graceful_shutdown()
+        if self.membership is not None:
+            await self.membership.drain()
+        deadline = time.monotonic() + timeout_s
+        while not is_idle() and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        return is_idle()
+
     async def stop(self, grace_s: float = 2.0) -> None:
+        """Deregisters, then stops serving after `grace_s` for the calls in flight."""
         if self.membership is not None:
             await self.membership.stop()
         await self.server.stop(grace_s)

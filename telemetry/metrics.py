@@ -46,6 +46,7 @@ class Snapshot:
     generation_tokens_total: int | None = None
     num_preemptions_total: int | None = None
     admission_rejections_total: int | None = None
+    request_migrations_total: int | None = None
     kv_store_hits_total: int | None = None
     kv_store_misses_total: int | None = None
     kv_store_corrupt_blocks_total: int | None = None
@@ -64,6 +65,10 @@ _SNAPSHOT_METRICS: dict[str, tuple[str, str]] = {
     "generation_tokens_total": ("counter", "Tokens generated."),
     "num_preemptions_total": ("counter", "Requests preempted (recomputed) for lack of blocks."),
     "admission_rejections_total": ("counter", "Requests refused at the admission limit."),
+    "request_migrations_total": (
+        "counter",
+        "Requests resumed on another decode worker after theirs failed.",
+    ),
     "kv_store_hits_total": ("counter", "KV blocks found in the store."),
     "kv_store_misses_total": ("counter", "KV blocks not found in the store."),
     "kv_store_corrupt_blocks_total": ("counter", "KV blocks that failed their checks."),

@@ -37,7 +37,8 @@ GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 
 # kvrelay's own attributes.
-REQUEST_ID = "kvrelay.request_id"
+REQUEST_ID = "kvrelay.request_id"  # the client's
+INTERNAL_REQUEST_ID = "kvrelay.internal_request_id"  # the router's, unique
 CACHED_PROMPT_TOKENS = "kvrelay.cached_prompt_tokens"
 COMPUTED_PROMPT_TOKENS = "kvrelay.computed_prompt_tokens"
 PREFILL_WORKER = "kvrelay.prefill_worker"
@@ -50,3 +51,11 @@ NUM_FETCHED_BLOCKS = "kvrelay.num_fetched_blocks"
 TIME_TO_FIRST_TOKEN_S = "kvrelay.time_to_first_token_s"
 NUM_GENERATED_TOKENS = "kvrelay.num_generated_tokens"
 QUEUE_TIME_S = "kvrelay.queue_time_s"
+WORKER_ID = "kvrelay.worker_id"
+STATUS_CODE = "kvrelay.status_code"
+NUM_ATTEMPTS = "kvrelay.num_attempts"
+
+# Span events on the router's request span.
+EVENT_RESUME = "kvrelay.resume"  # a decode worker failed; the request moved on
+EVENT_PREFILL_RETRY = "kvrelay.prefill_retry"  # a prefill worker failed; another tries
+EVENT_LOCAL_PREFILL = "kvrelay.local_prefill"  # no prefill worker could; decode does

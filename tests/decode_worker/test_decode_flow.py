@@ -12,12 +12,15 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from decode_worker.admission import DecodeAdmission, DecodeCall, PrefillHandoff
+from decode_worker.block_publisher import BlockPublisher
 from decode_worker.config import EngineConfig
 from decode_worker.decode_flow import DecodeFailed, DecodeFlow
 from decode_worker.engine import DecodeEngine
 from decode_worker.engine_loop import EngineLoop
+from kvstore.hashing import hash_token_blocks
 from kvstore.memory_store import MemoryStore
 from kvstore.spec import BlockSpec
 from model.generation import generate
@@ -75,10 +78,9 @@ class Worker:
 
     async def call(self, request_id: str, prompt: list[int]) -> DecodeCall:
         out = await self.prefill.run(request_id, prompt, GREEDY)
-        handoff = PrefillHandoff(
-            out.first_token_id, out.first_logprob, tuple(out.block_hashes), out.tail_id
+        return DecodeCall(
+            request_id, prompt, GREEDY, [out.first_token_id], PrefillHandoff(out.tail_id)
         )
-        return DecodeCall(request_id, prompt, GREEDY, handoff)
 
     async def generate(self, call: DecodeCall) -> tuple[list[int], list]:
         """The tokens after the prefill worker's, and the batches they came in."""
@@ -89,6 +91,14 @@ class Worker:
 @pytest.fixture
 def worker(tiny, spec, prefill_engine, loop) -> Worker:
     return Worker(tiny, MemoryStore(spec), prefill_engine, loop)
+
+
+def hashes_of(call: DecodeCall) -> list[bytes]:
+    """The prompt's full blocks, hashed as every worker of the test hashes them."""
+    fingerprint = BlockSpec.for_model(
+        "dummy:tiny", load_model("dummy:tiny").config, torch.float32, BLOCK_SIZE
+    ).fingerprint
+    return hash_token_blocks(call.prompt_token_ids, BLOCK_SIZE, fingerprint)
 
 
 def expected(tiny: LoadedModel, prompt: list[int]) -> list[int]:
@@ -111,11 +121,11 @@ def test_none_resident_fetches_every_block_and_the_tail(tiny, worker) -> None:
         return call, await worker.generate(call)
 
     call, (tokens, batches) = asyncio.run(scenario())
-    assert [call.prefill.first_token_id, *tokens] == expected(tiny, PROMPT)
+    assert [call.generated_token_ids[0], *tokens] == expected(tiny, PROMPT)
     assert (batches[0].num_resident_blocks, batches[0].num_fetched_blocks) == (0, 3)
     assert batches[-1].finish_reason is FinishReason.LENGTH
     # The fetched blocks went to the first free blocks, and stay cached by hash.
-    assert [worker.pool.cached_block(h) for h in call.prefill.block_hashes] == [0, 1]
+    assert [worker.pool.cached_block(h) for h in hashes_of(call)] == [0, 1]
     assert worker.pool.num_used_blocks == 0
     assert worker.store.num_tails() == 0  # read once, then deleted
 
@@ -127,9 +137,9 @@ def test_all_resident_fetches_only_the_tail(tiny, worker) -> None:
         return call, await worker.generate(call)
 
     call, (tokens, batches) = asyncio.run(scenario())
-    assert [call.prefill.first_token_id, *tokens] == expected(tiny, PROMPT)
+    assert [call.generated_token_ids[0], *tokens] == expected(tiny, PROMPT)
     assert (batches[0].num_resident_blocks, batches[0].num_fetched_blocks) == (2, 1)
-    assert [worker.pool.cached_block(h) for h in call.prefill.block_hashes] == [0, 1]
+    assert [worker.pool.cached_block(h) for h in hashes_of(call)] == [0, 1]
     assert worker.pool.num_used_blocks == 0 and worker.store.num_tails() == 0
 
 
@@ -142,9 +152,9 @@ def test_some_resident_fetches_the_rest(tiny, worker) -> None:
         return call, await worker.generate(call)
 
     call, (tokens, batches) = asyncio.run(scenario())
-    assert [call.prefill.first_token_id, *tokens] == expected(tiny, other)
+    assert [call.generated_token_ids[0], *tokens] == expected(tiny, other)
     assert (batches[0].num_resident_blocks, batches[0].num_fetched_blocks) == (1, 2)
-    assert worker.pool.cached_block(call.prefill.block_hashes[0]) == 0  # shared with `a`
+    assert worker.pool.cached_block(hashes_of(call)[0]) == 0  # shared with `a`
     assert worker.pool.num_used_blocks == 0
 
 
@@ -157,13 +167,13 @@ def test_a_block_evicted_from_the_store_between_lookup_and_get_is_computed(
 
     async def scenario():
         call = await worker.call("a", PROMPT)
-        store.get(call.prefill.block_hashes[:1])  # block 0 is now the most recent
-        store.put([(b"\x00" * 16, store.get(call.prefill.block_hashes[:1])[0])])
-        assert store.lookup(call.prefill.block_hashes) == 1
+        store.get(hashes_of(call)[:1])  # block 0 is now the most recent
+        store.put([(b"\x00" * 16, store.get(hashes_of(call)[:1])[0])])
+        assert store.lookup(hashes_of(call)) == 1
         return call, await worker.generate(call)
 
     call, (tokens, batches) = asyncio.run(scenario())
-    assert [call.prefill.first_token_id, *tokens] == expected(tiny, PROMPT)
+    assert [call.generated_token_ids[0], *tokens] == expected(tiny, PROMPT)
     # Block 0 came from the store; block 1 and the tail's tokens were recomputed, so
     # the tail (unusable past the gap) was still deleted.
     assert (batches[0].num_resident_blocks, batches[0].num_fetched_blocks) == (0, 1)
@@ -239,3 +249,58 @@ def test_a_sink_that_fails_costs_its_request_not_the_engine_thread(tiny, loop) -
     assert [o.token_id for o in received] == expected(tiny, PROMPT)
     wait_idle(loop)
     assert loop.stats().num_used_blocks == 0
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        SamplingParams(max_tokens=24, ignore_eos=True),
+        SamplingParams(max_tokens=24, temperature=1.0, top_k=50, seed=5, ignore_eos=True),
+    ],
+    ids=["greedy", "seeded"],
+)
+def test_a_resumed_request_continues_from_the_blocks_the_failed_worker_published(
+    tiny, spec, prefill_engine, sampling
+) -> None:
+    store = MemoryStore(spec)
+    publisher = BlockPublisher(store)
+    config = EngineConfig(num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE)
+    first_loop = EngineLoop(DecodeEngine(tiny, config, spec.fingerprint, publisher.submit))
+    second_loop = EngineLoop(DecodeEngine(tiny, config, spec.fingerprint))
+    first_loop.start()
+    second_loop.start()
+    try:
+        failing = Worker(tiny, store, prefill_engine, first_loop)
+        fresh = Worker(tiny, store, prefill_engine, second_loop)
+
+        async def scenario():
+            out = await failing.prefill.run("a.p1", PROMPT, sampling)
+            call = DecodeCall(
+                "a.d1", PROMPT, sampling, [out.first_token_id], PrefillHandoff(out.tail_id)
+            )
+            sent = [out.first_token_id]
+            stream = failing.decode.run(call)
+            async for batch in stream:
+                sent += batch.token_ids
+                if len(sent) >= 15:
+                    break
+            await stream.aclose()  # the worker "dies" here
+            assert publisher.flush(10)
+            resumed = DecodeCall("a.d2", PROMPT, sampling, sent)
+            batches = [b async for b in fresh.decode.run(resumed)]
+            return sent, batches
+
+        sent, batches = asyncio.run(scenario())
+    finally:
+        first_loop.stop()
+        second_loop.stop()
+        publisher.stop()
+    reference = generate(tiny, [PROMPT], sampling)[0].token_ids
+    assert sent + [t for b in batches for t in b.token_ids] == reference
+    num_tokens = len(PROMPT) + len(sent)
+    # Every full block but the last token's came from the store; only the last
+    # partial block (and that token) was computed.
+    assert batches[0].num_fetched_blocks == (num_tokens - 1) // BLOCK_SIZE
+    assert num_tokens - batches[0].num_reused_tokens <= BLOCK_SIZE
+    assert fresh.decode.counters.num_resumed_requests_total == 1
+    assert fresh.decode.counters.num_resumed_computed_tokens_total <= BLOCK_SIZE

@@ -105,7 +105,7 @@ def test_provided_kv_and_first_token_continue_exactly(models):
     engine = DecodeEngine(loaded, EngineConfig(num_blocks=64, block_size=BLOCK_SIZE), FINGERPRINT)
     params = SamplingParams(max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
     engine.add_request(
-        EngineRequest("a", prompt, params, first_token=(first, 0.0), provided_kv=blocks)
+        EngineRequest("a", prompt, params, output_token_ids=(first,), provided_kv=blocks)
     )
     tokens, _ = run_to_completion(engine, {})
     expected = reference_tokens(reference, prompt)
@@ -122,7 +122,7 @@ def test_provided_kv_and_first_token_continue_exactly(models):
             "b",
             prompt,
             params,
-            first_token=(first, 0.0),
+            output_token_ids=(first,),
             provided_kv=blocks[3:],
             provided_start_block=3,
         )

@@ -1,11 +1,14 @@
 """The router's request path without sockets: `RequestRelay` over a real `Cluster`
-and a scripted `WorkerClient`. Covers prefill failover, the tail released in each
-way a request can end before a decode worker took it (and only then), and the
-finish-reason precedence in the disaggregated, colocated and local paths."""
+and a scripted `WorkerClient`. Covers internal ids, prefill retry and local
+prefill, decode resume (tokens once each, the migration bound, the token timeout, a
+worker declared lost), draining, the tail released in each way a request can end
+before a decode worker took it (and only then), and the finish-reason precedence in
+the disaggregated, colocated and local paths."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 
 import grpc
@@ -19,7 +22,8 @@ from router.cluster import Cluster
 from router.relay import RequestRelay
 from router.relay_error import RelayError
 from router.routing import PrefixLoadPolicy
-from router.validation import RequestLimits
+from router.validation import InvalidRequest, RequestLimits
+from router.worker_calls import FailoverConfig
 from router.worker_client import WorkerCallError, WorkerClient
 from telemetry.metrics import ServiceMetrics
 
@@ -33,17 +37,22 @@ class FakeChannel:
         pass
 
 
+class Calls(list):
+    """Scripts for a worker's successive decode calls, one per call, in order."""
+
+
 class ScriptedWorkers(WorkerClient):
     """Answers each call from a script per worker, and records every call.
 
     `prefills[worker]` is a function of the PrefillRequest returning a result or
     raising; `decodes[worker]` a list of DecodeResponses, or of exceptions raised
-    in their place; `gates` holds events a call waits on before answering.
+    in their place (the same for every call), or `Calls` of such lists (one per
+    call); `gates` holds events a call waits on before answering.
     """
 
     def __init__(self) -> None:
         self.prefills: dict[str, Callable[[wpb.PrefillRequest], wpb.PrefillResult]] = {}
-        self.decodes: dict[str, list[wpb.DecodeResponse | Exception]] = {}
+        self.decodes: dict[str, list] = {}
         self.gates: dict[str, asyncio.Event] = {}
         self.prefill_calls: list[tuple[str, str]] = []
         self.decode_calls: list[tuple[str, wpb.DecodeRequest]] = []
@@ -63,7 +72,10 @@ class ScriptedWorkers(WorkerClient):
 
     async def decode(self, worker_id, request, timeout_s, trace_context=None):
         self.decode_calls.append((worker_id, request))
-        for item in self.decodes[worker_id]:
+        script = self.decodes[worker_id]
+        if isinstance(script, Calls):
+            script = script.pop(0)
+        for item in script:
             if "decode" in self.gates:
                 await self.gates["decode"].wait()
             if isinstance(item, Exception):
@@ -97,11 +109,16 @@ def decoded(text: bytes, finish: int = pb.FINISH_REASON_UNSPECIFIED) -> wpb.Deco
     return wpb.DecodeResponse(token_ids=list(text), finish_reason=finish)
 
 
+def gone(worker_id: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> WorkerCallError:
+    return WorkerCallError(worker_id, code, "scripted failure")
+
+
 async def make_relay(
     workers: ScriptedWorkers,
     prefill_ids: Sequence[str] = ("p0",),
     decode_ids: Sequence[str] = ("d0",),
     max_local_prefill_len: int = 0,
+    failover: FailoverConfig | None = None,
 ) -> RequestRelay:
     cluster = Cluster(MODEL, PrefixLoadPolicy(), connect=lambda address: FakeChannel())
     for role, ids in ((wpb.WORKER_ROLE_PREFILL, prefill_ids), (wpb.WORKER_ROLE_DECODE, decode_ids)):
@@ -120,16 +137,19 @@ async def make_relay(
                 )
             )
     metrics = ServiceMetrics(MODEL, "router")
-    return RequestRelay(cluster, workers, ByteTokenizer(), RequestLimits(), 8, metrics)
+    return RequestRelay(cluster, workers, ByteTokenizer(), RequestLimits(), 8, metrics, failover)
 
 
 def generate(
-    workers: ScriptedWorkers, sampling: pb.SamplingParams | None = None, **relay_args
+    workers: ScriptedWorkers,
+    sampling: pb.SamplingParams | None = None,
+    request_id: str = "r",
+    **relay_args,
 ) -> list[pb.GenerateResponse]:
     async def scenario():
         relay = await make_relay(workers, **relay_args)
         request = pb.GenerateRequest(
-            request_id="r", prompt_token_ids=PROMPT, sampling=sampling or pb.SamplingParams()
+            request_id=request_id, prompt_token_ids=PROMPT, sampling=sampling or pb.SamplingParams()
         )
         responses = [m async for m in relay.generate(request, time_remaining=None)]
         await relay.calls.wait_background(1)
@@ -142,58 +162,327 @@ def text_of(responses: list[pb.GenerateResponse]) -> str:
     return "".join(r.text for r in responses)
 
 
-def test_prefill_fails_over_when_a_worker_is_gone_and_releases_that_attempts_tail() -> None:
+def internal_id(call_id: str) -> str:
+    """The router's id for the request, from a worker call's id (`<id>.p1`, `<id>.d2`)."""
+    return call_id.rsplit(".", 1)[0]
+
+
+def attempts(call_ids: Sequence[str]) -> list[str]:
+    return [call_id.rsplit(".", 1)[1] for call_id in call_ids]
+
+
+# Internal ids: the client's request_id is echoed, never a key inside the cluster.
+
+
+def test_every_call_uses_the_routers_internal_id_and_the_client_id_is_only_echoed() -> None:
     workers = ScriptedWorkers()
-    workers.prefills = {
-        "p0": failing(grpc.StatusCode.UNAVAILABLE),
-        "p1": prefilled(ord("A")),
-    }
+    workers.prefills = {"p0": prefilled(ord("A"))}
+    workers.decodes = {"d0": [decoded(b"B", pb.FINISH_REASON_LENGTH)]}
+    responses = generate(workers)
+    assert {r.request_id for r in responses} == {"r"}
+    (_, prefill_id), (_, decode) = workers.prefill_calls[0], workers.decode_calls[0]
+    assert internal_id(prefill_id) == internal_id(decode.request_id) != "r"
+    assert "r" not in {prefill_id, decode.request_id, decode.prefill.tail_id}
+
+
+def test_two_requests_with_one_client_id_get_distinct_internal_ids() -> None:
+    workers = ScriptedWorkers()
+    workers.prefills = {"p0": prefilled(ord("A"))}
+    workers.decodes = {"d0": [decoded(b"B", pb.FINISH_REASON_LENGTH)]}
+
+    async def run_both():
+        relay = await make_relay(workers)
+        request = pb.GenerateRequest(request_id="same", prompt_token_ids=PROMPT)
+
+        async def one():
+            return [m async for m in relay.generate(request, None)]
+
+        return await asyncio.gather(one(), one())
+
+    both = asyncio.run(run_both())
+    assert [text_of(r) for r in both] == ["AB", "AB"]
+    ids = {internal_id(request_id) for _, request_id in workers.prefill_calls}
+    assert len(ids) == 2
+    assert len({internal_id(d.request_id) for _, d in workers.decode_calls}) == 2
+
+
+def test_a_request_id_over_128_bytes_is_invalid_argument() -> None:
+    workers = ScriptedWorkers()
+    with pytest.raises(InvalidRequest, match="request_id is 129 bytes; the limit is 128"):
+        generate(workers, request_id="x" * 129)
+    assert workers.prefill_calls == [] and workers.decode_calls == []
+    workers.prefills = {"p0": prefilled(ord("A"))}
+    workers.decodes = {"d0": [decoded(b"B", pb.FINISH_REASON_LENGTH)]}
+    assert text_of(generate(workers, request_id="é" * 64)) == "AB"  # 128 bytes
+
+
+# Prefill: any failure of the worker is retried once on another, then the decode
+# worker prefills; each attempt's tail is released, never the next attempt's.
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    ],
+)
+def test_a_failed_prefill_is_retried_on_another_worker_and_its_tail_released(code) -> None:
+    workers = ScriptedWorkers()
+    workers.prefills = {"p0": failing(code), "p1": prefilled(ord("A"))}
     workers.decodes = {"d0": [decoded(b"BC", pb.FINISH_REASON_LENGTH)]}
     responses = generate(workers, prefill_ids=("p0", "p1"))
     assert text_of(responses) == "ABC"
-    assert workers.prefill_calls == [("p0", "r.p1"), ("p1", "r.p2")]
+    (first_worker, first_id), (second_worker, second_id) = workers.prefill_calls
+    assert (first_worker, second_worker) == ("p0", "p1")
+    assert attempts([first_id, second_id]) == ["p1", "p2"]
     # The decode worker was told where the surviving attempt's tail is.
-    assert workers.decode_calls[0][1].prefill.tail_id == "r.p2"
-    assert workers.releases == [("p0", "r.p1")]  # the failed attempt's, never the retry's
+    assert workers.decode_calls[0][1].prefill.tail_id == second_id
+    assert workers.releases == [("p0", first_id)]  # the failed attempt's, never the retry's
 
 
-def test_prefill_failure_other_than_unavailable_is_the_requests_and_releases_the_tail() -> None:
+def test_when_every_prefill_attempt_fails_the_decode_worker_prefills_the_prompt() -> None:
     workers = ScriptedWorkers()
-    workers.prefills = {"p0": failing(grpc.StatusCode.INTERNAL), "p1": prefilled(1)}
-    with pytest.raises(RelayError) as err:
-        generate(workers, prefill_ids=("p0", "p1"))
-    assert err.value.code == grpc.StatusCode.INTERNAL
-    assert len(workers.prefill_calls) == 1
-    assert workers.releases == [("p0", "r.p1")]
+    workers.prefills = {
+        "p0": failing(grpc.StatusCode.INTERNAL),
+        "p1": failing(grpc.StatusCode.UNAVAILABLE),
+        "p2": prefilled(ord("Z")),  # never tried: two attempts at most
+    }
+    workers.decodes = {"d0": [decoded(b"AB", pb.FINISH_REASON_LENGTH)]}
+    responses = generate(workers, prefill_ids=("p0", "p1", "p2"))
+    assert text_of(responses) == "AB"
+    assert len(workers.prefill_calls) == 2
+    decode = workers.decode_calls[0][1]
+    assert not decode.HasField("prefill") and list(decode.generated_token_ids) == []
+    assert sorted(workers.releases) == sorted(workers.prefill_calls)
 
 
-def test_no_prefill_worker_left_is_unavailable() -> None:
+def test_the_only_prefill_worker_failing_leaves_the_prompt_to_the_decode_worker() -> None:
     workers = ScriptedWorkers()
     workers.prefills = {"p0": failing(grpc.StatusCode.UNAVAILABLE)}
-    with pytest.raises(RelayError) as err:
-        generate(workers)
-    assert err.value.code == grpc.StatusCode.UNAVAILABLE
-    assert workers.releases == [("p0", "r.p1")]
+    workers.decodes = {"d0": [decoded(b"AB", pb.FINISH_REASON_LENGTH)]}
+    assert text_of(generate(workers)) == "AB"
+    assert not workers.decode_calls[0][1].HasField("prefill")
+    assert workers.releases == workers.prefill_calls
 
 
-def test_a_decode_failure_before_its_first_message_releases_the_tail() -> None:
+def test_a_prefill_refusing_the_request_is_the_requests_error_and_not_retried() -> None:
     workers = ScriptedWorkers()
-    workers.prefills = {"p0": prefilled(ord("A"))}
-    workers.decodes = {"d0": [WorkerCallError("d0", grpc.StatusCode.INTERNAL, "boom")]}
-    with pytest.raises(RelayError, match="decode failed: boom"):
-        generate(workers)
-    assert workers.releases == [("p0", "r.p1")]
+    workers.prefills = {"p0": failing(grpc.StatusCode.INVALID_ARGUMENT), "p1": prefilled(1)}
+    with pytest.raises(RelayError) as err:
+        generate(workers, prefill_ids=("p0", "p1"))
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(workers.prefill_calls) == 1
+    assert workers.releases == workers.prefill_calls
 
 
-def test_a_decode_failure_after_its_first_message_leaves_the_tail_to_the_decode_worker() -> None:
+def test_a_hung_prefill_worker_counts_as_failed_after_the_token_timeout() -> None:
+    hung = asyncio.Event()
+
+    class HungFirst(ScriptedWorkers):
+        async def prefill(self, worker_id, request, timeout_s):
+            if worker_id == "p0":
+                self.prefill_calls.append((worker_id, request.request_id))
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        await hung.wait()
+                except TimeoutError:
+                    raise WorkerCallError(
+                        worker_id, grpc.StatusCode.DEADLINE_EXCEEDED, ""
+                    ) from None
+            return await super().prefill(worker_id, request, timeout_s)
+
+    workers = HungFirst()
+    workers.prefills = {"p1": prefilled(ord("A"))}
+    workers.decodes = {"d0": [decoded(b"B", pb.FINISH_REASON_LENGTH)]}
+    responses = generate(
+        workers, prefill_ids=("p0", "p1"), failover=FailoverConfig(token_timeout_s=0.05)
+    )
+    assert text_of(responses) == "AB"
+    assert [w for w, _ in workers.prefill_calls] == ["p0", "p1"]
+
+
+# Decode failover: the request resumes on another decode worker with the tokens the
+# client has; the client sees each token once.
+
+
+def test_a_decode_worker_failing_mid_stream_resumes_on_another_with_the_sent_tokens() -> None:
     workers = ScriptedWorkers()
     workers.prefills = {"p0": prefilled(ord("A"))}
     workers.decodes = {
-        "d0": [decoded(b"B"), WorkerCallError("d0", grpc.StatusCode.UNAVAILABLE, "gone")]
+        "d0": [decoded(b"B"), decoded(b"C"), gone("d0")],
+        "d1": [decoded(b"D"), decoded(b"E", pb.FINISH_REASON_LENGTH)],
     }
-    with pytest.raises(RelayError):
-        generate(workers)
-    assert workers.releases == []  # the decode worker had taken (and deleted) it
+    responses = generate(workers, decode_ids=("d0", "d1"))
+    assert text_of(responses) == "ABCDE"
+    assert responses[-1].usage.completion_tokens == 5
+    (first_worker, first), (second_worker, resumed) = workers.decode_calls
+    assert (first_worker, second_worker) == ("d0", "d1")
+    assert attempts([first.request_id, resumed.request_id]) == ["d1", "d2"]
+    assert internal_id(first.request_id) == internal_id(resumed.request_id)
+    assert not resumed.HasField("prefill")
+    assert list(resumed.prompt_token_ids) == PROMPT
+    assert bytes(resumed.generated_token_ids) == b"ABC"
+    assert workers.releases == []  # d0 had taken the tail with its first message
+
+
+def test_a_decode_failure_before_its_first_message_resumes_and_releases_the_tail() -> None:
+    workers = ScriptedWorkers()
+    workers.prefills = {"p0": prefilled(ord("A"))}
+    workers.decodes = {
+        "d0": [gone("d0", grpc.StatusCode.INTERNAL)],
+        "d1": [decoded(b"B", pb.FINISH_REASON_LENGTH)],
+    }
+    responses = generate(workers, decode_ids=("d0", "d1"))
+    assert text_of(responses) == "AB"
+    resumed = workers.decode_calls[1][1]
+    assert bytes(resumed.generated_token_ids) == b"A"
+    assert workers.releases == workers.prefill_calls  # no decode worker took it
+
+
+def test_a_colocated_request_resumes_after_its_first_tokens() -> None:
+    workers = ScriptedWorkers()
+    workers.decodes = {
+        "d0": Calls([[decoded(b"AB"), gone("d0")], [decoded(b"C", pb.FINISH_REASON_LENGTH)]])
+    }
+    responses = generate(workers, prefill_ids=(), decode_ids=("d0",))
+    assert text_of(responses) == "ABC"
+    # The only decode worker is tried again: it may have restarted.
+    assert [w for w, _ in workers.decode_calls] == ["d0", "d0"]
+    assert bytes(workers.decode_calls[1][1].generated_token_ids) == b"AB"
+
+
+def test_a_request_moves_at_most_max_migrations_times_then_fails() -> None:
+    workers = ScriptedWorkers()
+    workers.decodes = {"d0": [decoded(b"A"), gone("d0")], "d1": [decoded(b"B"), gone("d1")]}
+    with pytest.raises(RelayError) as err:
+        generate(
+            workers,
+            prefill_ids=(),
+            decode_ids=("d0", "d1"),
+            failover=FailoverConfig(max_migrations=2),
+        )
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    assert len(workers.decode_calls) == 3
+    assert [bytes(d.generated_token_ids) for _, d in workers.decode_calls] == [b"", b"A", b"AB"]
+
+
+def test_a_decode_worker_refusing_the_request_is_not_resumed() -> None:
+    workers = ScriptedWorkers()
+    workers.prefills = {"p0": prefilled(ord("A"))}
+    workers.decodes = {
+        "d0": [gone("d0", grpc.StatusCode.INVALID_ARGUMENT)],
+        "d1": [decoded(b"B", pb.FINISH_REASON_LENGTH)],
+    }
+    with pytest.raises(RelayError) as err:
+        generate(workers, decode_ids=("d0", "d1"))
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(workers.decode_calls) == 1
+    assert workers.releases == workers.prefill_calls
+
+
+def test_a_decode_worker_that_stops_sending_tokens_is_failed_after_the_token_timeout() -> None:
+    never = asyncio.Event()
+
+    class StallsOnD0(ScriptedWorkers):
+        async def decode(self, worker_id, request, timeout_s, trace_context=None):
+            async for item in super().decode(worker_id, request, timeout_s, trace_context):
+                yield item
+            if worker_id == "d0":
+                await never.wait()
+
+    workers = StallsOnD0()
+    workers.prefills = {"p0": prefilled(ord("A"))}
+    workers.decodes = {"d0": [decoded(b"B")], "d1": [decoded(b"C", pb.FINISH_REASON_LENGTH)]}
+    responses = generate(
+        workers, decode_ids=("d0", "d1"), failover=FailoverConfig(token_timeout_s=0.05)
+    )
+    assert text_of(responses) == "ABC"
+    assert bytes(workers.decode_calls[1][1].generated_token_ids) == b"AB"
+
+
+def test_a_worker_declared_lost_fails_its_streams_over_at_once() -> None:
+    never = asyncio.Event()
+
+    class StallsOnD0(ScriptedWorkers):
+        async def decode(self, worker_id, request, timeout_s, trace_context=None):
+            async for item in super().decode(worker_id, request, timeout_s, trace_context):
+                yield item
+            if worker_id == "d0":
+                await never.wait()
+
+    workers = StallsOnD0()
+    workers.prefills = {"p0": prefilled(ord("A"))}
+    workers.decodes = {"d0": [decoded(b"B")], "d1": [decoded(b"C", pb.FINISH_REASON_LENGTH)]}
+
+    async def scenario():
+        relay = await make_relay(workers, decode_ids=("d0", "d1"))  # token timeout 60 s
+        request = pb.GenerateRequest(request_id="r", prompt_token_ids=PROMPT)
+        stream = relay.generate(request, None)
+        texts = [(await anext(stream)).text, (await anext(stream)).text]
+        pending = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.01)
+        assert not pending.done()
+        relay.cluster.registry.get("d0").declare_lost()
+        async with asyncio.timeout(1):
+            texts.append((await pending).text)
+        texts += [m.text async for m in stream]
+        return texts
+
+    assert "".join(asyncio.run(scenario())) == "ABC"
+    assert [w for w, _ in workers.decode_calls] == ["d0", "d1"]
+
+
+def test_a_draining_worker_gets_no_new_requests() -> None:
+    workers = ScriptedWorkers()
+    workers.decodes = {"d0": [decoded(b"X")], "d1": [decoded(b"A", pb.FINISH_REASON_LENGTH)]}
+
+    async def scenario():
+        relay = await make_relay(workers, prefill_ids=(), decode_ids=("d0", "d1"))
+        relay.cluster.heartbeat(wpb.HeartbeatRequest(worker_id="d0", is_draining=True))
+        for _ in range(3):
+            request = pb.GenerateRequest(request_id="r", prompt_token_ids=PROMPT)
+            assert "".join([m.text async for m in relay.generate(request, None)]) == "A"
+
+    asyncio.run(scenario())
+    assert {w for w, _ in workers.decode_calls} == {"d1"}
+
+
+def test_a_draining_router_refuses_new_requests_with_unavailable() -> None:
+    workers = ScriptedWorkers()
+
+    async def scenario():
+        relay = await make_relay(workers)
+        relay.is_draining = True
+        request = pb.GenerateRequest(request_id="r", prompt_token_ids=PROMPT)
+        with pytest.raises(RelayError) as err:
+            await anext(relay.generate(request, None))
+        return err.value
+
+    assert asyncio.run(scenario()).code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_migration_counter_counts_resumes() -> None:
+    workers = ScriptedWorkers()
+    workers.decodes = {
+        "d0": [decoded(b"A"), gone("d0")],
+        "d1": [decoded(b"B", pb.FINISH_REASON_LENGTH)],
+    }
+
+    async def scenario():
+        relay = await make_relay(workers, prefill_ids=(), decode_ids=("d0", "d1"))
+        request = pb.GenerateRequest(request_id="r", prompt_token_ids=PROMPT)
+        assert "".join([m.text async for m in relay.generate(request, None)]) == "AB"
+        return relay._snapshot().request_migrations_total
+
+    assert asyncio.run(scenario()) == 1
+
+
+# The tail: released in each way a request can end before a decode worker took it,
+# and only then.
 
 
 def test_a_stop_string_in_the_first_token_releases_the_tail() -> None:
@@ -203,7 +492,7 @@ def test_a_stop_string_in_the_first_token_releases_the_tail() -> None:
     responses = generate(workers, pb.SamplingParams(stop=["X"]))
     assert responses[-1].finish_reason == pb.FINISH_REASON_STOP
     assert workers.decode_calls == []  # decode never started
-    assert workers.releases == [("p0", "r.p1")]
+    assert workers.releases == workers.prefill_calls
 
 
 def test_a_prefill_without_a_tail_releases_nothing() -> None:
@@ -232,7 +521,7 @@ def test_a_client_that_leaves_during_prefill_releases_the_tail() -> None:
         assert relay.stats.num_inflight == 0
 
     asyncio.run(scenario())
-    assert workers.releases == [("p0", "r.p1")]
+    assert workers.releases == workers.prefill_calls
 
 
 def test_a_client_that_leaves_before_the_first_decode_message_releases_the_tail() -> None:
@@ -255,7 +544,7 @@ def test_a_client_that_leaves_before_the_first_decode_message_releases_the_tail(
         await relay.calls.wait_background(1)
 
     asyncio.run(scenario())
-    assert workers.releases == [("p0", "r.p1")]
+    assert workers.releases == workers.prefill_calls
 
 
 def test_a_deadline_that_passes_during_prefill_releases_the_tail() -> None:
@@ -270,8 +559,6 @@ def test_a_deadline_that_passes_during_prefill_releases_the_tail() -> None:
         original = workers.prefills["p0"]
 
         def slow(req):
-            import time
-
             time.sleep(0.05)
             return original(req)
 
@@ -283,7 +570,7 @@ def test_a_deadline_that_passes_during_prefill_releases_the_tail() -> None:
 
     error = asyncio.run(scenario())
     assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert workers.releases == [("p0", "r.p1")]
+    assert workers.releases == workers.prefill_calls
 
 
 # Finish-reason precedence: a stop string that matches wins over LENGTH, wherever
