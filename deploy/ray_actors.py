@@ -58,9 +58,10 @@ class _ServiceActor:
             node_id=ray.get_runtime_context().get_node_id(),
         )
 
-    def stop(self) -> None:
-        """Stops serving (workers deregister first); the launcher kills the actor next."""
-        self._host.stop()
+    def stop(self, drain_timeout_s: float = 0.0) -> None:
+        """Stops serving, after draining for at most `drain_timeout_s` when that is
+        set (workers deregister first); the launcher kills the actor next."""
+        self._host.stop(drain_timeout_s=drain_timeout_s)
         shutdown_tracing()
 
 

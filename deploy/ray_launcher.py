@@ -179,20 +179,29 @@ class RayDeployment:
                     )
                 time.sleep(READY_POLL_S)
 
-    def stop_services(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """Asks every service to stop, workers first so they deregister while the
-        router still answers; gives up on an actor after `timeout_s`. Direct actor
-        calls only, so it works (or times out) even when Ray's GCS is gone."""
-        for group in ([w.actor for w in self.workers], [self.router] if self.router else []):
-            refs = [actor.stop.options(max_task_retries=0).remote() for actor in group]
+    def stop_services(
+        self, timeout_s: float = STOP_TIMEOUT_S, drain_timeout_s: float = 0.0
+    ) -> None:
+        """Asks every service to stop; gives up on an actor after `timeout_s` (plus
+        the drain). With `drain_timeout_s`, all of them drain at once: the router
+        refuses new requests while the workers finish those in flight. Without it,
+        workers stop first so they deregister while the router still answers. Direct
+        actor calls only, so it works (or times out) even when Ray's GCS is gone."""
+        workers, router = [w.actor for w in self.workers], [self.router] if self.router else []
+        groups = [workers + router] if drain_timeout_s > 0 else [workers, router]
+        for group in groups:
+            refs = [
+                actor.stop.options(max_task_retries=0).remote(drain_timeout_s) for actor in group
+            ]
             # A dead or stuck actor is killed by `shutdown` (or with Ray) either way.
             with contextlib.suppress(RayError):
-                ray.get(refs, timeout=timeout_s)
+                ray.get(refs, timeout=timeout_s + drain_timeout_s)
 
-    def shutdown(self) -> None:
-        """Stops every service, kills the actors and this launch's KV index, so the
-        Ray cluster is as before. Safe to call twice and after a failed start."""
-        self.stop_services()
+    def shutdown(self, drain_timeout_s: float = 0.0) -> None:
+        """Stops every service (draining it for `drain_timeout_s`), kills the actors
+        and this launch's KV index, so the Ray cluster is as before. Safe to call
+        twice and after a failed start."""
+        self.stop_services(drain_timeout_s=drain_timeout_s)
         for actor in [w.actor for w in self.workers] + ([self.router] if self.router else []):
             ray.kill(actor, no_restart=True)
         self.workers, self.router = [], None

@@ -2,14 +2,17 @@
 
 For Kubernetes, systemd or a shell: each process serves one role on a port,
 workers register with the router, and the KV store is Redis. SIGINT or SIGTERM
-stops the service gracefully (workers deregister first, in-flight calls get a
-grace period). Flags map onto the services' config dataclasses here, in one place.
+drains the service: it reports NOT_SERVING, takes no new work (a worker tells the
+router so), lets the requests in flight finish for --drain-timeout, then stops and
+exits 0; a worker's requests still running then resume on another worker. A second
+signal stops at once. Flags map onto the services' config dataclasses here.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 
@@ -63,6 +66,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=256,
         help="router: requests at once before RESOURCE_EXHAUSTED",
     )
+    router = parser.add_argument_group("router")
+    router.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="router: deadline of a request whose client sets none (default: %(default)s)",
+    )
+    router.add_argument(
+        "--token-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="router: a worker that sends no token for this long has failed, and the request "
+        "moves to another (default: %(default)s)",
+    )
+    router.add_argument(
+        "--max-migrations",
+        type=int,
+        default=3,
+        help="router: times one request may resume on another decode worker (default: %(default)s)",
+    )
     parser.add_argument(
         "--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: any free one)"
     )
@@ -95,13 +120,23 @@ async def _serve(args: argparse.Namespace) -> int:
     print(f"kvrelay {args.role} serving on port {service.port}", flush=True)
     if service.metrics_port is not None:
         print(f"kvrelay {args.role} metrics on port {service.metrics_port}", flush=True)
-    stop = asyncio.Event()
+    signals = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await service.stop()
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
+    await signals.get()
+    print(f"kvrelay {args.role} draining (up to {args.drain_timeout:g} s)", flush=True)
+    drain = asyncio.ensure_future(service.drain(args.drain_timeout))
+    again = asyncio.ensure_future(signals.get())
+    await asyncio.wait([drain, again], return_when=asyncio.FIRST_COMPLETED)
+    if not drain.done():  # a second signal: stop now, cutting what is left
+        drain.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drain
+        await service.stop(0)
+    again.cancel()
     shutdown_tracing()
+    print(f"kvrelay {args.role} stopped", flush=True)
     return 0
 
 
@@ -109,13 +144,23 @@ async def _start(args: argparse.Namespace, address: str):
     if args.role == "router":
         from model.tokenizer import tokenizer_for_model
         from router.service import RouterConfig, start_router
+        from router.worker_calls import FailoverConfig
 
+        try:
+            failover = FailoverConfig(
+                request_timeout_s=args.request_timeout,
+                token_timeout_s=args.token_timeout,
+                max_migrations=args.max_migrations,
+            )
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         return await start_router(
             RouterConfig(
                 model=args.model,
                 address=address,
                 max_inflight=args.max_inflight,
                 metrics_port=args.metrics_port,
+                failover=failover,
             ),
             tokenizer_for_model(args.model),
         )

@@ -23,6 +23,8 @@ class Service(Protocol):
 
     async def stop(self, grace_s: float = 2.0) -> None: ...
 
+    async def drain(self, timeout_s: float) -> bool: ...
+
 
 class ServiceThread:
     """Starts `start()` on a new thread's event loop and keeps serving until `stop()`.
@@ -45,11 +47,16 @@ class ServiceThread:
     def port(self) -> int:
         return self.service.port
 
-    def stop(self, grace_s: float = 2.0) -> None:
-        """Stops the service (in-flight calls get `grace_s`), then ends the thread."""
+    def stop(self, grace_s: float = 2.0, drain_timeout_s: float = 0.0) -> None:
+        """Stops the service, then ends the thread: after draining it for at most
+        `drain_timeout_s` when that is set, else giving in-flight calls `grace_s`."""
         if not self._thread.is_alive():
             return
-        asyncio.run_coroutine_threadsafe(self.service.stop(grace_s), self._loop).result()
+        if drain_timeout_s > 0:
+            done = self.service.drain(drain_timeout_s)
+        else:
+            done = self.service.stop(grace_s)
+        asyncio.run_coroutine_threadsafe(done, self._loop).result()
         self._end_loop()
 
     def _end_loop(self) -> None:

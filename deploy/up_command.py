@@ -164,16 +164,17 @@ def _up(args: argparse.Namespace, config) -> int:
     finally:
         # A second Ctrl-C must not cut the clean-up short and leave Ray running.
         _on_signals(signal.SIG_IGN)
-        _say("shutting down...")
+        drain_s = config.workers.drain_timeout_s
+        _say(f"shutting down (requests in flight get up to {drain_s:g} s to finish)...")
         if is_local:
             spawned |= local_processes.live_descendants()
         if not is_local:
-            deployment.shutdown()  # the cluster stays: leave it as it was
+            deployment.shutdown(drain_s)  # the cluster stays: leave it as it was
         elif local_processes.is_local_ray_intact(spawned):
             # The whole instance goes next, so stopping the services is enough.
             # A signal to the whole process group may have stopped Ray's own
             # processes already: then Ray calls would wait for them in vain.
-            deployment.stop_services(timeout_s=5)
+            deployment.stop_services(timeout_s=5, drain_timeout_s=drain_s)
         ray.shutdown()  # stops the local instance if this process started it
         leftovers = local_processes.kill_leftovers(spawned)
         if leftovers:

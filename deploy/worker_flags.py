@@ -46,6 +46,11 @@ class WorkerOptions:
     """Decode: prompts up to this many tokens are prefilled there."""
     enable_prefix_cache: bool = True
     """Reuse cached KV (off: compute every prompt in full, for comparisons)."""
+    publish_generated: bool = True
+    """Decode: put the full blocks it computes into the store (resumes and the next
+    turn of a conversation fetch them)."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM: how long a worker lets its requests finish before stopping."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.token_budget < 1 or self.max_num_seqs < 1:
@@ -56,6 +61,8 @@ class WorkerOptions:
             raise ValueError("--max-local-prefill-len must be >= 0")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError("--threads must be >= 1")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"--drain-timeout must be >= 0, got {self.drain_timeout_s}")
 
 
 def add_worker_flags(parser: argparse.ArgumentParser, *, with_placement: bool = True) -> None:
@@ -94,6 +101,20 @@ def add_worker_flags(parser: argparse.ArgumentParser, *, with_placement: bool = 
         action="store_true",
         help="compute every prompt in full, never reuse cached KV (for comparisons)",
     )
+    group.add_argument(
+        "--no-publish-generated",
+        action="store_true",
+        help="decode: keep the blocks it computes to itself (by default they go to the "
+        "store, so a request resumed elsewhere, or a conversation's next turn, reuses them)",
+    )
+    group.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, let requests in flight finish for this long; those still running "
+        "then resume on another worker (default: %(default)s)",
+    )
 
 
 def worker_options(args: argparse.Namespace) -> WorkerOptions:
@@ -109,6 +130,8 @@ def worker_options(args: argparse.Namespace) -> WorkerOptions:
         max_num_seqs=args.max_num_seqs,
         max_local_prefill_len=args.max_local_prefill_len,
         enable_prefix_cache=not args.no_prefix_cache,
+        publish_generated=not args.no_publish_generated,
+        drain_timeout_s=args.drain_timeout,
     )
 
 
@@ -142,6 +165,7 @@ def decode_config(options: WorkerOptions, where: WorkerAddress, store_url: str) 
             ),
         ),
         max_local_prefill_len=options.max_local_prefill_len,
+        publish_computed_blocks=options.publish_generated,
     )
 
 

@@ -154,7 +154,10 @@ def test_up_serves_generate_and_stops_leaving_nothing_behind(
     os.killpg(up.process.pid, stop_signal)
     assert up.process.wait(timeout=30) == 0
     up._reader.join(5)
-    assert up.lines[up.lines.index("kvrelay up: shutting down...") :][-1] == "kvrelay up: stopped"
+    shutting_down = next(
+        i for i, line in enumerate(up.lines) if line.startswith("kvrelay up: shutting down")
+    )
+    assert up.lines[shutting_down:][-1] == "kvrelay up: stopped"
     time.sleep(1)  # the last Ray children may need a moment after their parent
     alive = process_table()
     left = {pid: cmd for pid, cmd in up.spawned.items() if pid in alive and alive[pid][2] == cmd}
