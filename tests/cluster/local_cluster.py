@@ -6,10 +6,13 @@ that own the processes' lifetimes are in `tests/cluster/conftest.py`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,7 +42,12 @@ class LocalCluster:
         max_inflight: int = 256,
         max_local_prefill_len: int = 0,
         env: dict[str, str] | None = None,
+        router_args: tuple[str, ...] = (),
+        worker_args: tuple[str, ...] = (),
+        gated: tuple[str, ...] = (),
     ) -> None:
+        """`gated` workers reach the router through a closed `GateProxy` (see
+        `open_gate`), so they start and load but register only when a test says."""
         self.model = model
         self.max_inflight = max_inflight
         self.max_local_prefill_len = max_local_prefill_len
@@ -50,31 +58,68 @@ class LocalCluster:
         self.target = f"127.0.0.1:{self.port}"
         self.processes: dict[str, subprocess.Popen] = {}
         self.metrics_ports: dict[str, int] = {}
+        self._commands: dict[str, tuple[str, ...]] = {}
+        self.gate = GateProxy(self.port) if gated else None
         self._start(
-            "router", "router", "--port", str(self.port), "--max-inflight", str(max_inflight)
+            "router",
+            "router",
+            "--port",
+            str(self.port),
+            "--max-inflight",
+            str(max_inflight),
+            *router_args,
         )
-        common = ("--router", self.target, "--kv-store", store_url, "--threads", "1")
         for i in range(num_prefill):
-            self._start(f"prefill-{i}", "prefill", *common, "--worker-id", f"prefill-{i}")
+            self._start_worker(f"prefill-{i}", "prefill", worker_args, f"prefill-{i}" in gated)
         for i in range(num_decode):
-            self._start(
+            self._start_worker(
                 f"decode-{i}",
                 "decode",
-                *common,
-                "--worker-id",
-                f"decode-{i}",
-                "--max-local-prefill-len",
-                str(max_local_prefill_len),
+                ("--max-local-prefill-len", str(max_local_prefill_len), *worker_args),
+                f"decode-{i}" in gated,
             )
         self.channel = grpc.insecure_channel(self.target)
         self.generator = pb_grpc.GeneratorStub(self.channel)
         self.registry = wgrpc.RegistryStub(self.channel)
-        self.wait_ready(num_prefill + num_decode)
+        self.wait_ready(num_prefill + num_decode - len(gated))
+
+    def _start_worker(self, name: str, role: str, args: tuple[str, ...], gated: bool) -> None:
+        router = f"127.0.0.1:{self.gate.port}" if gated and self.gate else self.target
+        common = ("--router", router, "--kv-store", self.store_url, "--threads", "1")
+        self._start(name, role, *common, "--worker-id", name, *args)
+
+    def open_gate(self) -> None:
+        """Lets the gated workers reach the router (they register within a second)."""
+        assert self.gate is not None, "no worker is gated"
+        self.gate.open()
+
+    def restart(self, name: str) -> None:
+        """Starts process `name` again with the same command (after it exited)."""
+        assert self.processes[name].poll() is not None, f"{name} is still running"
+        self._start(name, *self._commands[name])
+
+    def signal(self, name: str, sig: signal.Signals) -> None:
+        os.kill(self.processes[name].pid, sig)
+
+    def wait_exit(self, name: str, timeout_s: float) -> int:
+        """The exit code of process `name`, which must end within `timeout_s`."""
+        return self.processes[name].wait(timeout_s)
+
+    def wait_registered(self, *worker_ids: str, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not set(worker_ids) <= set(self.workers()):
+            for name in worker_ids:
+                if self.processes[name].poll() is not None:
+                    raise RuntimeError(f"{name} exited early:\n{self.log(name)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{worker_ids} not registered in {timeout_s} s")
+            time.sleep(0.1)
 
     def _start(self, name: str, role: str, *args: str) -> None:
+        self._commands[name] = (role, *args)
         self.metrics_ports[name] = free_port()
         args = (*args, "--metrics-port", str(self.metrics_ports[name]))
-        log = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
+        log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
         self.processes[name] = subprocess.Popen(
             [
                 sys.executable,
@@ -147,6 +192,8 @@ class LocalCluster:
 
     def stop(self) -> None:
         self.channel.close()
+        if self.gate is not None:
+            self.gate.close()
         for process in self.processes.values():
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
@@ -157,6 +204,58 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+class GateProxy:
+    """A TCP proxy to `127.0.0.1:upstream_port` that refuses connections (accepts and
+    closes them) until `open()`, then forwards them. Tests put a worker's router
+    address behind one so it can start and load its model yet join the cluster only
+    at a moment the test chooses."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._is_open = threading.Event()
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def open(self) -> None:
+        self._is_open.set()
+
+    def close(self) -> None:
+        for sock in list(self._sockets):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            if not self._is_open.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                client.close()
+                continue
+            self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(1 << 16):
+            sink.sendall(data)
+    except OSError:
+        pass
+    for sock in (source, sink):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 class SpanCollector:
