@@ -37,6 +37,8 @@ class RequestRecord:
     """usage.cached_prompt_tokens: prompt tokens reused from the prefix cache."""
     error: str = ""
     """Empty on success; else the gRPC status and details."""
+    token_ids: list[int] = field(default_factory=list)
+    """The generated tokens, in order (to compare runs' outputs)."""
 
     @property
     def is_success(self) -> bool:
@@ -72,6 +74,7 @@ async def send(
         async for message in call:
             now = time.perf_counter()
             record.token_times.extend([now] * len(message.token_ids))
+            record.token_ids.extend(message.token_ids)
             record.end_time = now
             if message.HasField("usage"):
                 record.num_prompt_tokens = message.usage.prompt_tokens

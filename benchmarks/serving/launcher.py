@@ -48,6 +48,8 @@ class ClusterLayout:
     """Each decode worker's KV pool."""
     extra_worker_args: tuple[str, ...] = field(default=())
     """More `kvrelay serve` flags for every worker."""
+    extra_router_args: tuple[str, ...] = field(default=())
+    """More `kvrelay serve router` flags."""
 
     def __post_init__(self) -> None:
         if not self.decode_cores:
@@ -109,6 +111,7 @@ class BenchCluster:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.processes: dict[str, subprocess.Popen] = {}
+        self._commands: dict[str, list[str]] = {}
 
     def __enter__(self) -> BenchCluster:
         try:
@@ -129,6 +132,7 @@ class BenchCluster:
     def start(self, timeout_s: float = 180.0) -> None:
         layout = self.layout
         redis_port = free_port()
+        self.store_url = f"redis://127.0.0.1:{redis_port}"
         self._spawn(
             "redis",
             [
@@ -136,7 +140,7 @@ class BenchCluster:
                 *("--save", "", "--appendonly", "no", "--dir", str(self.logdir)),
             ],
         )
-        self._serve("router", None, "router", "--port", str(self.port))
+        self._serve("router", None, "router", "--port", str(self.port), *layout.extra_router_args)
         common = ("--router", self.target, "--kv-store", f"redis://127.0.0.1:{redis_port}")
         common += ("--threads", "1", *layout.extra_worker_args)
         if not layout.is_prefix_cache_enabled:
@@ -164,9 +168,26 @@ class BenchCluster:
         command += ["--host", "127.0.0.1", "--log-level", "WARNING", *args]
         self._spawn(name, pin + command)
 
+    def restart(self, name: str) -> None:
+        """Starts process `name` again with its command (after it exited)."""
+        if self.processes[name].poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        self._spawn(name, self._commands[name])
+
+    def signal(self, name: str, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):  # exited meanwhile
+            os.killpg(self.processes[name].pid, sig)
+
+    def registered_workers(self) -> dict[str, str]:
+        """Worker id -> the address it registered at."""
+        with grpc.insecure_channel(self.target) as channel:
+            response = wgrpc.RegistryStub(channel).ListWorkers(wpb.ListWorkersRequest(), timeout=5)
+        return {w.worker_id: w.address for w in response.workers}
+
     def _spawn(self, name: str, command: list[str]) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(self.logdir / f"{name}.log", "wb") as log:
+        self._commands[name] = command
+        with open(self.logdir / f"{name}.log", "ab") as log:
             # Own session: a Ctrl-C in the terminal reaches only the bench, which
             # then stops these in order (workers deregister before the router goes).
             self.processes[name] = subprocess.Popen(
