@@ -122,7 +122,9 @@ class DecodeAdmission:
             call.prompt_token_ids,
             call.sampling,
             output_token_ids=call.generated_token_ids,
-            provided_kv=[t.to(self.device, self.dtype) for t in provided],
+            # Kept in host memory until admission copies them into the pool (which
+            # converts): a waiting request holds no device memory outside its budget.
+            provided_kv=[t.to(dtype=self.dtype) for t in provided],
             provided_start_block=num_resident,
         )
         return Admission(request, num_resident, len(provided))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from decode_worker.scheduler import SchedulerConfig
 from kvstore.hashing import DEFAULT_BLOCK_SIZE
 from model.runtime import ModelRuntime
+from rpc.limits import WorkerLimits
 from rpc.worker_server import WorkerAddress
 
 
@@ -36,6 +37,8 @@ class DecodeConfig:
     """Where it serves and whom it registers with."""
     runtime: ModelRuntime = field(default_factory=ModelRuntime)
     """The model, its dtype, device and threads."""
+    limits: WorkerLimits = field(default_factory=WorkerLimits)
+    """Queue bound and engine watchdog."""
     store_url: str = "memory"
     """KV store URL (`redis://...`, `ray`, `memory`)."""
     engine: EngineConfig = field(default_factory=EngineConfig)

@@ -21,6 +21,7 @@ from decode_worker.admission import DecodeAdmission, DecodeCall
 from decode_worker.engine import TokenOutput
 from decode_worker.engine_loop import EngineLoop
 from model.sampling_params import FinishReason
+from rpc.limits import Overloaded
 from telemetry import names
 from telemetry.metrics import ServiceMetrics
 from telemetry.token_timer import TokenTimer
@@ -70,17 +71,34 @@ class DecodeFlow:
     """Decodes requests on one engine loop; event-loop only."""
 
     def __init__(
-        self, loop: EngineLoop, admission: DecodeAdmission, metrics: ServiceMetrics
+        self,
+        loop: EngineLoop,
+        admission: DecodeAdmission,
+        metrics: ServiceMetrics,
+        max_queued: int | None = None,
     ) -> None:
         self.loop = loop
         self.admission = admission
         self.metrics = metrics
         self.counters = DecodeCounters()
+        self.max_queued = max_queued
+        """Requests admitting or waiting at most (None: no bound); past it, Overloaded."""
+
+    @property
+    def num_queued(self) -> int:
+        """Requests in the flow that are not running in the engine yet."""
+        return max(self.counters.num_active - self.loop.stats().num_running, 0)
 
     async def run(
         self, call: DecodeCall, parent: Context | None = None
     ) -> AsyncIterator[TokenBatch]:
-        """Raises InvalidPrompt before the first batch, DecodeFailed at any point."""
+        """Raises Overloaded or InvalidPrompt before the first batch, DecodeFailed at
+        any point."""
+        if self.max_queued is not None and self.num_queued >= self.max_queued:
+            raise Overloaded(
+                f"this decode worker has {self.num_queued} requests queued, its "
+                f"--max-queued; retry on another"
+            )
         # Spans are started, not made current: this is an async generator, and a
         # context attached across a `yield` cannot be detached reliably.
         span = tracer.start_span(names.SPAN_DECODE, context=parent, kind=trace.SpanKind.SERVER)

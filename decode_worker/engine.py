@@ -31,6 +31,14 @@ PublishBlocks = Callable[[list[tuple[BlockHash, torch.Tensor]]], None]
 computed, on the engine thread; must not block."""
 
 
+class StepFailed(RuntimeError):
+    """A step that raised; its requests (and only they) were aborted."""
+
+    def __init__(self, request_ids: Sequence[str], cause: BaseException) -> None:
+        super().__init__(f"decode step failed: {type(cause).__name__}: {cause}")
+        self.request_ids = tuple(request_ids)
+
+
 @dataclass(frozen=True)
 class EngineRequest:
     """A request for the engine to continue."""
@@ -147,6 +155,7 @@ class DecodeEngine:
         """Queues a request. Raises RequestTooLargeError when it could never fit in
         the pool, ValueError for a duplicate id or an inconsistent request."""
         sampling = request.sampling
+        self._check_provided_kv(request.provided_kv)
         num_provided = (
             request.provided_start_block * self.config.block_size
             + sum(kv.shape[2] for kv in request.provided_kv)
@@ -168,6 +177,29 @@ class DecodeEngine:
             sampling, request.provided_kv, request.provided_start_block
         )
         self._unadmitted.add(request.request_id)
+
+    def _check_provided_kv(self, provided_kv: Sequence[torch.Tensor]) -> None:
+        """Checked here, so that copying them in at admission cannot fail for one
+        request (and so fail the step of every other)."""
+        config, block_size = self.loaded.config, self.config.block_size
+        for i, kv in enumerate(provided_kv):
+            is_last = i == len(provided_kv) - 1
+            num_tokens = kv.shape[2] if kv.dim() == 5 else -1
+            expected = (config.num_layers, 2, num_tokens, config.num_kv_heads, config.head_dim)
+            if (
+                tuple(kv.shape) != expected
+                or not 0 < num_tokens <= block_size
+                or (num_tokens < block_size and not is_last)
+            ):
+                raise ValueError(
+                    f"provided K/V block {i} has shape {tuple(kv.shape)}; expected "
+                    f"[{config.num_layers}, 2, {block_size}, {config.num_kv_heads}, "
+                    f"{config.head_dim}] (the last may hold fewer tokens)"
+                )
+            if kv.dtype != self.pool.config.dtype:
+                raise ValueError(
+                    f"provided K/V block {i} is {kv.dtype}; the pool holds {self.pool.config.dtype}"
+                )
 
     def abort(self, request_id: str) -> bool:
         """Ends a request wherever it is and frees its blocks; False if unknown."""
@@ -202,17 +234,20 @@ class DecodeEngine:
         )
 
     def step(self) -> list[TokenOutput]:
+        """Runs one scheduled step. Raises StepFailed when it could not: then only
+        the requests of that step are aborted (their blocks freed), and the engine
+        is ready for the next step with every other request as it was."""
         step = self.scheduler.schedule()
         self.counters.num_preemptions_total += len(step.preempted_request_ids)
-        for fill in step.kv_fills:
-            request = self._requests[fill.request_id]
-            payload = request.provided_kv[fill.logical_block_idx - request.provided_start_block]
-            self.pool.write_block(fill.block_id, payload)
-        self._note_admissions()
-        if step.is_empty:
-            self.scheduler.update({})
-            return []
         try:
+            for fill in step.kv_fills:
+                request = self._requests[fill.request_id]
+                payload = request.provided_kv[fill.logical_block_idx - request.provided_start_block]
+                self.pool.write_block(fill.block_id, payload)
+            self._note_admissions()
+            if step.is_empty:
+                self.scheduler.update({})
+                return []
             request_ids, logits = self.runner.run(step)
             sequences = [self.scheduler.get(rid) for rid in request_ids]
             token_ids, logprobs = sample(
@@ -220,13 +255,15 @@ class DecodeEngine:
                 [self._requests[rid].sampling for rid in request_ids],
                 [seq.num_output_tokens for seq in sequences],
             )
-        except BaseException:
-            # A failed step fails every request, and leaves the engine usable: all
-            # blocks are freed and the scheduler is ready for the next step.
-            for request_id in list(self._requests):
+        except Exception as err:
+            failed = sorted(
+                {s.request_id for s in (*step.decodes, *step.prefills)}
+                | {f.request_id for f in step.kv_fills}
+            )
+            for request_id in failed:
                 self.abort(request_id)
-            self.scheduler.update({})
-            raise
+            self.scheduler.update({})  # skips the aborted: nothing else moved
+            raise StepFailed(failed, err) from err
         self.counters.num_computed_tokens_total += step.num_scheduled_tokens
         self.scheduler.update(dict(zip(request_ids, token_ids, strict=True)))
         self._publish_computed_blocks()

@@ -12,12 +12,19 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from decode_worker.engine import DecodeEngine, DecodeStats, EngineRequest, TokenOutput
+from decode_worker.engine import (
+    DecodeEngine,
+    DecodeStats,
+    EngineRequest,
+    StepFailed,
+    TokenOutput,
+)
 from decode_worker.scheduler import RequestTooLargeError
 from kvstore.hashing import BlockHash
 
@@ -44,6 +51,8 @@ class EngineLoop:
         self._inbox: queue.SimpleQueue[_Submit | _Abort | None] = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
         self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
+        self.last_progress = time.monotonic()
+        """When the engine last finished a step or an idle wait (monotonic seconds)."""
 
     def start(self) -> None:
         self._thread.start()
@@ -68,11 +77,22 @@ class EngineLoop:
         """The engine's snapshot; safe from any thread."""
         return self.engine.stats()
 
+    def is_stalled(self, timeout_s: float) -> bool:
+        """Whether the engine cannot serve: its thread is gone, or it has had work
+        and made no progress for `timeout_s`. Safe from any thread."""
+        if not self._thread.is_alive():
+            return self._thread.ident is not None  # started, then died
+        has_work = bool(self._sinks) or not self._inbox.empty()
+        return has_work and time.monotonic() - self.last_progress > timeout_s
+
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while True:
-            if not self._apply_commands(block=not self.engine.has_unfinished()):
+            is_idle = not self.engine.has_unfinished()
+            if not self._apply_commands(block=is_idle):
                 break
+            if is_idle:
+                self.last_progress = time.monotonic()
             if self.engine.has_unfinished():
                 self._step()
         for request_id in list(self._sinks):
@@ -106,14 +126,15 @@ class EngineLoop:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except (
-            Exception
-        ) as err:  # a bug fails the requests (the engine aborted them), not the worker
-            log.exception("decode step failed")
-            for sink in self._sinks.values():
-                _deliver(sink, err)
-            self._sinks.clear()
+        except StepFailed as err:  # fails that step's requests, never the worker
+            log.exception("decode step failed; failing its %d requests", len(err.request_ids))
+            for request_id in err.request_ids:
+                sink = self._sinks.pop(request_id, None)
+                if sink is not None:
+                    _deliver(sink, err)
             return
+        finally:
+            self.last_progress = time.monotonic()
         for out in outputs:
             sink = self._sinks.get(out.request_id)
             if sink is None:

@@ -24,6 +24,7 @@ from kvstore import BlockSpec, KVStore, open_store
 from model.prompt_limits import InvalidPrompt
 from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
+from rpc.limits import Overloaded
 from rpc.sampling_proto import finish_reason_to_proto, sampling_from_proto
 from rpc.server import DEFAULT_DRAIN_TIMEOUT_S, DRAIN_STOP_GRACE_S, ServiceBinding
 from rpc.store_stats import store_stats_to_proto
@@ -59,6 +60,8 @@ class DecodeServicer(wgrpc.DecodeWorkerServicer):
                 yield _response_to_proto(batch)
         except InvalidPrompt as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except Overloaded as err:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         except DecodeFailed as err:
             await context.abort(*_status_for(err.cause))
 
@@ -198,7 +201,7 @@ async def start_decode_worker(config: DecodeConfig) -> DecodeWorker:
     loop.start()
     metrics = ServiceMetrics(config.runtime.model, "decode")
     admission = DecodeAdmission(loop, store, loaded.config, loaded.device, loaded.dtype, metrics)
-    flow = DecodeFlow(loop, admission, metrics)
+    flow = DecodeFlow(loop, admission, metrics, config.limits.max_queued)
     servicer = DecodeServicer("", flow, store, metrics, publisher)
     hosted = await serve_worker(
         ServiceBinding(
@@ -216,6 +219,8 @@ async def start_decode_worker(config: DecodeConfig) -> DecodeWorker:
         ),
         lambda: _heartbeat(loop),
         metrics,
+        is_stalled=lambda: loop.is_stalled(config.limits.engine_stall_timeout_s),
+        store=store,
     )
     servicer.worker_id = hosted.worker_id
     log.info(

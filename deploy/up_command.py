@@ -116,6 +116,13 @@ def run(args: argparse.Namespace) -> int:
         return _up(args, config)
     except ShutdownRequested:
         return 0
+    except SystemError as err:
+        # A signal that lands inside a C call (grpc's or Ray's, during start-up)
+        # surfaces as "returned a result with an exception set", with our
+        # ShutdownRequested as its cause: still the shutdown the user asked for.
+        if _is_shutdown(err):
+            return 0
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -164,8 +171,12 @@ def _up(args: argparse.Namespace, config) -> int:
     finally:
         # A second Ctrl-C must not cut the clean-up short and leave Ray running.
         _on_signals(signal.SIG_IGN)
-        drain_s = config.workers.drain_timeout_s
-        _say(f"shutting down (requests in flight get up to {drain_s:g} s to finish)...")
+        drain_s = config.workers.drain_timeout_s if deployment.router is not None else 0.0
+        _say(
+            f"shutting down (requests in flight get up to {drain_s:g} s to finish)..."
+            if deployment.workers
+            else "shutting down..."
+        )
         if is_local:
             spawned |= local_processes.live_descendants()
         if not is_local:
@@ -239,6 +250,17 @@ def _kvrelay_command() -> str:
 
 def _say(line: str) -> None:
     print(f"kvrelay up: {line}", flush=True)
+
+
+def _is_shutdown(err: BaseException) -> bool:
+    """Whether `err` is, or was caused by, a ShutdownRequested."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ShutdownRequested):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _request_shutdown(signum: int, frame: FrameType | None) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvstore.hashing import DEFAULT_BLOCK_SIZE
+from rpc.limits import WorkerLimits
 
 if TYPE_CHECKING:
     from decode_worker.config import DecodeConfig
@@ -51,6 +52,10 @@ class WorkerOptions:
     turn of a conversation fetch them)."""
     drain_timeout_s: float = 30.0
     """On SIGTERM: how long a worker lets its requests finish before stopping."""
+    max_queued: int = 128
+    """Requests a worker holds that are not running yet; past it, RESOURCE_EXHAUSTED."""
+    engine_stall_timeout_s: float = 60.0
+    """No engine progress for this long with work queued: NOT_SERVING, no routing."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.token_budget < 1 or self.max_num_seqs < 1:
@@ -63,6 +68,10 @@ class WorkerOptions:
             raise ValueError("--threads must be >= 1")
         if self.drain_timeout_s < 0:
             raise ValueError(f"--drain-timeout must be >= 0, got {self.drain_timeout_s}")
+        self.limits()  # raises for a bad --max-queued or --engine-stall-timeout
+
+    def limits(self) -> WorkerLimits:
+        return WorkerLimits(self.max_queued, self.engine_stall_timeout_s)
 
 
 def add_worker_flags(parser: argparse.ArgumentParser, *, with_placement: bool = True) -> None:
@@ -115,6 +124,22 @@ def add_worker_flags(parser: argparse.ArgumentParser, *, with_placement: bool = 
         help="on SIGTERM, let requests in flight finish for this long; those still running "
         "then resume on another worker (default: %(default)s)",
     )
+    group.add_argument(
+        "--max-queued",
+        type=int,
+        default=128,
+        help="requests a worker holds that are not running yet (fetching, waiting); past "
+        "it a new one gets RESOURCE_EXHAUSTED and the router tries another worker "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--engine-stall-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="a worker whose engine makes no progress for this long with work queued "
+        "reports NOT_SERVING and gets no requests until it moves again (default: %(default)s)",
+    )
 
 
 def worker_options(args: argparse.Namespace) -> WorkerOptions:
@@ -132,6 +157,8 @@ def worker_options(args: argparse.Namespace) -> WorkerOptions:
         enable_prefix_cache=not args.no_prefix_cache,
         publish_generated=not args.no_publish_generated,
         drain_timeout_s=args.drain_timeout,
+        max_queued=args.max_queued,
+        engine_stall_timeout_s=args.engine_stall_timeout,
     )
 
 
@@ -141,6 +168,7 @@ def prefill_config(options: WorkerOptions, where: WorkerAddress, store_url: str)
     return PrefillConfig(
         where=where,
         runtime=_runtime(options),
+        limits=options.limits(),
         store_url=store_url,
         block_size=options.block_size,
         token_budget=options.token_budget,
@@ -155,6 +183,7 @@ def decode_config(options: WorkerOptions, where: WorkerAddress, store_url: str) 
     return DecodeConfig(
         where=where,
         runtime=_runtime(options),
+        limits=options.limits(),
         store_url=store_url,
         engine=EngineConfig(
             kv_cache_bytes=int(options.kv_cache_gb * 1024**3),

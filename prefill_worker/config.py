@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from kvstore.hashing import DEFAULT_BLOCK_SIZE
 from model.runtime import ModelRuntime
+from rpc.limits import WorkerLimits
 from rpc.worker_server import WorkerAddress
 
 
@@ -15,6 +16,8 @@ class PrefillConfig:
     """Where it serves and whom it registers with."""
     runtime: ModelRuntime = field(default_factory=ModelRuntime)
     """The model, its dtype, device and threads."""
+    limits: WorkerLimits = field(default_factory=WorkerLimits)
+    """Queue bound and engine watchdog."""
     store_url: str = "memory"
     """KV store URL (`redis://...`, `ray`, `memory`)."""
     block_size: int = DEFAULT_BLOCK_SIZE

@@ -101,6 +101,8 @@ class PrefillEngine:
         self._lock = threading.Lock()
         self._num_queued = 0
         self._thread = threading.Thread(target=self._loop, name="prefill-engine", daemon=True)
+        self.last_progress = time.monotonic()
+        """When the engine last finished a step or an idle wait (monotonic seconds)."""
 
     def new_job(
         self, request_id: str, token_ids: list[int], sampling: SamplingParams
@@ -145,11 +147,22 @@ class PrefillEngine:
             num_finished_requests_total=counters.num_finished_requests_total,
         )
 
+    def is_stalled(self, timeout_s: float) -> bool:
+        """Whether the engine cannot serve: its thread died, or it has had work and
+        made no progress for `timeout_s`. Safe from any thread."""
+        if not self._thread.is_alive():
+            return self._thread.ident is not None  # started, then died
+        has_work = bool(self._running) or self._num_queued > 0
+        return has_work and time.monotonic() - self.last_progress > timeout_s
+
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while True:
-            if not self._take_new_jobs(block=not self._running):
+            is_idle = not self._running
+            if not self._take_new_jobs(block=is_idle):
                 return
+            if is_idle:
+                self.last_progress = time.monotonic()
             self._drop_cancelled()
             if self._running:
                 try:
@@ -159,6 +172,7 @@ class PrefillEngine:
                     for job in self._running:
                         _resolve(job.future, error=err)
                     self._running.clear()
+                self.last_progress = time.monotonic()
 
     def _take_new_jobs(self, block: bool) -> bool:
         """Moves queued jobs to running; False when asked to stop."""

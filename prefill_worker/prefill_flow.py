@@ -10,12 +10,13 @@ and the tail. The servicer converts the request, calls it, and converts the
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
 from opentelemetry import trace
 
-from kvstore import BlockHash, KVStore, hash_token_blocks
+from kvstore import BlockHash, KVStore, StoreUnavailableError, hash_token_blocks
 from model.config import ModelConfig
 from model.prompt_limits import check_prompt
 from model.sampling_params import FinishReason, SamplingParams, finish_reason, stop_token_set
@@ -23,9 +24,11 @@ from prefill_worker.engine import PrefillEngine, PrefillJob, PrefillOutput
 from prefill_worker.handoff import TailHandoff
 from prefill_worker.inflight_prefixes import InflightPrefixes
 from prefill_worker.store_io import load_cached_prefix
+from rpc.limits import Overloaded
 from telemetry import names
 from telemetry.metrics import ServiceMetrics
 
+log = logging.getLogger(__name__)
 tracer = trace.get_tracer("kvrelay.prefill")
 
 
@@ -61,6 +64,7 @@ class PrefillFlow:
         metrics: ServiceMetrics,
         *,
         enable_prefix_cache: bool = True,
+        max_queued: int | None = None,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -71,13 +75,30 @@ class PrefillFlow:
         self.handoff = TailHandoff(store)
         self.num_active = 0
         """Requests in the flow now; a draining worker waits for none."""
+        self.max_queued = max_queued
+        """Prompts held but not computing at most (None: no bound); past it, Overloaded."""
+        self.num_store_failures_total = 0
+        """Prefills whose K/V could not be published (the store failed)."""
+
+    @property
+    def num_queued(self) -> int:
+        """Prompts in the flow besides the one computing: the engine takes every
+        job it is given into its batch, so only what the flow holds bounds it."""
+        return max(self.num_active - 1, 0)
 
     async def run(
         self, request_id: str, token_ids: list[int], sampling: SamplingParams
     ) -> PrefillOutcome:
-        """Raises InvalidPrompt, PrefillCancelled (the engine dropped the job),
-        StoreUnavailableError (publishing failed), or CancelledError; whatever it
-        raises, the tail is deleted and every claimed block released."""
+        """Raises Overloaded, InvalidPrompt, PrefillCancelled (the engine dropped the job), or
+        CancelledError; whatever it raises, the tail is deleted and every claimed
+        block released. A store that fails is no error of the request: the first
+        token is still returned, with no tail, and the decode worker computes what
+        it cannot fetch."""
+        if self.max_queued is not None and self.num_queued >= self.max_queued:
+            raise Overloaded(
+                f"this prefill worker has {self.num_queued} prompts queued, its "
+                f"--max-queued; retry on another"
+            )
         self.num_active += 1
         try:
             return await self._run(request_id, token_ids, sampling)
@@ -111,13 +132,15 @@ class PrefillFlow:
                 stop_token_set(sampling, self.model.eos_token_ids),
                 sampling.max_tokens,
             )
-            await self._publish(request_id, hashes, output, num_present, finished is None)
+            is_stored = await self._publish(
+                request_id, hashes, output, num_present, finished is None
+            )
         block_size = self.store.spec.block_size
         return PrefillOutcome(
             first_token_id=output.first_token_id,
             first_logprob=output.first_logprob,
             block_hashes=hashes,
-            has_tail=finished is None and len(token_ids) % block_size != 0,
+            has_tail=is_stored and finished is None and len(token_ids) % block_size != 0,
             tail_id=request_id,
             num_cached_tokens=job.num_cached_tokens,
             num_computed_tokens=len(token_ids) - job.num_cached_tokens,
@@ -157,14 +180,23 @@ class PrefillFlow:
         output: PrefillOutput,
         num_present: int,
         with_tail: bool,
-    ) -> None:
+    ) -> bool:
+        """Puts the new blocks and the tail; False (logged, counted by the store) when
+        the store failed, which leaves no tail behind."""
         with tracer.start_as_current_span(names.SPAN_STORE_PUT) as span:
             span.set_attribute(names.NUM_BLOCKS, len(hashes) - num_present)
             started = time.perf_counter()
-            await self.handoff.publish(
-                request_id, hashes, output.kv, first_block=num_present, with_tail=with_tail
-            )
+            try:
+                await self.handoff.publish(
+                    request_id, hashes, output.kv, first_block=num_present, with_tail=with_tail
+                )
+            except StoreUnavailableError as err:
+                log.warning("KV store unavailable; the decode worker computes the prompt: %s", err)
+                span.set_status(trace.StatusCode.ERROR, str(err))
+                self.num_store_failures_total += 1
+                return False
             self.metrics.kv_transfer_time.observe(time.perf_counter() - started)
+            return True
 
     def _record_engine_spans(self, job: PrefillJob, submitted_ns: int) -> None:
         """The engine thread timed the job; its queueing and forward spans are

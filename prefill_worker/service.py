@@ -21,6 +21,7 @@ from prefill_worker.engine import PrefillCancelled, PrefillEngine
 from prefill_worker.prefill_flow import PrefillFlow, PrefillOutcome
 from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
+from rpc.limits import Overloaded
 from rpc.sampling_proto import finish_reason_to_proto, sampling_from_proto
 from rpc.server import DEFAULT_DRAIN_TIMEOUT_S, DRAIN_STOP_GRACE_S, ServiceBinding
 from rpc.store_stats import store_stats_to_proto
@@ -54,12 +55,10 @@ class PrefillServicer(wgrpc.PrefillWorkerServicer):
                 )
             except InvalidPrompt as err:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            except Overloaded as err:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
             except PrefillCancelled:
                 await context.abort(grpc.StatusCode.CANCELLED, "prefill cancelled")
-            except StoreUnavailableError as err:
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE, f"KV store unreachable, cannot hand off KV: {err}"
-                )
         return wpb.PrefillResponse(worker_id=self.worker_id, result=_result_to_proto(outcome))
 
     async def Release(self, request: wpb.ReleaseRequest, context: grpc.aio.ServicerContext):
@@ -159,7 +158,12 @@ async def start_prefill_worker(config: PrefillConfig) -> PrefillWorker:
     engine.start()
     metrics = ServiceMetrics(config.runtime.model, "prefill")
     flow = PrefillFlow(
-        engine, store, loaded.config, metrics, enable_prefix_cache=config.enable_prefix_cache
+        engine,
+        store,
+        loaded.config,
+        metrics,
+        enable_prefix_cache=config.enable_prefix_cache,
+        max_queued=config.limits.max_queued,
     )
     servicer = PrefillServicer("", flow, metrics)
     hosted = await serve_worker(
@@ -177,6 +181,8 @@ async def start_prefill_worker(config: PrefillConfig) -> PrefillWorker:
         ),
         lambda: _heartbeat(engine),
         metrics,
+        is_stalled=lambda: engine.is_stalled(config.limits.engine_stall_timeout_s),
+        store=store,
     )
     servicer.worker_id = hosted.worker_id
     log.info(

@@ -194,18 +194,22 @@ class RegisterResponse(_message.Message):
     def __init__(self, heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "num_waiting", "num_running", "kv_usage", "is_draining")
+    __slots__ = ("worker_id", "num_waiting", "num_running", "kv_usage", "is_draining", "is_stalled", "is_store_unavailable")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
     IS_DRAINING_FIELD_NUMBER: _ClassVar[int]
+    IS_STALLED_FIELD_NUMBER: _ClassVar[int]
+    IS_STORE_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     num_waiting: int
     num_running: int
     kv_usage: float
     is_draining: bool
-    def __init__(self, worker_id: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_usage: _Optional[float] = ..., is_draining: _Optional[bool] = ...) -> None: ...
+    is_stalled: bool
+    is_store_unavailable: bool
+    def __init__(self, worker_id: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_usage: _Optional[float] = ..., is_draining: _Optional[bool] = ..., is_stalled: _Optional[bool] = ..., is_store_unavailable: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("known",)
@@ -228,7 +232,7 @@ class ListWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "num_waiting", "num_running", "kv_usage", "last_seen_s", "is_draining")
+    __slots__ = ("worker_id", "role", "address", "num_waiting", "num_running", "kv_usage", "last_seen_s", "is_draining", "is_stalled", "is_store_unavailable")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +241,8 @@ class WorkerInfo(_message.Message):
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_S_FIELD_NUMBER: _ClassVar[int]
     IS_DRAINING_FIELD_NUMBER: _ClassVar[int]
+    IS_STALLED_FIELD_NUMBER: _ClassVar[int]
+    IS_STORE_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     address: str
@@ -245,7 +251,9 @@ class WorkerInfo(_message.Message):
     kv_usage: float
     last_seen_s: float
     is_draining: bool
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_usage: _Optional[float] = ..., last_seen_s: _Optional[float] = ..., is_draining: _Optional[bool] = ...) -> None: ...
+    is_stalled: bool
+    is_store_unavailable: bool
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_usage: _Optional[float] = ..., last_seen_s: _Optional[float] = ..., is_draining: _Optional[bool] = ..., is_stalled: _Optional[bool] = ..., is_store_unavailable: _Optional[bool] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
     __slots__ = ("workers", "model")

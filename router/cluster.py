@@ -108,14 +108,22 @@ class Cluster:
 
     def heartbeat(self, request: wpb.HeartbeatRequest) -> bool:
         entry = self.registry.get(request.worker_id)
-        if request.is_draining and entry is not None and not entry.is_draining:
-            log.info("worker %s is draining; routing nothing new to it", request.worker_id)
+        if entry is not None:
+            if request.is_draining and not entry.is_draining:
+                log.info("worker %s is draining; routing nothing new to it", request.worker_id)
+            if request.is_stalled != entry.is_stalled:
+                if request.is_stalled:
+                    log.warning("worker %s is stalled; routing nothing to it", request.worker_id)
+                else:
+                    log.info("worker %s recovered from a stall", request.worker_id)
         return self.registry.heartbeat(
             request.worker_id,
             request.num_waiting,
             request.num_running,
             request.kv_usage,
             request.is_draining,
+            request.is_stalled,
+            request.is_store_unavailable,
         )
 
     async def remove(self, worker_id: str) -> None:

@@ -37,6 +37,10 @@ class WorkerEntry:
     """From the last heartbeat."""
     is_draining: bool = False
     """The worker said it is draining: nothing new is routed to it; its calls go on."""
+    is_stalled: bool = False
+    """From the last heartbeat: its engine is stalled, so nothing is routed to it."""
+    is_store_unavailable: bool = False
+    """From the last heartbeat: it cannot reach its KV store (it still serves)."""
     last_seen: float = field(default_factory=time.monotonic)
     loss_watchers: set[Callable[[], None]] = field(default_factory=set, repr=False)
     """Called when the worker is declared lost (it missed its heartbeats), so calls
@@ -44,7 +48,7 @@ class WorkerEntry:
 
     @property
     def is_routable(self) -> bool:
-        return not self.is_draining
+        return not self.is_draining and not self.is_stalled
 
     def declare_lost(self) -> None:
         for watcher in list(self.loss_watchers):
@@ -84,13 +88,17 @@ class WorkerRegistry:
         num_running: int,
         kv_usage: float,
         is_draining: bool = False,
+        is_stalled: bool = False,
+        is_store_unavailable: bool = False,
     ) -> bool:
-        """Records load; False when the worker is unknown (it must register again)."""
+        """Records load and state; False when the worker is unknown (it must register
+        again). Draining is for good; a stall or a store outage lasts while reported."""
         entry = self._workers.get(worker_id)
         if entry is None:
             return False
         entry.num_waiting, entry.num_running, entry.kv_usage = num_waiting, num_running, kv_usage
         entry.is_draining = entry.is_draining or is_draining
+        entry.is_stalled, entry.is_store_unavailable = is_stalled, is_store_unavailable
         entry.last_seen = self._clock()
         return True
 

@@ -185,7 +185,9 @@ class RequestRelay:
 
     def _snapshot(self) -> Snapshot:
         return dataclasses.replace(
-            self.stats.snapshot(), request_migrations_total=self.calls.num_migrations_total
+            self.stats.snapshot(),
+            request_migrations_total=self.calls.num_migrations_total,
+            prefill_retries_total=self.calls.num_prefill_retries_total,
         )
 
 

@@ -9,10 +9,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
 
 from model.tokenizer import Tokenizer
 from protos import generator_pb2 as pb
@@ -80,21 +82,27 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
 
 
 class RegistryServicer(wgrpc.RegistryServicer):
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, on_change: Callable[[], Awaitable[None]]) -> None:
         self.cluster = cluster
+        self.on_change = on_change
+        """Called after every membership change (the router's health follows it)."""
 
     async def Register(self, request, context):
         try:
             await self.cluster.register(request)
         except RegistrationRefused as err:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        await self.on_change()
         return wpb.RegisterResponse(heartbeat_interval_s=self.cluster.heartbeat_interval_s)
 
     async def Heartbeat(self, request, context):
-        return wpb.HeartbeatResponse(known=self.cluster.heartbeat(request))
+        known = self.cluster.heartbeat(request)
+        await self.on_change()
+        return wpb.HeartbeatResponse(known=known)
 
     async def Deregister(self, request, context):
         await self.cluster.remove(request.worker_id)
+        await self.on_change()
         return wpb.DeregisterResponse()
 
     async def ListWorkers(self, request, context):
@@ -111,10 +119,35 @@ class RegistryServicer(wgrpc.RegistryServicer):
                     kv_usage=w.kv_usage,
                     last_seen_s=now - w.last_seen,
                     is_draining=w.is_draining,
+                    is_stalled=w.is_stalled,
+                    is_store_unavailable=w.is_store_unavailable,
                 )
                 for w in self.cluster.registry.workers()
             ],
         )
+
+
+class RouterHealth:
+    """The router's health: SERVING while a decode worker can take requests and the
+    router is not draining, so a readiness probe never sends traffic to a router
+    that would answer UNAVAILABLE. Updated on every membership change."""
+
+    def __init__(self, cluster: Cluster, relay: RequestRelay) -> None:
+        self.cluster = cluster
+        self.relay = relay
+        self.servicer: HealthServicer | None = None
+        """Set once the server runs; until then it answers NOT_SERVING."""
+
+    async def update(self) -> None:
+        if self.servicer is None or self.relay.is_draining:
+            return  # not serving yet, or the drain set NOT_SERVING for good
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.cluster.workers(Role.DECODE)
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", "kvrelay.v1.Generator"):
+            await self.servicer.set(name, status)
 
 
 @dataclass
@@ -165,6 +198,7 @@ async def start_router(config: RouterConfig, tokenizer: Tokenizer | None) -> Rou
         metrics,
         config.failover,
     )
+    health = RouterHealth(cluster, relay)
     server = await start_server(
         [
             ServiceBinding(
@@ -174,7 +208,7 @@ async def start_router(config: RouterConfig, tokenizer: Tokenizer | None) -> Rou
             ),
             ServiceBinding(
                 wgrpc.add_RegistryServicer_to_server,
-                RegistryServicer(cluster),
+                RegistryServicer(cluster, health.update),
                 "kvrelay.v1.Registry",
             ),
         ],
@@ -182,12 +216,19 @@ async def start_router(config: RouterConfig, tokenizer: Tokenizer | None) -> Rou
         # Room above the validated limit, so an oversized request reaches
         # validation and gets a message that says what to change.
         max_message_bytes=config.limits.max_request_bytes * 4,
+        is_serving=False,  # until a decode worker registers
     )
+
+    # Workers register through the Registry whatever the router's own state.
+    await server.health.set("kvrelay.v1.Registry", health_pb2.HealthCheckResponse.SERVING)
+    health.servicer = server.health
+    await health.update()  # a worker may have registered while the server started
 
     async def expire_forever() -> None:
         while True:
             await asyncio.sleep(cluster.heartbeat_interval_s)
             await cluster.expire()
+            await health.update()
 
     metrics_port = None
     if config.metrics_port is not None:

@@ -118,6 +118,9 @@ class WorkerCalls:
         self.failover = failover or FailoverConfig()
         self.num_migrations_total = 0
         """Decode resumes, for `kvrelay:request_migrations_total`."""
+        self.num_prefill_retries_total = 0
+        """Failed prefill attempts (retried elsewhere or prefilled by the decode
+        worker), for `kvrelay:prefill_retries_total`."""
         self._background: set[asyncio.Task] = set()
 
     def needs_prefill(self, req: PreparedRequest) -> bool:
@@ -147,6 +150,7 @@ class WorkerCalls:
                 if err.code not in _WORKER_FAILURES:
                     raise RelayError(err.code, f"prefill failed: {err.message}") from err
                 _check_deadline(deadline)
+                self.num_prefill_retries_total += 1
                 log.warning("prefill worker %s failed (%s); retrying", entry.worker_id, err)
                 parent.add_event(
                     names.EVENT_PREFILL_RETRY,
@@ -205,18 +209,20 @@ class WorkerCalls:
         what the client already has) each time one fails, up to `max_migrations`."""
         generated = [prefilled.result.first_token_id] if prefilled is not None else []
         failed: set[str] = set()
+        refused: set[str] = set()  # full (RESOURCE_EXHAUSTED) before sending anything
         num_migrations = 0
         while True:
-            worker = await self.pick_decode(req, avoid=failed)
+            worker = await self.pick_decode(req, avoid=failed | refused)
             parent.set_attribute(names.DECODE_WORKER, worker.worker_id)  # the last one's
             is_resume = num_migrations > 0
             request = wpb.DecodeRequest(
-                request_id=f"{req.internal_id}.d{num_migrations + 1}",
+                request_id=f"{req.internal_id}.d{num_migrations + len(refused) + 1}",
                 prompt_token_ids=req.prompt_token_ids,
                 sampling=sampling_to_proto(req.sampling),
                 prefill=prefilled.result if prefilled is not None and not is_resume else None,
                 generated_token_ids=generated if is_resume else (),
             )
+            num_sent = len(generated)
             try:
                 async for chunk in self._decode_once(worker, request, deadline, parent):
                     generated.extend(chunk.token_ids)
@@ -228,6 +234,17 @@ class WorkerCalls:
                 )
             except RelayError as err:
                 error = err
+            if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and len(generated) == num_sent:
+                # A full worker is no failure: try each other one once, then say so.
+                refused.add(worker.worker_id)
+                routable = {w.worker_id for w in self.cluster.workers(Role.DECODE)}
+                if routable <= refused | failed:
+                    raise RelayError(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"every decode worker is full; retry later ({error.message})",
+                    )
+                _check_deadline(deadline)
+                continue
             if error.code not in _WORKER_FAILURES or num_migrations >= self.failover.max_migrations:
                 raise error
             _check_deadline(deadline)

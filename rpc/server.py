@@ -56,8 +56,11 @@ async def start_server(
     *,
     max_message_bytes: int,
     tls: grpc.ServerCredentials | None = None,
+    is_serving: bool = True,
 ) -> RunningServer:
-    """Starts serving `bindings` on `address` (`host:port`; port 0 picks a free one)."""
+    """Starts serving `bindings` on `address` (`host:port`; port 0 picks a free one).
+    Health answers SERVING from the start, or NOT_SERVING until the caller says so
+    (`is_serving=False`)."""
     server = grpc.aio.server(options=channel_options(max_message_bytes))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -76,8 +79,13 @@ async def start_server(
     if port == 0:
         raise OSError(f"cannot bind gRPC server to {address}")
     await server.start()
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if is_serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
     for name in ["", *names]:
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health.set(name, status)
     return RunningServer(server=server, port=port, health=health)
 
 

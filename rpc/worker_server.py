@@ -9,9 +9,14 @@ told, the work in flight finished) then `stop` (leave the cluster, stop the serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
 
 from protos import workers_pb2 as wpb
 from rpc.registration import LoadProbe, RouterMembership
@@ -23,6 +28,9 @@ from rpc.server import (
     start_server,
 )
 from telemetry.metrics import ServiceMetrics, serve_metrics
+
+if TYPE_CHECKING:
+    from kvstore import KVStore
 
 # Worker calls carry token ids, never KV (that goes through the store).
 WORKER_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -46,15 +54,84 @@ class WorkerAddress:
     """Port for Prometheus `/metrics`; None turns it off, 0 picks a free one."""
 
 
+STORE_HEALTH_SERVICE = "kvrelay.v1.KVStore"
+"""The health service name that reports the worker's KV store (SERVING: reachable)."""
+HEALTH_INTERVAL_S = 1.0
+STORE_PROBE_TIMEOUT_S = 2.0
+
+
+class WorkerHealth:
+    """What a worker's health answers, kept current by `watch()`.
+
+    Overall health (and the worker's own service) means "can serve": SERVING unless
+    the engine is stalled (`is_stalled()`, e.g. no progress for the stall timeout
+    with work queued) or the worker drains. The store has its own health service,
+    `kvrelay.v1.KVStore`: a worker whose store is down still serves (it computes
+    what it cannot fetch), so that is reported, never NOT_SERVING overall. Both go
+    to the router in every heartbeat; a stalled worker gets no work until it
+    recovers, by itself, as soon as its engine moves again.
+    """
+
+    def __init__(
+        self,
+        health: HealthServicer,
+        service_name: str,
+        is_stalled: Callable[[], bool],
+        store: KVStore | None,
+    ) -> None:
+        self._health = health
+        self._service_name = service_name
+        self._is_engine_stalled = is_stalled
+        self._store = store
+        self.is_stalled = False
+        self.is_store_unavailable = False
+
+    async def check(self) -> None:
+        """Probes the engine and the store once and updates the health answers."""
+        self.is_stalled = self._is_engine_stalled()
+        if self._store is not None:
+            try:
+                async with asyncio.timeout(STORE_PROBE_TIMEOUT_S):
+                    is_healthy = await asyncio.to_thread(self._store.is_healthy)
+            except TimeoutError:
+                is_healthy = False
+            self.is_store_unavailable = not is_healthy
+            await self._health.set(STORE_HEALTH_SERVICE, _status(is_healthy))
+        serving = _status(not self.is_stalled)
+        for name in ("", self._service_name):
+            await self._health.set(name, serving)
+
+    async def watch(self) -> None:
+        """Checks every `HEALTH_INTERVAL_S` until cancelled."""
+        while True:
+            await self.check()
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+
+    def annotate(self, beat: wpb.HeartbeatRequest) -> wpb.HeartbeatRequest:
+        beat.is_stalled = self.is_stalled
+        beat.is_store_unavailable = self.is_store_unavailable
+        return beat
+
+
+def _status(is_serving: bool) -> int:
+    return (
+        health_pb2.HealthCheckResponse.SERVING
+        if is_serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+
+
 @dataclass
 class WorkerServer:
-    """A worker's running server, metrics endpoint and router membership."""
+    """A worker's running server, metrics endpoint, health and router membership."""
 
     worker_id: str
     advertise_address: str
     server: RunningServer
     membership: RouterMembership | None
     metrics_port: int | None
+    health: WorkerHealth
+    _watch: asyncio.Task
 
     @property
     def port(self) -> int:
@@ -66,6 +143,7 @@ class WorkerServer:
         new here), then waits until `is_idle()` or `timeout_s` has passed. Returns
         whether the worker went idle; the caller then stops it, which cancels what is
         left (the router resumes those requests elsewhere)."""
+        await self._stop_watching()
         await self.server.health.enter_graceful_shutdown()
         if self.membership is not None:
             await self.membership.drain()
@@ -76,9 +154,15 @@ class WorkerServer:
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Deregisters, then stops serving after `grace_s` for the calls in flight."""
+        await self._stop_watching()
         if self.membership is not None:
             await self.membership.stop()
         await self.server.stop(grace_s)
+
+    async def _stop_watching(self) -> None:
+        self._watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._watch
 
 
 async def serve_worker(
@@ -87,21 +171,28 @@ async def serve_worker(
     registration: wpb.RegisterRequest,
     load: LoadProbe,
     metrics: ServiceMetrics,
+    *,
+    is_stalled: Callable[[], bool] = lambda: False,
+    store: KVStore | None = None,
 ) -> WorkerServer:
     """Starts serving `binding`, then registers. `registration` carries the worker's
-    role, model and KV layout; its id and address are filled in here."""
+    role, model and KV layout; its id and address are filled in here. Health
+    follows `is_stalled` and the store (see `WorkerHealth`)."""
     metrics_port = None
     if where.metrics_port is not None:
         metrics_port = serve_metrics(metrics, where.metrics_port, where.address.rsplit(":", 1)[0])
     server = await start_server(
         [binding], where.address, max_message_bytes=WORKER_MAX_MESSAGE_BYTES
     )
+    health = WorkerHealth(server.health, binding.full_name, is_stalled, store)
+    await health.check()
+    watch = asyncio.ensure_future(health.watch())
     advertise = where.advertise_address or dialable_address(where.address, server.port)
     worker_id = where.worker_id or f"{_ROLE_NAMES[registration.role]}-{advertise}"
     membership = None
     if where.router:
         registration.worker_id = worker_id
         registration.address = advertise
-        membership = RouterMembership(where.router, registration, load)
+        membership = RouterMembership(where.router, registration, lambda: health.annotate(load()))
         membership.start()
-    return WorkerServer(worker_id, advertise, server, membership, metrics_port)
+    return WorkerServer(worker_id, advertise, server, membership, metrics_port, health, watch)

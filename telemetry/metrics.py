@@ -47,6 +47,7 @@ class Snapshot:
     num_preemptions_total: int | None = None
     admission_rejections_total: int | None = None
     request_migrations_total: int | None = None
+    prefill_retries_total: int | None = None
     kv_store_hits_total: int | None = None
     kv_store_misses_total: int | None = None
     kv_store_corrupt_blocks_total: int | None = None
@@ -68,6 +69,10 @@ _SNAPSHOT_METRICS: dict[str, tuple[str, str]] = {
     "request_migrations_total": (
         "counter",
         "Requests resumed on another decode worker after theirs failed.",
+    ),
+    "prefill_retries_total": (
+        "counter",
+        "Prefill attempts that failed with the worker at fault and were tried again.",
     ),
     "kv_store_hits_total": ("counter", "KV blocks found in the store."),
     "kv_store_misses_total": ("counter", "KV blocks not found in the store."),

@@ -99,6 +99,10 @@ class RayStore(KVStore):
             "get_if_exists": True,
             "num_cpus": 0,
             "lifetime": "detached" if is_detached else None,
+            # A dead index actor is restarted by Ray (with an empty index: the blocks
+            # it named are lost, which readers see as misses), not recreated by the
+            # next caller, so every store object keeps the same handle.
+            "max_restarts": -1,
         }
         self._actor_args = (budget_bytes, DEFAULT_TAIL_TTL_S)
         self._num_blocks_per_object = max(1, min(MAX_OBJECT_BYTES, budget_bytes) // spec.nbytes)

@@ -3,7 +3,7 @@ byte-level tokenizer, and the cluster itself; each stopped by its finalizer."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -72,3 +72,21 @@ def cluster(
     )
     yield local
     local.stop()
+
+
+@pytest.fixture
+def make_cluster(
+    cluster_model: Path, cluster_redis: str, tmp_path: Path
+) -> Iterator[Callable[..., LocalCluster]]:
+    """Factory of clusters of the cluster model for one test (on the session's Redis
+    unless `store_url` says otherwise); every one is stopped afterwards."""
+    started: list[LocalCluster] = []
+
+    def make(store_url: str = cluster_redis, **kwargs) -> LocalCluster:
+        local = LocalCluster(str(cluster_model), store_url, tmp_path, **kwargs)
+        started.append(local)
+        return local
+
+    yield make
+    for local in started:
+        local.stop()

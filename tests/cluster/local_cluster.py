@@ -81,7 +81,9 @@ class LocalCluster:
         self.channel = grpc.insecure_channel(self.target)
         self.generator = pb_grpc.GeneratorStub(self.channel)
         self.registry = wgrpc.RegistryStub(self.channel)
-        self.wait_ready(num_prefill + num_decode - len(gated))
+        # The router serves once a decode worker is registered (none: it stays NOT_SERVING).
+        has_decode = any(f"decode-{i}" not in gated for i in range(num_decode))
+        self.wait_ready(num_prefill + num_decode - len(gated), require_serving=has_decode)
 
     def _start_worker(self, name: str, role: str, args: tuple[str, ...], gated: bool) -> None:
         router = f"127.0.0.1:{self.gate.port}" if gated and self.gate else self.target
@@ -143,7 +145,9 @@ class LocalCluster:
         )
         log.close()
 
-    def wait_ready(self, num_workers: int, timeout_s: float = 90.0) -> None:
+    def wait_ready(
+        self, num_workers: int, timeout_s: float = 90.0, require_serving: bool = True
+    ) -> None:
         deadline = time.monotonic() + timeout_s
         health = health_pb2_grpc.HealthStub(self.channel)
         while time.monotonic() < deadline:
@@ -153,10 +157,8 @@ class LocalCluster:
             try:
                 serving = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
                 workers = self.registry.ListWorkers(wpb.ListWorkersRequest(), timeout=1).workers
-                if (
-                    serving == health_pb2.HealthCheckResponse.SERVING
-                    and len(workers) == num_workers
-                ):
+                is_serving = serving == health_pb2.HealthCheckResponse.SERVING
+                if (is_serving or not require_serving) and len(workers) == num_workers:
                     return
             except grpc.RpcError:
                 pass
@@ -165,6 +167,12 @@ class LocalCluster:
 
     def log(self, name: str) -> str:
         return (self.logdir / f"{name}.log").read_text(errors="replace")[-4000:]
+
+    def health(self, service: str = "", target: str | None = None) -> int:
+        """The health status of `service` at `target` (default: the router)."""
+        with grpc.insecure_channel(target or self.target) as channel:
+            request = health_pb2.HealthCheckRequest(service=service)
+            return health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status
 
     def workers(self) -> dict[str, wpb.WorkerInfo]:
         response = self.registry.ListWorkers(wpb.ListWorkersRequest(), timeout=5)

@@ -16,34 +16,25 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from kvstore.hashing import DEFAULT_BLOCK_SIZE
-from protos import generator_pb2 as pb
-from tests.cluster.local_cluster import LocalCluster
-
-BLOCK = DEFAULT_BLOCK_SIZE
-MAX_TOKENS = 160
-PROMPT_LEN = 40  # > max_local_prefill_len: a prefill worker runs it
-
-
-def prompt(i: int, n: int = PROMPT_LEN) -> list[int]:
-    return [3 + (i * 31 + j * 7919) % 250 for j in range(n)]
-
-
-def greedy(max_tokens: int = MAX_TOKENS) -> pb.SamplingParams:
-    return pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-
-
-def seeded(seed: int, max_tokens: int = MAX_TOKENS) -> pb.SamplingParams:
-    return pb.SamplingParams(
-        max_tokens=max_tokens, temperature=0.9, top_p=0.95, seed=seed, ignore_eos=True
-    )
-
+from tests.cluster.helpers import (
+    BLOCK,
+    MAX_TOKENS,
+    Stream,
+    assert_back_to_baseline,
+    expected_tokens,
+    greedy,
+    metric_value,
+    prompt,
+    seeded,
+    wait_gone,
+    wait_until,
+    with_max_tokens,
+)
 
 # 6 greedy and 2 seeded requests, with different prompts.
 REQUESTS = [(prompt(i), greedy()) for i in range(6)] + [
@@ -52,102 +43,12 @@ REQUESTS = [(prompt(i), greedy()) for i in range(6)] + [
 ]
 
 
-def expected_tokens(model: str, requests: list[tuple[list[int], pb.SamplingParams]]):
-    """The token ids of an uninterrupted run of each request."""
-    from deploy.local_generate import generate_with_engine
-    from model.loader import load_model
-    from rpc.sampling_proto import sampling_from_proto
-
-    loaded = load_model(model)
-    expected = []
-    for token_ids, sampling in requests:
-        outputs = generate_with_engine(loaded, [token_ids], sampling_from_proto(sampling))
-        expected.append([out.token_id for _, out in outputs])
-    return expected
-
-
-class Stream(threading.Thread):
-    """One Generate call, read in its own thread; records tokens as they arrive."""
-
-    def __init__(self, cluster: LocalCluster, token_ids: list[int], sampling, **fields) -> None:
-        super().__init__(daemon=True)
-        self.request = pb.GenerateRequest(prompt_token_ids=token_ids, sampling=sampling, **fields)
-        self.cluster = cluster
-        self.token_ids: list[int] = []
-        self.responses: list[pb.GenerateResponse] = []
-        self.error: grpc.RpcError | None = None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            for response in self.cluster.generator.Generate(self.request, timeout=120):
-                self.responses.append(response)
-                self.token_ids.extend(response.token_ids)
-        except grpc.RpcError as err:
-            self.error = err
-
-    def result(self, timeout_s: float = 120) -> list[int]:
-        self.join(timeout_s)
-        assert not self.is_alive(), "the stream did not end"
-        assert self.error is None, f"{self.error.code()}: {self.error.details()}"
-        return self.token_ids
-
-
-def wait_until(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.005)
-
-
 def wait_mid_generation(streams: list[Stream], num_tokens: int = 2 * BLOCK + 4) -> None:
     """Until every stream has `num_tokens` (past a few full blocks) and none ended."""
     wait_until(
         lambda: all(len(s.token_ids) >= num_tokens for s in streams), 60, "tokens on every stream"
     )
     assert all(s.is_alive() for s in streams), "a stream ended before the fault"
-
-
-def assert_back_to_baseline(cluster: LocalCluster, timeout_s: float = 15.0) -> None:
-    """Every registered worker idle: nothing queued or running, no used block, no live
-    tail (the dead workers must have left the registry first)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        state = {}
-        for worker_id in cluster.workers():
-            stats = cluster.stats(worker_id)
-            state[worker_id] = (
-                stats.num_waiting,
-                stats.num_running,
-                stats.num_used_blocks,
-                stats.num_live_tails,
-            )
-        if all(v == (0, 0, 0, 0) for v in state.values()):
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"workers not back to baseline: {state}")
-        time.sleep(0.1)
-
-
-def wait_gone(cluster: LocalCluster, worker_id: str, timeout_s: float = 20.0) -> None:
-    """Until the router dropped `worker_id` (it deregistered or expired)."""
-    wait_until(lambda: worker_id not in cluster.workers(), timeout_s, f"{worker_id} to leave")
-
-
-@pytest.fixture
-def make_cluster(cluster_model: Path, cluster_redis: str, tmp_path: Path) -> Iterator[callable]:
-    """Factory of clusters for one test; every one is stopped afterwards."""
-    started: list[LocalCluster] = []
-
-    def make(**kwargs) -> LocalCluster:
-        local = LocalCluster(str(cluster_model), cluster_redis, tmp_path, **kwargs)
-        started.append(local)
-        return local
-
-    yield make
-    for local in started:
-        local.stop()
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +117,7 @@ def test_sigterm_drains_a_decode_worker_and_loses_no_token(
     finishes_in_drain = max_tokens == MAX_TOKENS
     requests = REQUESTS
     if not finishes_in_drain:  # too long to finish within the drain timeout
-        requests = [(t, _with_max_tokens(s, max_tokens)) for t, s in REQUESTS]
+        requests = [(t, with_max_tokens(s, max_tokens)) for t, s in REQUESTS]
         expected = expected_tokens(cluster.model, requests)
     streams = [Stream(cluster, token_ids, sampling) for token_ids, sampling in requests]
     wait_mid_generation(streams)
@@ -327,20 +228,3 @@ def test_turn_two_of_a_conversation_reuses_all_of_turn_one_on_another_decode_wor
     assert responses.responses[-1].usage.cached_prompt_tokens == reusable
     assert cluster.stats("decode-1").num_finished_requests_total == 1
     assert_back_to_baseline(cluster)
-
-
-def _with_max_tokens(sampling: pb.SamplingParams, max_tokens: int) -> pb.SamplingParams:
-    changed = pb.SamplingParams()
-    changed.CopyFrom(sampling)
-    changed.max_tokens = max_tokens
-    return changed
-
-
-def metric_value(exposition: str, name: str) -> float:
-    """The value of the one series of counter `name` in Prometheus text."""
-    (value,) = [
-        float(line.rsplit(" ", 1)[1])
-        for line in exposition.splitlines()
-        if line.startswith(name + "{")
-    ]
-    return value

@@ -18,7 +18,7 @@ from decode_worker.admission import DecodeAdmission, DecodeCall, PrefillHandoff
 from decode_worker.block_publisher import BlockPublisher
 from decode_worker.config import EngineConfig
 from decode_worker.decode_flow import DecodeFailed, DecodeFlow
-from decode_worker.engine import DecodeEngine
+from decode_worker.engine import DecodeEngine, EngineRequest
 from decode_worker.engine_loop import EngineLoop
 from kvstore.hashing import hash_token_blocks
 from kvstore.memory_store import MemoryStore
@@ -28,6 +28,8 @@ from model.loader import LoadedModel, load_model
 from model.sampling_params import FinishReason, SamplingParams
 from prefill_worker.engine import PrefillEngine
 from prefill_worker.prefill_flow import PrefillFlow
+from protos import workers_pb2 as wpb
+from rpc.limits import Overloaded
 from telemetry.metrics import ServiceMetrics
 from tests.kvstore.gated_store import GatedStore
 
@@ -304,3 +306,84 @@ def test_a_resumed_request_continues_from_the_blocks_the_failed_worker_published
     assert num_tokens - batches[0].num_reused_tokens <= BLOCK_SIZE
     assert fresh.decode.counters.num_resumed_requests_total == 1
     assert fresh.decode.counters.num_resumed_computed_tokens_total <= BLOCK_SIZE
+
+
+def test_past_max_queued_a_request_is_refused_before_any_work(tiny, spec, loop) -> None:
+    store = GatedStore(spec, gated="get")  # holds the first request in its fetch
+    metrics = ServiceMetrics("dummy:tiny", "decode")
+    admission = DecodeAdmission(loop, store, tiny.config, tiny.device, tiny.dtype, metrics)
+    flow = DecodeFlow(loop, admission, metrics, max_queued=1)
+
+    async def scenario():
+        waiting = DecodeCall("w", PROMPT, GREEDY, [1], PrefillHandoff(""))
+        first = asyncio.ensure_future(anext(flow.run(waiting)))
+        await asyncio.to_thread(store.entered.wait, 5)
+        assert flow.num_queued == 1
+        with pytest.raises(Overloaded, match="1 requests queued, its --max-queued"):
+            await anext(flow.run(DecodeCall("x", PROMPT, GREEDY)))
+        store.open()
+        batch = await first
+        assert batch.token_ids  # the waiting one went on
+        first.cancel()
+
+    asyncio.run(scenario())
+    wait_idle(loop)
+
+
+def test_the_watchdog_sees_a_wedged_step_and_health_follows_it(tiny, spec) -> None:
+    from grpc_health.v1 import health_pb2
+    from grpc_health.v1._async import HealthServicer
+
+    from rpc.worker_server import WorkerHealth
+
+    engine = DecodeEngine(
+        tiny, EngineConfig(num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE), spec.fingerprint
+    )
+    wedge, run = threading.Event(), engine.runner.run
+
+    def wedged_run(step):
+        assert wedge.wait(10), "never released"
+        return run(step)
+
+    engine.runner.run = wedged_run
+    loop = EngineLoop(engine)
+    loop.start()
+    health = HealthServicer()
+
+    async def status(name: str = "") -> int:
+        request = health_pb2.HealthCheckRequest(service=name)
+        return (await health.Check(request, None)).status
+
+    async def scenario():
+        watch = WorkerHealth(health, "kvrelay.v1.DecodeWorker", lambda: loop.is_stalled(0.2), None)
+        await watch.check()
+        assert await status() == health_pb2.HealthCheckResponse.SERVING  # idle is fine
+        outputs = []
+        loop.submit(
+            EngineRequest("r", PROMPT, SamplingParams(max_tokens=2, ignore_eos=True)),
+            outputs.append,
+        )
+        await asyncio.sleep(0.4)
+        await watch.check()
+        assert watch.is_stalled
+        assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await status("kvrelay.v1.DecodeWorker") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert watch.annotate(wpb.HeartbeatRequest()).is_stalled
+        wedge.set()  # it moves again: it recovers by itself
+        for _ in range(100):
+            if len(outputs) == 2:
+                break
+            await asyncio.sleep(0.02)
+        await watch.check()
+        assert not watch.is_stalled
+        assert await status() == health_pb2.HealthCheckResponse.SERVING
+        return outputs
+
+    try:
+        outputs = asyncio.run(scenario())
+    finally:
+        wedge.set()
+        loop.stop()
+    assert [o.token_id for o in outputs] == generate(
+        tiny, [PROMPT], SamplingParams(max_tokens=2, ignore_eos=True)
+    )[0].token_ids

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from decode_worker.config import EngineConfig
-from decode_worker.engine import DecodeEngine, EngineRequest
+from decode_worker.engine import DecodeEngine, EngineRequest, StepFailed
 from decode_worker.scheduler import RequestTooLargeError, SchedulerConfig
 from kvstore.hashing import hash_token_blocks
 from model.attention import ContiguousKVAttention
@@ -151,4 +151,48 @@ def test_request_too_large_for_the_pool_is_refused(models):
     engine = DecodeEngine(loaded, EngineConfig(num_blocks=4, block_size=BLOCK_SIZE), FINGERPRINT)
     with pytest.raises(RequestTooLargeError, match="lower max_new_tokens or shorten the prompt"):
         engine.add_request(EngineRequest("big", list(range(3, 40)), SamplingParams(max_tokens=8)))
+    assert not engine.has_unfinished()
+
+
+def test_a_step_that_raises_fails_only_its_requests_and_the_engine_goes_on(models):
+    reference, loaded = models
+    engine = DecodeEngine(
+        loaded,
+        EngineConfig(
+            num_blocks=32, block_size=BLOCK_SIZE, scheduler=SchedulerConfig(max_num_seqs=1)
+        ),
+        FINGERPRINT,
+    )
+    run = engine.runner.run
+
+    def run_failing_for_doomed(step):
+        if any(s.request_id == "doomed" for s in (*step.decodes, *step.prefills)):
+            raise RuntimeError("kernel fault")
+        return run(step)
+
+    engine.runner.run = run_failing_for_doomed
+    params = SamplingParams(max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+    survivor = prompts(loaded.config.vocab_size)[6]
+    engine.add_request(EngineRequest("doomed", list(range(3, 30)), params))
+    engine.add_request(EngineRequest("survivor", survivor, params))  # waits: 1 seq at most
+    with pytest.raises(StepFailed, match="kernel fault") as err:
+        engine.step()
+    assert err.value.request_ids == ("doomed",)
+    tokens, _ = run_to_completion(engine, {})
+    assert tokens == {"survivor": reference_tokens(reference, survivor)}
+    engine.pool.check_integrity()
+    assert engine.pool.num_used_blocks == 0
+
+
+def test_provided_kv_of_the_wrong_shape_is_refused_when_added(models):
+    _, loaded = models
+    engine = DecodeEngine(loaded, EngineConfig(num_blocks=32, block_size=BLOCK_SIZE), FINGERPRINT)
+    config = loaded.config
+    wrong = torch.zeros(config.num_layers, 2, BLOCK_SIZE, config.num_kv_heads + 1, config.head_dim)
+    with pytest.raises(ValueError, match="provided K/V block 0 has shape"):
+        engine.add_request(
+            EngineRequest(
+                "bad", list(range(3, 20)), SamplingParams(max_tokens=2), provided_kv=[wrong]
+            )
+        )
     assert not engine.has_unfinished()

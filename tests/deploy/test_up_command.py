@@ -179,3 +179,38 @@ def test_up_usage_errors_exit_2_with_one_line(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("kvrelay up: error: ")
     assert message in err
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("moment", "delay_s"),
+    [
+        ("kvrelay up: starting Ray (local instance)...", 0.5),
+        ("router ready at", 0.0),
+        ("decode workers (cpu)...", 0.3),
+    ],
+    ids=["starting-ray", "router-up", "starting-workers"],
+)
+def test_ctrl_c_during_start_up_exits_0_with_no_traceback_and_leaves_nothing(
+    up_process: list[UpProcess], moment: str, delay_s: float
+) -> None:
+    up = UpProcess("--port", str(free_port()))
+    up_process.append(up)
+    up.wait_for(moment, timeout_s=120)
+    time.sleep(delay_s)
+    up.spawned = started_by(up.process.pid)
+    os.killpg(up.process.pid, signal.SIGINT)
+    try:
+        code = up.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("kvrelay up did not stop within 60 s:\n" + "\n".join(up.lines))
+    up._reader.join(5)
+    output = "\n".join(up.lines)
+    assert code == 0, output
+    assert "Traceback" not in output and "error:" not in output, output
+    assert up.lines[-1] == "kvrelay up: stopped"
+    time.sleep(1)
+    alive = process_table()
+    left = {pid: cmd for pid, cmd in up.spawned.items() if pid in alive and alive[pid][2] == cmd}
+    assert left == {}

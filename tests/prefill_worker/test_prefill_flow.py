@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from kvstore import StoreUnavailableError
 from kvstore.hashing import hash_token_blocks
 from kvstore.memory_store import MemoryStore
 from kvstore.spec import BlockSpec
@@ -226,3 +227,19 @@ def test_a_cancel_during_the_block_put_deletes_the_tail_too(tiny, engine) -> Non
     flow = make_flow(engine, store)
     _cancel_at_gate(flow, store, PROMPT)
     assert store.num_blocks() == 2 and store.num_tails() == 0
+
+
+@pytest.mark.parametrize("failing", ["put", "put_tail", "lookup"])
+def test_a_store_that_fails_still_gives_the_first_token_and_leaves_no_tail(
+    tiny, engine, failing
+) -> None:
+    store = GatedStore(spec_of(tiny), gated=failing, failure=StoreUnavailableError("down"))
+    store.open()
+    flow = make_flow(engine, store)
+    outcome = run(flow, "a", PROMPT)
+    assert outcome.first_token_id == first_token(tiny, PROMPT)
+    assert outcome.num_computed_tokens == len(PROMPT)
+    # A failed publish stores no tail to hand on; a failed lookup is only a miss.
+    assert outcome.has_tail == (failing == "lookup")
+    assert flow.num_store_failures_total == (failing != "lookup")
+    assert flow.num_active == 0 and flow.inflight.num_blocks == 0

@@ -244,6 +244,21 @@ def test_a_failed_prefill_is_retried_on_another_worker_and_its_tail_released(cod
     assert workers.releases == [("p0", first_id)]  # the failed attempt's, never the retry's
 
 
+def test_the_prefill_retry_counter_counts_failed_attempts() -> None:
+    workers = ScriptedWorkers()
+    workers.prefills = {"p0": failing(grpc.StatusCode.INTERNAL), "p1": prefilled(ord("A"))}
+    workers.decodes = {"d0": [decoded(b"B", pb.FINISH_REASON_LENGTH)]}
+
+    async def scenario():
+        relay = await make_relay(workers, prefill_ids=("p0", "p1"))
+        request = pb.GenerateRequest(request_id="r", prompt_token_ids=PROMPT)
+        assert "".join([m.text async for m in relay.generate(request, None)]) == "AB"
+        return relay._snapshot()
+
+    snapshot = asyncio.run(scenario())
+    assert (snapshot.prefill_retries_total, snapshot.request_migrations_total) == (1, 0)
+
+
 def test_when_every_prefill_attempt_fails_the_decode_worker_prefills_the_prompt() -> None:
     workers = ScriptedWorkers()
     workers.prefills = {
@@ -436,6 +451,40 @@ def test_a_worker_declared_lost_fails_its_streams_over_at_once() -> None:
     assert [w for w, _ in workers.decode_calls] == ["d0", "d1"]
 
 
+def test_a_full_decode_worker_is_skipped_without_counting_a_migration() -> None:
+    workers = ScriptedWorkers()
+    workers.prefills = {"p0": prefilled(ord("A"))}
+    workers.decodes = {
+        "d0": [gone("d0", grpc.StatusCode.RESOURCE_EXHAUSTED)],
+        "d1": [decoded(b"B", pb.FINISH_REASON_LENGTH)],
+    }
+
+    async def scenario():
+        relay = await make_relay(workers, decode_ids=("d0", "d1"))
+        request = pb.GenerateRequest(request_id="r", prompt_token_ids=PROMPT)
+        assert "".join([m.text async for m in relay.generate(request, None)]) == "AB"
+        await relay.calls.wait_background(1)
+        return relay._snapshot().request_migrations_total
+
+    assert asyncio.run(scenario()) == 0
+    (_, first), (_, second) = workers.decode_calls
+    assert second.HasField("prefill") and second.prefill.tail_id == first.prefill.tail_id
+    assert workers.releases == []  # d1 took the tail
+
+
+def test_when_every_decode_worker_is_full_the_client_gets_resource_exhausted() -> None:
+    workers = ScriptedWorkers()
+    workers.decodes = {
+        "d0": [gone("d0", grpc.StatusCode.RESOURCE_EXHAUSTED)],
+        "d1": [gone("d1", grpc.StatusCode.RESOURCE_EXHAUSTED)],
+    }
+    with pytest.raises(RelayError) as err:
+        generate(workers, prefill_ids=(), decode_ids=("d0", "d1"))
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "every decode worker is full" in err.value.message
+    assert [w for w, _ in workers.decode_calls] == ["d0", "d1"]
+
+
 def test_a_draining_worker_gets_no_new_requests() -> None:
     workers = ScriptedWorkers()
     workers.decodes = {"d0": [decoded(b"X")], "d1": [decoded(b"A", pb.FINISH_REASON_LENGTH)]}
@@ -449,6 +498,27 @@ def test_a_draining_worker_gets_no_new_requests() -> None:
 
     asyncio.run(scenario())
     assert {w for w, _ in workers.decode_calls} == {"d1"}
+
+
+def test_a_stalled_worker_gets_no_requests_until_it_recovers() -> None:
+    workers = ScriptedWorkers()
+    workers.decodes = {
+        "d0": [decoded(b"A", pb.FINISH_REASON_LENGTH)],
+        "d1": [decoded(b"A", pb.FINISH_REASON_LENGTH)],
+    }
+
+    async def scenario():
+        relay = await make_relay(workers, prefill_ids=(), decode_ids=("d0", "d1"))
+        request = pb.GenerateRequest(request_id="r", prompt_token_ids=PROMPT)
+        relay.cluster.heartbeat(wpb.HeartbeatRequest(worker_id="d0", is_stalled=True))
+        for _ in range(2):
+            _ = [m async for m in relay.generate(request, None)]
+        relay.cluster.heartbeat(wpb.HeartbeatRequest(worker_id="d0", is_stalled=False))
+        relay.cluster.heartbeat(wpb.HeartbeatRequest(worker_id="d1", is_stalled=True))
+        _ = [m async for m in relay.generate(request, None)]
+
+    asyncio.run(scenario())
+    assert [w for w, _ in workers.decode_calls] == ["d1", "d1", "d0"]
 
 
 def test_a_draining_router_refuses_new_requests_with_unavailable() -> None:
