@@ -37,6 +37,7 @@ TORCH_FREE = (
     "model.sampling_params",
     "model.prompt_limits",
     "model.tokenizer",
+    "model.chat_template",
     "model.runtime",
     "kvstore.hashing",
     "kvstore.tail_lease",
