@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from tests.cluster.helpers import (
     BLOCK,
@@ -228,3 +229,20 @@ def test_turn_two_of_a_conversation_reuses_all_of_turn_one_on_another_decode_wor
     assert responses.responses[-1].usage.cached_prompt_tokens == reusable
     assert cluster.stats("decode-1").num_finished_requests_total == 1
     assert_back_to_baseline(cluster)
+
+
+def test_sigterm_drains_the_router_its_streams_finish_and_new_requests_get_unavailable(
+    make_cluster,
+):
+    cluster = make_cluster(num_prefill=1, num_decode=1, router_args=("--drain-timeout", "30"))
+    request = (prompt(95), greedy(300))
+    (want,) = expected_tokens(cluster.model, [request])
+    stream = Stream(cluster, *request)
+    wait_until(lambda: len(stream.token_ids) > 5, 30, "the stream to start")
+    cluster.signal("router", signal.SIGTERM)
+    wait_until(lambda: cluster.health() != health_pb2.HealthCheckResponse.SERVING, 5, "NOT_SERVING")
+    with pytest.raises(grpc.RpcError) as err:
+        cluster.generate(prompt_token_ids=prompt(96), sampling=greedy(2))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert stream.result() == want  # the stream in flight finished
+    assert cluster.wait_exit("router", 15) == 0
