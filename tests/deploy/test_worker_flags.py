@@ -1,0 +1,59 @@
+"""The worker flags of `kvrelay serve` and `kvrelay up` become the workers' configs
+in one place (`deploy.worker_flags`); bad values are refused naming the flag."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from deploy.worker_flags import add_worker_flags, decode_config, prefill_config, worker_options
+from rpc.worker_server import WorkerAddress
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_worker_flags(parser)
+    return parser.parse_args(argv)
+
+
+def test_defaults_publish_generated_blocks_and_bound_the_queue():
+    options = worker_options(parse())
+    decode = decode_config(options, WorkerAddress(), "memory")
+    prefill = prefill_config(options, WorkerAddress(), "memory")
+    assert decode.publish_computed_blocks
+    assert decode.limits == prefill.limits
+    assert (decode.limits.max_queued, decode.limits.engine_stall_timeout_s) == (128, 60.0)
+    assert options.drain_timeout_s == 30.0
+
+
+def test_every_failover_and_bound_flag_reaches_the_configs():
+    args = parse(
+        "--no-publish-generated",
+        "--max-queued",
+        "7",
+        "--engine-stall-timeout",
+        "2.5",
+        "--drain-timeout",
+        "4",
+    )
+    options = worker_options(args)
+    decode = decode_config(options, WorkerAddress(), "memory")
+    prefill = prefill_config(options, WorkerAddress(), "memory")
+    assert not decode.publish_computed_blocks
+    assert decode.limits.max_queued == prefill.limits.max_queued == 7
+    assert decode.limits.engine_stall_timeout_s == prefill.limits.engine_stall_timeout_s == 2.5
+    assert options.drain_timeout_s == 4.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--max-queued", "-1"), "--max-queued must be >= 0"),
+        (("--engine-stall-timeout", "0"), "--engine-stall-timeout must be > 0"),
+        (("--drain-timeout", "-2"), "--drain-timeout must be >= 0"),
+    ],
+)
+def test_bad_values_name_their_flag(argv, message):
+    with pytest.raises(ValueError, match=message):
+        worker_options(parse(*argv))
