@@ -234,3 +234,31 @@ def test_a_dead_writers_blocks_leave_the_ref_cache_and_the_index(
 def test_bad_ref_cache_budget_is_refused(local_ray: None) -> None:
     with pytest.raises(ValueError, match="ref_cache_bytes"):
         RayStore(TINY_SPEC, namespace="test-ray-store-bad", ref_cache_bytes=-1)
+
+
+def test_an_index_actor_that_dies_is_restarted_by_ray_and_the_store_goes_on(
+    open_ray_store: OpenStore,
+) -> None:
+    import ray
+
+    store = open_ray_store(ref_cache_bytes=0)
+    store.put(blocks(0, 2))
+    actor = ray.get_actor(store._actor_name, namespace=store.namespace)
+    pid = ray.get(actor.__ray_call__.remote(lambda self: __import__("os").getpid()))
+    ray.kill(actor, no_restart=False)  # as a crash would: Ray restarts it
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            restarted = ray.get(actor.__ray_call__.remote(lambda self: __import__("os").getpid()))
+            if restarted != pid:
+                break
+        except ray.exceptions.RayActorError:
+            pass
+        assert time.monotonic() < deadline, "Ray did not restart the index actor"
+        time.sleep(0.2)
+    # The same actor (same name, same handle), with an empty index: old blocks are
+    # misses, and the store serves new ones at once.
+    assert ray.get_actor(store._actor_name, namespace=store.namespace)._actor_id == actor._actor_id
+    assert store.lookup(HASHES[:2]) == 0
+    store.put(blocks(2, 2))
+    assert_blocks(store.get(HASHES[2:4]), [2, 3])
