@@ -41,6 +41,8 @@ class DecodeConfig:
     """Queue bound and engine watchdog."""
     store_url: str = "memory"
     """KV store URL (`redis://...`, `ray`, `memory`)."""
+    store_secret: bytes | None = field(default=None, repr=False)
+    """The cluster's KV secret: blocks carry a MAC, and one without is a miss."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Pool and batch sizes."""
     max_local_prefill_len: int = 0

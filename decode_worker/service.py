@@ -8,6 +8,7 @@ answer back.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ from protos import workers_pb2_grpc as wgrpc
 from rpc.limits import Overloaded
 from rpc.sampling_proto import finish_reason_to_proto, sampling_from_proto
 from rpc.server import DEFAULT_DRAIN_TIMEOUT_S, DRAIN_STOP_GRACE_S, ServiceBinding
-from rpc.store_stats import store_stats_to_proto
+from rpc.store_stats import store_stats_to_proto, warn_if_unauthenticated
 from rpc.worker_server import WorkerServer, serve_worker
 from telemetry.metrics import ServiceMetrics, Snapshot
 from telemetry.propagation import caller_context
@@ -192,7 +193,10 @@ async def start_decode_worker(config: DecodeConfig) -> DecodeWorker:
     spec = BlockSpec.for_model(
         config.runtime.model, loaded.config, loaded.dtype, config.engine.block_size
     )
-    store = await asyncio.to_thread(open_store, config.store_url, spec)
+    store = await asyncio.to_thread(
+        functools.partial(open_store, config.store_url, spec, secret=config.store_secret)
+    )
+    warn_if_unauthenticated(store, config.store_url)
     publisher = BlockPublisher(store) if config.publish_computed_blocks else None
     engine = DecodeEngine(
         loaded, config.engine, spec.fingerprint, publisher.submit if publisher else None

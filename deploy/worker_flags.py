@@ -12,11 +12,14 @@ torch, which `kvrelay --help` must not.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvstore.hashing import DEFAULT_BLOCK_SIZE
 from rpc.limits import WorkerLimits
+
+MIN_KV_SECRET_BYTES = 16  # kvstore.codec.MIN_SECRET_BYTES (which imports torch)
 
 if TYPE_CHECKING:
     from decode_worker.config import DecodeConfig
@@ -56,6 +59,8 @@ class WorkerOptions:
     """Requests a worker holds that are not running yet; past it, RESOURCE_EXHAUSTED."""
     engine_stall_timeout_s: float = 60.0
     """No engine progress for this long with work queued: NOT_SERVING, no routing."""
+    kv_secret: bytes | None = field(default=None, repr=False)
+    """The cluster's KV secret (from --kv-secret-file): blocks carry a MAC."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.token_budget < 1 or self.max_num_seqs < 1:
@@ -69,6 +74,11 @@ class WorkerOptions:
         if self.drain_timeout_s < 0:
             raise ValueError(f"--drain-timeout must be >= 0, got {self.drain_timeout_s}")
         self.limits()  # raises for a bad --max-queued or --engine-stall-timeout
+        if self.kv_secret is not None and len(self.kv_secret) < MIN_KV_SECRET_BYTES:
+            raise ValueError(
+                f"the --kv-secret-file holds {len(self.kv_secret)} bytes; use at least "
+                f"{MIN_KV_SECRET_BYTES} (e.g. `head -c 32 /dev/urandom | base64 > FILE`)"
+            )
 
     def limits(self) -> WorkerLimits:
         return WorkerLimits(self.max_queued, self.engine_stall_timeout_s)
@@ -125,6 +135,12 @@ def add_worker_flags(parser: argparse.ArgumentParser, *, with_placement: bool = 
         "then resume on another worker (default: %(default)s)",
     )
     group.add_argument(
+        "--kv-secret-file",
+        metavar="FILE",
+        help="the cluster's KV secret (every worker the same file, at least 16 bytes): "
+        "blocks in the store then carry a MAC, and one written without it is never used",
+    )
+    group.add_argument(
         "--max-queued",
         type=int,
         default=128,
@@ -159,7 +175,16 @@ def worker_options(args: argparse.Namespace) -> WorkerOptions:
         drain_timeout_s=args.drain_timeout,
         max_queued=args.max_queued,
         engine_stall_timeout_s=args.engine_stall_timeout,
+        kv_secret=_read_secret(args.kv_secret_file) if args.kv_secret_file else None,
     )
+
+
+def _read_secret(path: str) -> bytes:
+    """The secret file's bytes, without a trailing newline. Raises ValueError."""
+    try:
+        return Path(path).read_bytes().rstrip(b"\r\n")
+    except OSError as err:
+        raise ValueError(f"cannot read --kv-secret-file {path}: {err.strerror}") from None
 
 
 def prefill_config(options: WorkerOptions, where: WorkerAddress, store_url: str) -> PrefillConfig:
@@ -170,6 +195,7 @@ def prefill_config(options: WorkerOptions, where: WorkerAddress, store_url: str)
         runtime=_runtime(options),
         limits=options.limits(),
         store_url=store_url,
+        store_secret=options.kv_secret,
         block_size=options.block_size,
         token_budget=options.token_budget,
         enable_prefix_cache=options.enable_prefix_cache,
@@ -185,6 +211,7 @@ def decode_config(options: WorkerOptions, where: WorkerAddress, store_url: str) 
         runtime=_runtime(options),
         limits=options.limits(),
         store_url=store_url,
+        store_secret=options.kv_secret,
         engine=EngineConfig(
             kv_cache_bytes=int(options.kv_cache_gb * 1024**3),
             block_size=options.block_size,

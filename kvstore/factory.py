@@ -32,6 +32,9 @@ def open_store(url: str, spec: BlockSpec, **options: Any) -> KVStore:
       `ref_cache_bytes`, `tail_ttl_s`, `timeout_s`, `is_detached`.
 
     Options come from keyword arguments or the URL's query string (keywords win).
+    `secret=b"..."` (keyword only, never from the URL) is the cluster's KV secret:
+    Redis and Ray blocks then carry a MAC (`kvstore.codec`); an in-process memory
+    store has no one to authenticate against and ignores it.
     `local_cache_bytes=N` puts a worker-local LRU of N bytes (`LocalCachedStore`)
     in front of the backend. Raises `ValueError` for an unknown scheme or option.
     """
@@ -43,6 +46,7 @@ def open_store(url: str, spec: BlockSpec, **options: Any) -> KVStore:
     if scheme == "memory":
         from kvstore.memory_store import MemoryStore
 
+        options.pop("secret", None)
         store: KVStore = MemoryStore(spec, **options)
     elif scheme in ("redis", "rediss"):
         from kvstore.redis.store import RedisStore
@@ -67,6 +71,8 @@ def _split_query(query: str) -> tuple[dict[str, Any], str]:
     options: dict[str, Any] = {}
     passthrough: list[tuple[str, str]] = []
     for name, value in parse_qsl(query, keep_blank_values=True):
+        if name == "secret":
+            raise ValueError("a KV secret never goes in the store URL: use --kv-secret-file")
         if name in _INT_OPTIONS:
             options[name] = int(value)
         elif name in _FLOAT_OPTIONS:

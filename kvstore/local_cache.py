@@ -106,6 +106,10 @@ class LocalCachedStore(KVStore):
             errors=backend.errors,
         )
 
+    @property
+    def is_authenticated(self) -> bool:
+        return self.backend.is_authenticated
+
     def is_healthy(self) -> bool:
         return self.backend.is_healthy()
 

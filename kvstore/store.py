@@ -110,6 +110,11 @@ class KVStore(ABC):
     def stats(self) -> StoreStats:
         """A snapshot of this store object's counters."""
 
+    @property
+    def is_authenticated(self) -> bool:
+        """Whether blocks this store writes and reads carry the cluster's MAC."""
+        return False
+
     @abstractmethod
     def is_healthy(self) -> bool:
         """Whether the backend answers now (one quick probe); never raises."""

@@ -20,6 +20,8 @@ class PrefillConfig:
     """Queue bound and engine watchdog."""
     store_url: str = "memory"
     """KV store URL (`redis://...`, `ray`, `memory`)."""
+    store_secret: bytes | None = field(default=None, repr=False)
+    """The cluster's KV secret: blocks carry a MAC, and one without is a miss."""
     block_size: int = DEFAULT_BLOCK_SIZE
     """Tokens per KV block; every worker of a cluster must agree."""
     token_budget: int = 2048

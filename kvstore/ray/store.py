@@ -84,6 +84,7 @@ class RayStore(KVStore):
         tail_ttl_s: float = DEFAULT_TAIL_TTL_S,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         is_detached: bool = True,
+        secret: bytes | None = None,
     ) -> None:
         super().__init__(spec)
         self._ref_cache: RefCache[ray.ObjectRef] = RefCache(ref_cache_bytes)
@@ -106,7 +107,7 @@ class RayStore(KVStore):
         }
         self._actor_args = (budget_bytes, DEFAULT_TAIL_TTL_S)
         self._num_blocks_per_object = max(1, min(MAX_OBJECT_BYTES, budget_bytes) // spec.nbytes)
-        self._codec = BlockCodec(spec)
+        self._codec = BlockCodec(spec, secret)
         self._stats = StatsRecorder()
         self._lock = threading.Lock()
         self._actor: ray.actor.ActorHandle | None = None
@@ -186,6 +187,10 @@ class RayStore(KVStore):
 
     def stats(self) -> StoreStats:
         return self._stats.snapshot()
+
+    @property
+    def is_authenticated(self) -> bool:
+        return self._codec.is_authenticated
 
     def is_healthy(self) -> bool:
         try:

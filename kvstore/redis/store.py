@@ -56,13 +56,16 @@ class RedisStore(KVStore):
         block_ttl_s: int = DEFAULT_BLOCK_TTL_S,
         tail_ttl_s: int = DEFAULT_TAIL_TTL_S,
         max_connections: int = 64,
+        secret: bytes | None = None,
     ) -> None:
+        """`secret`: the cluster's KV secret; with it every block carries a MAC and a
+        block without a valid one is a counted miss (see `kvstore.codec`)."""
         super().__init__(spec)
         if timeout_s <= 0 or block_ttl_s <= 0 or tail_ttl_s <= 0:
             raise ValueError("timeout_s, block_ttl_s and tail_ttl_s must be positive")
         self.block_ttl_s = int(block_ttl_s)
         self.tail_ttl_s = int(tail_ttl_s)
-        self._codec = BlockCodec(spec)
+        self._codec = BlockCodec(spec, secret)
         self._stats = StatsRecorder()
         self._prefix = f"kvrelay:{spec.fingerprint.hex()}:".encode()
         self._pool = redis.ConnectionPool.from_url(
@@ -206,6 +209,10 @@ class RedisStore(KVStore):
 
     def stats(self) -> StoreStats:
         return self._stats.snapshot()
+
+    @property
+    def is_authenticated(self) -> bool:
+        return self._codec.is_authenticated
 
     def is_healthy(self) -> bool:
         try:

@@ -57,3 +57,22 @@ def test_every_failover_and_bound_flag_reaches_the_configs():
 def test_bad_values_name_their_flag(argv, message):
     with pytest.raises(ValueError, match=message):
         worker_options(parse(*argv))
+
+
+def test_the_kv_secret_file_reaches_both_workers_stores(tmp_path):
+    secret_file = tmp_path / "kv.secret"
+    secret_file.write_bytes(b"0123456789abcdef0123456789abcdef\n")
+    options = worker_options(parse("--kv-secret-file", str(secret_file)))
+    secret = b"0123456789abcdef0123456789abcdef"
+    assert decode_config(options, WorkerAddress(), "memory").store_secret == secret
+    assert prefill_config(options, WorkerAddress(), "memory").store_secret == secret
+    assert "0123" not in repr(options) + repr(decode_config(options, WorkerAddress(), "memory"))
+
+
+def test_a_short_or_missing_kv_secret_file_is_refused(tmp_path):
+    short = tmp_path / "short"
+    short.write_bytes(b"tiny")
+    with pytest.raises(ValueError, match="holds 4 bytes; use at least 16"):
+        worker_options(parse("--kv-secret-file", str(short)))
+    with pytest.raises(ValueError, match="cannot read --kv-secret-file"):
+        worker_options(parse("--kv-secret-file", str(tmp_path / "absent")))

@@ -155,3 +155,49 @@ def test_verify_returns_the_payload_shape() -> None:
     assert CODEC.verify(header, payload, key, is_tail=True) == (2, 2, 3, 1, 4)
     with pytest.raises(BlockCodecError, match="shape"):
         CODEC.verify(header, payload, key)  # a tail is not a full block
+
+
+# With the cluster's KV secret, the check is a MAC: forging needs the secret.
+
+SECRET = b"s" * 32
+MAC_CODEC = BlockCodec(TINY_SPEC, SECRET)
+
+
+def test_an_authenticated_block_round_trips_and_its_tail_too() -> None:
+    block = make_block(4)
+    data = MAC_CODEC.encode_bytes(HASH_A, block)
+    assert len(data) == HEADER_LEN + TINY_SPEC.nbytes
+    assert torch.equal(MAC_CODEC.decode(data, HASH_A), block)
+    tail = make_block(5)[:, :, :2].contiguous()
+    key = tail_key("r.p1")
+    assert torch.equal(MAC_CODEC.decode(MAC_CODEC.encode_bytes(key, tail), key, is_tail=True), tail)
+
+
+def test_a_block_written_without_the_secret_is_refused_even_with_a_valid_checksum() -> None:
+    with pytest.raises(BlockCodecError, match="written without the cluster's KV secret"):
+        MAC_CODEC.decode(encoded(1), HASH_A)
+
+
+def test_a_block_forged_with_another_secret_is_refused() -> None:
+    forged = BlockCodec(TINY_SPEC, b"x" * 32).encode_bytes(HASH_A, make_block(1))
+    with pytest.raises(BlockCodecError, match="MAC mismatch"):
+        MAC_CODEC.decode(forged, HASH_A)
+
+
+@pytest.mark.parametrize("offset", [5, 40, HEADER_LEN + 3], ids=["shape", "key", "payload"])
+def test_the_mac_covers_header_and_payload(offset: int) -> None:
+    data = bytearray(MAC_CODEC.encode_bytes(HASH_A, make_block(2)))
+    data[offset] ^= 0x01
+    with pytest.raises(BlockCodecError):
+        MAC_CODEC.decode(bytes(data), HASH_A)
+
+
+def test_a_reader_without_the_secret_refuses_authenticated_blocks() -> None:
+    data = MAC_CODEC.encode_bytes(HASH_A, make_block(1))
+    with pytest.raises(BlockCodecError, match="KV secret this reader does not have"):
+        CODEC.decode(data, HASH_A)
+
+
+def test_a_short_secret_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        BlockCodec(TINY_SPEC, b"short")

@@ -169,3 +169,31 @@ def test_reply_frozen_part_way_times_out_and_the_connection_is_dropped(
     for i, block in enumerate(blocks):
         assert block is not None and torch.equal(block, make_block(i)), i
     store.close()
+
+
+def test_with_a_secret_a_block_rewritten_without_it_is_a_counted_miss(
+    shared_redis: RedisServer,
+) -> None:
+    """A client that can write to Redis but has no secret plants a well-formed block
+    (right header, length and xxh3) under a real key: it is never returned."""
+    raw = redis.Redis(port=shared_redis.port)
+    raw.flushall()
+    secret = b"k" * 32
+    store = RedisStore(shared_redis.url, TINY_SPEC, secret=secret)
+    assert store.is_authenticated
+    put_blocks(store, range(2))
+    planter = RedisStore(shared_redis.url, TINY_SPEC)  # no secret
+    raw.set(
+        store.block_key(HASHES[0]),
+        planter._codec.encode_bytes(HASHES[0], torch.full(TINY_SPEC.shape, 9.0)),
+    )
+    got = store.get(HASHES[:2])
+    assert got[0] is None and torch.equal(got[1], make_block(1))
+    assert store.stats().corrupt_blocks == 1
+    out = [torch.full(TINY_SPEC.shape, SENTINEL)]
+    assert store.get_into(HASHES[:1], out) == [False]
+    assert bool((out[0] == SENTINEL).all())
+    # And the other way round: the unauthenticated store cannot read real blocks.
+    assert planter.get(HASHES[1:2]) == [None]
+    store.close()
+    planter.close()
