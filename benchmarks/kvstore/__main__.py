@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 
 from benchmarks.kvstore import __doc__ as package_doc
@@ -33,6 +35,12 @@ def main() -> None:
         "client runs in each position equally often)",
     )
     parser.add_argument("--warmups", type=int, default=2, help="untimed rounds first (default 2)")
+    parser.add_argument(
+        "--with-secret",
+        action="store_true",
+        help="redis: also run our store with a KV secret (every block MAC'd, HMAC-SHA256) "
+        "in the same rounds, and report it against the xxh3 store",
+    )
     args = parser.parse_args()
 
     spec = SPEC_135M
@@ -57,16 +65,22 @@ def main() -> None:
         elif backend == "redis":
             with redis_server(args.url) as url:
                 store = open_store(url, spec, timeout_s=30)
-                ours, raw = measure(
-                    [
-                        store_workload(store, num_blocks, args.batch),
-                        raw_redis_workload(url, num_blocks, spec.nbytes, args.batch),
-                    ],
-                    args.repeats,
-                    args.warmups,
-                )
+                workloads = [
+                    store_workload(store, num_blocks, args.batch),
+                    raw_redis_workload(url, num_blocks, spec.nbytes, args.batch),
+                ]
+                if args.with_secret:
+                    # Another fingerprint, so its blocks never share keys with the xxh3 store's.
+                    mac_spec = dataclasses.replace(spec, model_id=spec.model_id + "-mac")
+                    mac_store = open_store(url, mac_spec, timeout_s=30, secret=os.urandom(32))
+                    workloads.append(store_workload(mac_store, num_blocks, args.batch))
+                results = measure(workloads, args.repeats, args.warmups)
                 store.close()
-                report("redis", ours, raw)
+                report("redis", results[0], results[1])
+                if args.with_secret:
+                    mac_store.close()
+                    report("redis+mac", results[2], results[1])
+                    report("redis+mac", results[2], results[0], raw_name="ours/xxh3")
         else:
             run_ray(num_blocks, args.batch, args.repeats, args.warmups)
 
