@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # A whole local cluster (Ray, router, prefill and decode workers); Ctrl-C stops it all.
-RUN_MODEL ?= dummy:tiny
+RUN_MODEL ?= smollm2:135m-instruct
 run: setup
 	@echo "kvrelay: starting a local cluster with $(RUN_MODEL) (router on localhost:50051)."
 	@echo "kvrelay: when it says ready, in another shell:  $(VENV)/bin/kvrelay generate \"hello\""

@@ -305,12 +305,13 @@ def _open_store(cluster: BenchCluster):
     import torch
 
     from kvstore import BlockSpec, open_store
-    from model.config import load_config
-    from model.presets import is_preset, preset_config
+    from model.config import config_for_model, model_identity
 
     model = cluster.layout.model
-    config = preset_config(model) if is_preset(model) else load_config(model)
-    return open_store(cluster.store_url, BlockSpec.for_model(model, config, torch.float32))
+    config = config_for_model(model)
+    return open_store(
+        cluster.store_url, BlockSpec.for_model(model_identity(model), config, torch.float32)
+    )
 
 
 def _table(clean: RunReport, chaos: RunReport, identical: int) -> str:

@@ -22,6 +22,7 @@ from decode_worker.engine import DecodeEngine
 from decode_worker.engine_loop import EngineLoop
 from decode_worker.scheduler import RequestTooLargeError
 from kvstore import BlockSpec, KVStore, open_store
+from model.config import model_identity
 from model.prompt_limits import InvalidPrompt
 from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
@@ -191,7 +192,7 @@ class DecodeWorker:
 async def start_decode_worker(config: DecodeConfig) -> DecodeWorker:
     loaded = await asyncio.to_thread(config.runtime.load)
     spec = BlockSpec.for_model(
-        config.runtime.model, loaded.config, loaded.dtype, config.engine.block_size
+        model_identity(config.runtime.model), loaded.config, loaded.dtype, config.engine.block_size
     )
     store = await asyncio.to_thread(
         functools.partial(open_store, config.store_url, spec, secret=config.store_secret)

@@ -20,6 +20,7 @@ from decode_worker.engine import DecodeEngine, EngineRequest, TokenOutput
 from decode_worker.scheduler import RequestTooLargeError
 from deploy.cli_errors import UsageError
 from kvstore.spec import BlockSpec
+from model.config import model_identity
 from model.loader import LoadedModel, load_model, parse_dtype
 from model.sampling_params import FinishReason, SamplingParams
 from model.tokenizer import IncrementalDetokenizer
@@ -101,7 +102,7 @@ def generate_with_engine(
     at once and run as one continuous batch. Raises UsageError when a prompt plus
     `params.max_tokens` cannot fit in the KV pool."""
     block_size = _ENGINE.block_size
-    spec = BlockSpec.for_model(loaded.name, loaded.config, loaded.dtype, block_size)
+    spec = BlockSpec.for_model(model_identity(loaded.name), loaded.config, loaded.dtype, block_size)
     # A pool just big enough for every prompt at its longest, all at once, so a short
     # command does not zero 512 MiB first; never more than the engine's default bytes.
     num_needed_blocks = sum(-(-(len(p) + params.max_tokens) // block_size) for p in prompts)

@@ -34,12 +34,17 @@ class ChatMessage:
 
 
 def chat_template_for_model(spec: str) -> str | None:
-    """The chat template of a model spec, without loading weights: a directory's
+    """The chat template of a model spec, without loading weights: a GGUF file's
+    `tokenizer.chat_template`, a directory's
     `chat_template.jinja`, else its `tokenizer_config.json`'s `chat_template` (a
     string, or a list of named templates of which "default" is taken). None when
     the model has none (the `dummy:*` presets have none)."""
+    from model.gguf import gguf_chat_template, is_gguf_spec
+
     if spec.startswith("dummy:"):
         return None
+    if is_gguf_spec(spec):
+        return gguf_chat_template(spec)
     path = Path(spec)
     if not path.is_dir():
         return None

@@ -13,6 +13,7 @@ import torch
 
 from model.config import ModelConfig, load_config
 from model.errors import ModelLoadError
+from model.gguf import gguf_config, is_gguf_spec, load_gguf_tensors
 from model.presets import is_preset, preset_config, preset_tensors
 from model.tokenizer import Tokenizer, tokenizer_for_model
 from model.transformer import Transformer, build_transformer, checkpoint_tensor_shapes
@@ -70,7 +71,8 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> LoadedModel:
-    """Load `spec` (a local HF model directory or `dummy:tiny` / `dummy:135m`).
+    """Load `spec`: a local HF model directory, a `.gguf` file (or a directory holding
+    one), `smollm2:135m-instruct`, or `dummy:tiny` / `dummy:135m`.
 
     Raises `ModelLoadError` (one-line message) for anything that cannot be loaded.
     """
@@ -81,10 +83,18 @@ def load_model(
         tensors = {
             name: t.to(device=device, dtype=dtype) for name, t in preset_tensors(spec).items()
         }
+    elif is_gguf_spec(spec):
+        config = gguf_config(spec)
+        tensors = load_gguf_tensors(
+            spec, config, checkpoint_tensor_shapes(config), dtype=dtype, device=device
+        )
     else:
         model_dir = Path(spec)
         if not model_dir.is_dir():
-            raise ModelLoadError(f"model {spec!r} is neither a directory nor a dummy:* preset")
+            raise ModelLoadError(
+                f"model {spec!r} is not a directory, a .gguf file or a preset "
+                "(dummy:tiny, dummy:135m, smollm2:135m-instruct)"
+            )
         config = load_config(model_dir)
         # Tied checkpoints sometimes still carry the (identical) output matrix.
         optional = frozenset({"lm_head.weight"}) if config.tie_word_embeddings else frozenset()

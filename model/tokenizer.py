@@ -83,12 +83,19 @@ class HFTokenizer(Tokenizer):
     ) -> None:
         from tokenizers import Tokenizer as _RustTokenizer
 
-        try:
-            self._tokenizer = _RustTokenizer.from_file(str(path))
-        except Exception as exc:  # the Rust side raises a bare Exception
-            raise ModelLoadError(f"cannot read tokenizer {path}: {exc}") from None
+        if isinstance(path, _RustTokenizer):  # built in memory (a GGUF file's)
+            self._tokenizer = path
+        else:
+            try:
+                self._tokenizer = _RustTokenizer.from_file(str(path))
+            except Exception as exc:  # the Rust side raises a bare Exception
+                raise ModelLoadError(f"cannot read tokenizer {path}: {exc}") from None
         self._bos_token_id = bos_token_id
         self._eos_token_id = eos_token_id
+
+    def token_text(self, token_id: int) -> str:
+        """The token's own text (e.g. `<|im_end|>`), for chat templates."""
+        return self._tokenizer.id_to_token(token_id) or ""
 
     @property
     def vocab_size(self) -> int:
@@ -169,12 +176,18 @@ class IncrementalDetokenizer:
 
 def tokenizer_for_model(spec: str) -> Tokenizer | None:
     """The tokenizer of a model spec without loading weights (and without torch):
-    the byte tokenizer for `dummy:*` presets, `tokenizer.json` for a HF directory
-    (None when it has none: such a model takes token ids only)."""
+    the byte tokenizer for `dummy:*` presets, the metadata's for a GGUF file,
+    `tokenizer.json` for a HF directory (None when it has none: such a model takes
+    token ids only)."""
     from model.config import load_config
+    from model.gguf import gguf_config, gguf_rust_tokenizer, is_gguf_spec
 
     if spec.startswith("dummy:"):
         return ByteTokenizer()
+    if is_gguf_spec(spec):
+        config = gguf_config(spec)
+        eos = config.eos_token_ids[0] if config.eos_token_ids else None
+        return HFTokenizer(gguf_rust_tokenizer(spec), config.bos_token_id, eos)
     config = load_config(Path(spec))
     eos = config.eos_token_ids[0] if config.eos_token_ids else None
     return load_tokenizer(spec, config.bos_token_id, eos)

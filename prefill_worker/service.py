@@ -16,6 +16,7 @@ import grpc
 from opentelemetry import trace
 
 from kvstore import BlockSpec, KVStore, StoreUnavailableError, open_store
+from model.config import model_identity
 from model.prompt_limits import InvalidPrompt
 from prefill_worker.config import PrefillConfig
 from prefill_worker.engine import PrefillCancelled, PrefillEngine
@@ -153,7 +154,9 @@ class PrefillWorker:
 
 async def start_prefill_worker(config: PrefillConfig) -> PrefillWorker:
     loaded = await asyncio.to_thread(config.runtime.load)
-    spec = BlockSpec.for_model(config.runtime.model, loaded.config, loaded.dtype, config.block_size)
+    spec = BlockSpec.for_model(
+        model_identity(config.runtime.model), loaded.config, loaded.dtype, config.block_size
+    )
     store = await asyncio.to_thread(
         functools.partial(open_store, config.store_url, spec, secret=config.store_secret)
     )
