@@ -305,7 +305,7 @@ def _open_store(cluster: BenchCluster):
     import torch
 
     from kvstore import BlockSpec, open_store
-    from model.config import config_for_model, model_identity
+    from model.sources import config_for_model, model_identity
 
     model = cluster.layout.model
     config = config_for_model(model)

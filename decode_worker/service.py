@@ -22,8 +22,8 @@ from decode_worker.engine import DecodeEngine
 from decode_worker.engine_loop import EngineLoop
 from decode_worker.scheduler import RequestTooLargeError
 from kvstore import BlockSpec, KVStore, open_store
-from model.config import model_identity
 from model.prompt_limits import InvalidPrompt
+from model.sources import model_identity
 from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
 from rpc.limits import Overloaded

@@ -20,9 +20,9 @@ from decode_worker.engine import DecodeEngine, EngineRequest, TokenOutput
 from decode_worker.scheduler import RequestTooLargeError
 from deploy.cli_errors import UsageError
 from kvstore.spec import BlockSpec
-from model.config import model_identity
 from model.loader import LoadedModel, load_model, parse_dtype
 from model.sampling_params import FinishReason, SamplingParams
+from model.sources import model_identity
 from model.tokenizer import IncrementalDetokenizer
 
 # The engine's defaults: at most 512 MiB of KV pool, 512 tokens per step.

@@ -160,28 +160,6 @@ class ModelConfig:
             raise ModelLoadError(f"config.json has a bad value: {exc}") from None
 
 
-def config_for_model(spec: str) -> ModelConfig:
-    """The config of any model spec, without loading weights: a `dummy:*` preset, a
-    GGUF file (or preset), or a HF directory."""
-    from model.gguf import gguf_config, is_gguf_spec
-    from model.presets import is_preset, preset_config
-
-    if is_preset(spec):
-        return preset_config(spec)
-    if is_gguf_spec(spec):
-        return gguf_config(spec)
-    return load_config(spec)
-
-
-def model_identity(spec: str) -> str:
-    """What the KV fingerprint names for a model spec: the spec itself, or for a GGUF
-    file its name, size and a digest of its bytes, so another file never shares
-    blocks with it."""
-    from model.gguf import gguf_identity, is_gguf_spec
-
-    return gguf_identity(spec) if is_gguf_spec(spec) else spec
-
-
 def load_config(model_dir: str | Path) -> ModelConfig:
     """Read `model_dir/config.json` (and EOS ids from `generation_config.json`, if any)."""
     path = Path(model_dir) / "config.json"

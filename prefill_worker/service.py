@@ -16,8 +16,8 @@ import grpc
 from opentelemetry import trace
 
 from kvstore import BlockSpec, KVStore, StoreUnavailableError, open_store
-from model.config import model_identity
 from model.prompt_limits import InvalidPrompt
+from model.sources import model_identity
 from prefill_worker.config import PrefillConfig
 from prefill_worker.engine import PrefillCancelled, PrefillEngine
 from prefill_worker.prefill_flow import PrefillFlow, PrefillOutcome

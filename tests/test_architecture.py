@@ -38,6 +38,8 @@ TORCH_FREE = (
     "model.prompt_limits",
     "model.tokenizer",
     "model.chat_template",
+    "model.gguf",
+    "model.sources",
     "model.runtime",
     "kvstore.hashing",
     "kvstore.tail_lease",

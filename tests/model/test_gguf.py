@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from model.chat_template import ChatMessage, ChatTemplate, chat_template_for_model
-from model.config import config_for_model, model_identity
 from model.errors import ModelLoadError
 from model.gguf import SMOLLM2_PRESET, gguf_path
 from model.loader import load_model
 from model.sampling_params import SamplingParams
+from model.sources import config_for_model, model_identity
 from model.tokenizer import tokenizer_for_model
 
 gguf = pytest.importorskip("gguf")
