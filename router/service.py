@@ -21,6 +21,7 @@ from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
 from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
+from router.chat_prompt import ChatPrompts
 from router.cluster import Cluster, RegistrationRefused
 from router.registry import Role
 from router.relay import RequestRelay
@@ -197,6 +198,7 @@ async def start_router(config: RouterConfig, tokenizer: Tokenizer | None) -> Rou
         config.max_inflight,
         metrics,
         config.failover,
+        ChatPrompts.for_model(config.model, tokenizer),
     )
     health = RouterHealth(cluster, relay)
     server = await start_server(
