@@ -113,7 +113,12 @@ def _param_of(message: str) -> str | None:
 
 class _EventStream(StreamingResponse):
     """Closes the relay's generator however the stream ends, a disconnect (the
-    response task is cancelled) included, so the request's KV is freed at once."""
+    response task is cancelled) included, so the request's KV is freed at once
+    rather than when the generator is collected."""
+
+    def __init__(self, events: AsyncIterator[bytes], relay_stream: AsyncIterator, **kwargs) -> None:
+        super().__init__(events, **kwargs)
+        self.relay_stream = relay_stream
 
     async def stream_response(self, send) -> None:
         try:
@@ -121,6 +126,7 @@ class _EventStream(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
+                await self.relay_stream.aclose()
 
 
 def build_app(
@@ -223,6 +229,7 @@ async def _answer(relay, request, meta, stream, events, body) -> Response:
         raise ApiError(500, "the request ended without an answer", "server_error") from None
     return _EventStream(
         _with_errors(events(_prepend(first, responses), meta)),
+        responses,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -231,12 +238,9 @@ async def _answer(relay, request, meta, stream, events, body) -> Response:
 async def _prepend(
     first: pb.GenerateResponse, rest: AsyncIterator[pb.GenerateResponse]
 ) -> AsyncIterator[pb.GenerateResponse]:
-    try:
-        yield first
-        async for response in rest:
-            yield response
-    finally:
-        await rest.aclose()
+    yield first
+    async for response in rest:
+        yield response
 
 
 async def _with_errors(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -246,8 +250,6 @@ async def _with_errors(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             yield chunk
     except RelayError as err:
         yield event(ApiError.of(err).body.model_dump())
-    finally:
-        await events.aclose()
 
 
 class _Server(uvicorn.Server):
@@ -263,7 +265,14 @@ class HttpServer:
     """uvicorn serving `app` on the caller's event loop (a task, not a thread)."""
 
     def __init__(self, app: FastAPI, host: str, port: int) -> None:
-        self._socket = socket.create_server((host.strip("[]"), port))
+        try:
+            self._socket = socket.create_server((host.strip("[]"), port))
+        except OSError as err:
+            raise OSError(
+                err.errno,
+                f"cannot serve the HTTP API on {host}:{port}: {err.strerror}; choose another "
+                "--http-port (0 turns it off)",
+            ) from None
         self.port: int = self._socket.getsockname()[1]
         config = uvicorn.Config(
             app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2
