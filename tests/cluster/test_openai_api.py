@@ -298,3 +298,31 @@ def test_a_closed_stream_frees_its_blocks_and_admission_is_a_429(
     # And the router serves again.
     answer = client.completions.create(model=SERVED_NAME, prompt=PROMPT, **greedy(2))
     assert answer.usage.completion_tokens == 2
+
+
+def test_kvrelay_generate_chat_sends_messages(cluster: LocalCluster) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tests.cluster.local_cluster import ROOT
+
+    text, usage = grpc_answer(cluster, messages=chat_messages())
+    command = ["generate", "--target", cluster.target, "--json", "--max-tokens", "12"]
+    command += [
+        "--ignore-eos",
+        "--system",
+        MESSAGES[0]["content"],
+        "--chat",
+        MESSAGES[1]["content"],
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", *command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["text"] == text and record["usage"]["prompt_tokens"] == usage.prompt_tokens
