@@ -17,6 +17,7 @@ examples:
   kvrelay generate --local --model /models/SmolLM-135M --json "The capital of France is"
   kvrelay generate --local --model /models/tiny --prompt-token-ids 1,15043,29892
   kvrelay generate --local --prompts-file prompts.txt --json > out.jsonl
+  kvrelay generate --chat "What is KV caching?" --system "Answer in one sentence."
 
 --model takes a local Hugging Face directory (config.json, *.safetensors, optional
 tokenizer.json) or a preset: dummy:tiny (tests) or dummy:135m (SmolLM-135M's shape),
@@ -62,6 +63,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a prompt as comma-separated token ids, e.g. 1,2,3 (repeatable)",
     )
     prompts.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
+    prompts.add_argument(
+        "--chat",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a user message, rendered with the model's chat template (repeatable: one "
+        "conversation each)",
+    )
+    prompts.add_argument(
+        "--system", metavar="TEXT", help="a system message before every --chat message"
+    )
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--max-tokens", type=int, default=16, help="default: %(default)s")
     sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -87,8 +99,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("choose one of --local (in this process) and --target (a router)")
     text_prompts = tuple(args.prompts) + _read_prompts_file(args.prompts_file)
     token_id_prompts = tuple(_parse_token_ids(s) for s in args.prompt_token_ids)
+    if args.system is not None and not args.chat:
+        raise UsageError("--system goes with --chat: give the user's message with --chat")
+    conversations = tuple(_conversation(args.system, text) for text in args.chat)
     if not args.local:
-        return _run_remote(args, text_prompts, token_id_prompts)
+        return _run_remote(args, text_prompts, token_id_prompts, conversations)
     # Imported here so `kvrelay --help` does not pay for importing torch.
     from deploy.local_generate import LocalGenerateRequest, run_local_generate
     from model.sampling_params import SamplingParams
@@ -110,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         text_prompts=text_prompts,
         token_id_prompts=token_id_prompts,
+        conversations=conversations,
         params=params,
         is_json=args.json,
     )
@@ -120,12 +136,15 @@ def _run_remote(
     args: argparse.Namespace,
     text_prompts: tuple[str, ...],
     token_id_prompts: tuple[tuple[int, ...], ...],
+    conversations: tuple[tuple[tuple[str, str], ...], ...],
 ) -> int:
     from deploy.remote_generate import RemoteGenerateRequest, run_remote_generate
     from protos import generator_pb2 as pb
 
-    if not text_prompts and not token_id_prompts:
-        raise UsageError("no prompt: give PROMPT text, --prompts-file or --prompt-token-ids")
+    if not text_prompts and not token_id_prompts and not conversations:
+        raise UsageError(
+            "no prompt: give PROMPT text, --prompts-file, --prompt-token-ids or --chat"
+        )
     sampling = pb.SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -140,9 +159,21 @@ def _run_remote(
     requests += [
         pb.GenerateRequest(prompt_token_ids=ids, sampling=sampling) for ids in token_id_prompts
     ]
+    requests += [
+        pb.GenerateRequest(
+            messages=[pb.ChatMessage(role=role, content=text) for role, text in turns],
+            sampling=sampling,
+        )
+        for turns in conversations
+    ]
     return run_remote_generate(
         RemoteGenerateRequest(args.target or "localhost:50051", tuple(requests), args.json)
     )
+
+
+def _conversation(system: str | None, user: str) -> tuple[tuple[str, str], ...]:
+    """(role, content) turns: the system message, if any, then the user's."""
+    return ((("system", system),) if system is not None else ()) + (("user", user),)
 
 
 def _read_prompts_file(path: Path | None) -> tuple[str, ...]:

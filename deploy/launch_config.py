@@ -25,6 +25,10 @@ class LaunchConfig:
     """KV store URL; `ray` (the Ray object store) needs nothing else running."""
     port: int = 50051
     """Port the router serves on, on the head node (all interfaces)."""
+    http_port: int | None = 8000
+    """Port of the router's OpenAI-compatible HTTP API, beside `port`; None: off."""
+    served_model_name: str | None = None
+    """The model's name in the HTTP API; None: the model spec."""
     num_cpus_per_actor: float = 1.0
     """Ray CPUs each actor reserves; workers size their torch thread pools to it."""
     num_gpus_per_worker: float | None = None
@@ -47,6 +51,8 @@ class LaunchConfig:
             )
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port {self.port} is not a port number")
+        if self.http_port is not None and not 0 < self.http_port < 65536:
+            raise ValueError(f"--http-port {self.http_port} is not a port number (0 turns it off)")
         if self.num_cpus_per_actor <= 0:
             raise ValueError("num_cpus_per_actor must be > 0")
         if self.num_gpus_per_worker is not None and self.num_gpus_per_worker < 0:

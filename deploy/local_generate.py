@@ -20,6 +20,12 @@ from decode_worker.engine import DecodeEngine, EngineRequest, TokenOutput
 from decode_worker.scheduler import RequestTooLargeError
 from deploy.cli_errors import UsageError
 from kvstore.spec import BlockSpec
+from model.chat_template import (
+    ChatMessage,
+    ChatTemplate,
+    ChatTemplateError,
+    chat_template_for_model,
+)
 from model.loader import LoadedModel, load_model, parse_dtype
 from model.sampling_params import FinishReason, SamplingParams
 from model.sources import model_identity
@@ -44,10 +50,14 @@ class LocalGenerateRequest:
     params: SamplingParams
     is_json: bool
     """One JSON object per prompt per line instead of plain text."""
+    conversations: tuple[tuple[tuple[str, str], ...], ...] = ()
+    """(role, content) turns, rendered with the model's chat template; run last."""
 
     def __post_init__(self) -> None:
-        if not self.text_prompts and not self.token_id_prompts:
-            raise UsageError("no prompt: give PROMPT text, --prompts-file or --prompt-token-ids")
+        if not self.text_prompts and not self.token_id_prompts and not self.conversations:
+            raise UsageError(
+                "no prompt: give PROMPT text, --prompts-file, --prompt-token-ids or --chat"
+            )
         try:
             parse_dtype(self.dtype)
         except ValueError as exc:
@@ -124,7 +134,7 @@ def _drain(engine: DecodeEngine) -> Iterator[tuple[int, TokenOutput]]:
 
 
 def _tokenize(loaded: LoadedModel, request: LocalGenerateRequest) -> list[list[int]]:
-    if request.text_prompts and loaded.tokenizer is None:
+    if (request.text_prompts or request.conversations) and loaded.tokenizer is None:
         raise UsageError(
             f"model {request.model} has no tokenizer.json, so it cannot take text prompts; "
             "use --prompt-token-ids"
@@ -132,7 +142,36 @@ def _tokenize(loaded: LoadedModel, request: LocalGenerateRequest) -> list[list[i
     prompts = (
         [loaded.tokenizer.encode(text) for text in request.text_prompts] if loaded.tokenizer else []
     )
-    return prompts + [list(ids) for ids in request.token_id_prompts]
+    prompts += [list(ids) for ids in request.token_id_prompts]
+    return prompts + _render_conversations(loaded, request)
+
+
+def _render_conversations(loaded: LoadedModel, request: LocalGenerateRequest) -> list[list[int]]:
+    """Each conversation rendered as the router renders it: the model's chat template,
+    then the text tokenized without an extra BOS (the template writes its own)."""
+    if not request.conversations:
+        return []
+    source = chat_template_for_model(request.model)
+    if source is None:
+        raise UsageError(
+            f"model {request.model} has no chat template (chat_template.jinja or "
+            "tokenizer_config.json's chat_template); give PROMPT text instead of --chat"
+        )
+    tokenizer = loaded.tokenizer
+    assert tokenizer is not None  # checked by the caller
+    try:
+        template = ChatTemplate(
+            source,
+            bos_token=tokenizer.special_token_text(tokenizer.bos_token_id),
+            eos_token=tokenizer.special_token_text(tokenizer.eos_token_id),
+        )
+        texts = [
+            template.render([ChatMessage(role, text) for role, text in turns])
+            for turns in request.conversations
+        ]
+    except ChatTemplateError as err:
+        raise UsageError(str(err)) from None
+    return [tokenizer.encode(text, add_bos=False) for text in texts]
 
 
 def _stream_one(

@@ -96,7 +96,14 @@ class RayDeployment:
         self.router = (
             ray.remote(RouterActor)
             .options(**router_options)
-            .remote(RouterConfig(model=config.model, address=f"0.0.0.0:{config.port}"))
+            .remote(
+                RouterConfig(
+                    model=config.model,
+                    address=f"0.0.0.0:{config.port}",
+                    http_port=config.http_port,
+                    served_model_name=config.served_model_name,
+                )
+            )
         )
         # No retries: a router that cannot start fails the same way again.
         router_info = self._get(self.router.info.options(max_task_retries=0).remote(), "the router")

@@ -26,6 +26,8 @@ examples:
   kvrelay serve prefill --model dummy:135m --router localhost:50051 --kv-store redis://localhost:6379
   kvrelay serve decode  --model dummy:135m --router localhost:50051 --kv-store redis://localhost:6379
   kvrelay generate --target localhost:50051 "Hello"
+  curl localhost:8000/v1/completions -H 'Content-Type: application/json' \
+       -d '{"model": "dummy:135m", "prompt": "Hello", "max_tokens": 8}'
 
 Every worker of a cluster must use the same --model, --dtype and --block-size (the
 router refuses a worker whose KV layout differs). Workers can start before the router:
@@ -88,6 +90,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=3,
         help="router: times one request may resume on another decode worker (default: %(default)s)",
     )
+    router.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="router: port of the OpenAI-compatible HTTP API, on --host (0 turns it off; "
+        "default: %(default)s)",
+    )
+    router.add_argument(
+        "--served-model-name",
+        metavar="NAME",
+        help="router: the model's name in the HTTP API (default: the --model value)",
+    )
     parser.add_argument(
         "--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: any free one)"
     )
@@ -120,6 +134,8 @@ async def _serve(args: argparse.Namespace) -> int:
     print(f"kvrelay {args.role} serving on port {service.port}", flush=True)
     if service.metrics_port is not None:
         print(f"kvrelay {args.role} metrics on port {service.metrics_port}", flush=True)
+    if getattr(service, "http_port", None) is not None:
+        print(f"kvrelay {args.role} OpenAI API on port {service.http_port}", flush=True)
     signals = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -146,6 +162,8 @@ async def _start(args: argparse.Namespace, address: str):
         from router.service import RouterConfig, start_router
         from router.worker_calls import FailoverConfig
 
+        if not 0 <= args.http_port < 65536:
+            raise UsageError(f"--http-port {args.http_port} is not a port number (0 turns it off)")
         try:
             failover = FailoverConfig(
                 request_timeout_s=args.request_timeout,
@@ -161,6 +179,8 @@ async def _start(args: argparse.Namespace, address: str):
                 max_inflight=args.max_inflight,
                 metrics_port=args.metrics_port,
                 failover=failover,
+                http_port=http_port_flag(args.http_port),
+                served_model_name=args.served_model_name,
             ),
             tokenizer_for_model(args.model),
         )
@@ -178,3 +198,8 @@ async def _start(args: argparse.Namespace, address: str):
     from decode_worker.service import start_decode_worker
 
     return await start_decode_worker(decode_config(options, where, args.kv_store))
+
+
+def http_port_flag(value: int) -> int | None:
+    """`--http-port`: 0 turns the HTTP API off (RouterConfig's None)."""
+    return value or None

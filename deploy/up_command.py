@@ -64,6 +64,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--port", type=int, default=50051, help="router port (default: 50051)")
     parser.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="port of the router's OpenAI-compatible HTTP API (0 turns it off; default: 8000)",
+    )
+    parser.add_argument(
+        "--served-model-name",
+        metavar="NAME",
+        help="the model's name in the HTTP API (default: the --model value)",
+    )
+    parser.add_argument(
         "--cpus-per-actor", type=float, default=1.0, help="Ray CPUs per actor (default: 1)"
     )
     parser.add_argument(
@@ -102,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
             num_decode_workers=args.decode_workers,
             store_url=args.kv_store,
             port=args.port,
+            http_port=args.http_port or None,
+            served_model_name=args.served_model_name,
             num_cpus_per_actor=args.cpus_per_actor,
             num_gpus_per_worker=args.gpus_per_worker,
             ready_timeout_s=args.ready_timeout,
@@ -109,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.address is None:
-        _check_port_is_free(config.port)
+        _check_port_is_free(config.port, "--port")
+        if config.http_port is not None:
+            _check_port_is_free(config.http_port, "--http-port")
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     _on_signals(_request_shutdown)
     try:
@@ -212,7 +227,7 @@ def _start_dashboard():
     return dashboard
 
 
-def _check_port_is_free(port: int) -> None:
+def _check_port_is_free(port: int, flag: str) -> None:
     """Fails before Ray starts when the router could not bind its port here."""
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -220,7 +235,7 @@ def _check_port_is_free(port: int) -> None:
             sock.bind(("0.0.0.0", port))
         except OSError:
             raise UsageError(
-                f"port {port} is in use (another kvrelay up?); stop it or pass --port"
+                f"port {port} is in use (another kvrelay up?); stop it or pass {flag}"
             ) from None
 
 
@@ -234,6 +249,9 @@ def _print_ready(deployment, is_local: bool) -> None:
     _say("try, in another shell:")
     _say(f'  {kvrelay} generate --target {target} "hello"')
     _say(f"  {kvrelay} status --target {target}")
+    if deployment.config.http_port is not None:
+        host = target.rsplit(":", 1)[0]
+        _say(f"  curl http://{host}:{deployment.config.http_port}/v1/models")
     _say("Ctrl-C stops the cluster.")
 
 

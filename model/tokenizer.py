@@ -44,6 +44,11 @@ class Tokenizer(ABC):
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of `token_ids`, special tokens skipped."""
 
+    def special_token_text(self, token_id: int | None) -> str:
+        """The literal text of a (special) token, e.g. "<s>", as chat templates write
+        it; "" when the tokenizer has no text for it (or `token_id` is None)."""
+        return ""
+
 
 class ByteTokenizer(Tokenizer):
     """Ids 0..255 are the UTF-8 bytes; then BOS, EOS and pad. The dummy presets use it."""
@@ -119,6 +124,11 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def special_token_text(self, token_id: int | None) -> str:
+        if token_id is None:
+            return ""
+        return self._tokenizer.id_to_token(token_id) or ""
 
 
 def load_tokenizer(

@@ -22,6 +22,7 @@ from opentelemetry.context import Context
 
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos import generator_pb2 as pb
+from router.chat_prompt import ChatPrompts
 from router.cluster import Cluster
 from router.registry import Role
 from router.relay_error import RelayError
@@ -70,12 +71,15 @@ class RequestRelay:
         max_inflight: int,
         metrics: ServiceMetrics,
         failover: FailoverConfig | None = None,
+        chat: ChatPrompts | None = None,
     ) -> None:
         self.cluster = cluster
         self.calls = WorkerCalls(cluster, client, failover)
         self.is_draining = False
         """Set when the router drains: new requests are refused with UNAVAILABLE."""
         self.tokenizer = tokenizer
+        self.chat = chat
+        """The model's chat template, compiled once; None: requests with messages are refused."""
         self.limits = limits
         self.max_inflight = max_inflight
         self.stats = RelayStats()
@@ -101,7 +105,9 @@ class RequestRelay:
         try:
             with self._admitted():
                 req = self._prepare(request)
-                _set_request_attributes(span, self.cluster.model_name, req)
+                _set_request_attributes(
+                    span, self.cluster.model_name, req, is_chat=bool(request.messages)
+                )
                 self.stats.num_prompt_tokens_total += len(req.prompt_token_ids)
                 detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
                 emitter = ResponseEmitter(
@@ -181,7 +187,7 @@ class RequestRelay:
                 grpc.StatusCode.UNAVAILABLE,
                 "no decode worker is registered yet; start one (`kvrelay serve decode`) and retry",
             )
-        return prepare(request, self.limits, model, self.tokenizer)
+        return prepare(request, self.limits, model, self.tokenizer, self.chat)
 
     def _snapshot(self) -> Snapshot:
         return dataclasses.replace(
@@ -191,8 +197,10 @@ class RequestRelay:
         )
 
 
-def _set_request_attributes(span: trace.Span, model: str, req: PreparedRequest) -> None:
-    span.set_attribute(names.GEN_AI_OPERATION_NAME, "text_completion")
+def _set_request_attributes(
+    span: trace.Span, model: str, req: PreparedRequest, is_chat: bool
+) -> None:
+    span.set_attribute(names.GEN_AI_OPERATION_NAME, "chat" if is_chat else "text_completion")
     span.set_attribute(names.GEN_AI_REQUEST_MODEL, model)
     span.set_attribute(names.GEN_AI_REQUEST_MAX_TOKENS, req.sampling.max_tokens)
     span.set_attribute(names.GEN_AI_REQUEST_TEMPERATURE, req.sampling.temperature)

@@ -1,7 +1,8 @@
 """`prepare`: a GenerateRequest checked, tokenized and hashed, ready to route.
 
 The order is the request path's: the router's own limits on the request's shape
-and sampling, then the prompt as token ids (tokenized when it is text), then the
+and sampling, then the prompt as token ids (tokenized when it is text; `messages` are first
+rendered with the model's chat template, `router.chat_prompt`), then the
 model's rule for prompts (`model.prompt_limits.check_prompt`), then the hash chain
 of its full blocks, seeded with the cluster's KV fingerprint.
 """
@@ -16,6 +17,7 @@ from model.prompt_limits import InvalidPrompt, check_prompt
 from model.sampling_params import SamplingParams
 from model.tokenizer import Tokenizer
 from protos import generator_pb2 as pb
+from router.chat_prompt import ChatPrompts
 from router.cluster import ClusterModel
 from router.validation import (
     InvalidRequest,
@@ -47,8 +49,10 @@ def prepare(
     limits: RequestLimits,
     model: ClusterModel,
     tokenizer: Tokenizer | None,
+    chat: ChatPrompts | None = None,
 ) -> PreparedRequest:
-    """Raises InvalidRequest, whose message names the field and says what to change."""
+    """Raises InvalidRequest, whose message names the field and says what to change.
+    `chat` renders `messages` (None: the model has no chat template)."""
     validate_prompt_shape(request, limits)
     if len(request.request_id.encode()) > MAX_REQUEST_ID_BYTES:
         raise InvalidRequest(
@@ -58,11 +62,20 @@ def prepare(
     sampling = validate_sampling(request.sampling, limits)
     if request.prompt_token_ids:
         token_ids, field = list(request.prompt_token_ids), "prompt_token_ids"
+    elif tokenizer is None:
+        field = "messages" if request.messages else "prompt"
+        raise InvalidRequest(
+            f"this model has no tokenizer.json: send prompt_token_ids instead of {field}"
+        )
+    elif request.messages:
+        chat = chat or ChatPrompts(None, "messages need a chat template, and this router has none")
+        add_generation_prompt = (
+            request.add_generation_prompt if request.HasField("add_generation_prompt") else True
+        )
+        text = chat.render(request.messages, add_generation_prompt)
+        # The template writes the BOS itself when the model wants one.
+        token_ids, field = tokenizer.encode(text, add_bos=False), "messages"
     else:
-        if tokenizer is None:
-            raise InvalidRequest(
-                "this model has no tokenizer.json: send prompt_token_ids instead of prompt"
-            )
         token_ids, field = tokenizer.encode(request.prompt), "prompt"
     if sampling.stop and tokenizer is None:
         raise InvalidRequest(

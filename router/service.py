@@ -21,7 +21,9 @@ from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
 from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
+from router.chat_prompt import ChatPrompts
 from router.cluster import Cluster, RegistrationRefused
+from router.http_api import HttpServer, build_app
 from router.registry import Role
 from router.relay import RequestRelay
 from router.relay_error import RelayError
@@ -56,6 +58,12 @@ class RouterConfig:
     """Port for Prometheus `/metrics`; None turns it off, 0 picks a free one."""
     failover: FailoverConfig = field(default_factory=FailoverConfig)
     """Request and token timeouts, and how often a request may move between workers."""
+    http_port: int | None = None
+    """Port of the OpenAI-compatible HTTP API, on the gRPC address's host; None turns
+    it off, 0 picks a free one. (`kvrelay serve router` serves it on 8000.)"""
+    served_model_name: str | None = None
+    """The model's name in the HTTP API (`/v1/models`, a request's `model`); None:
+    `model`."""
 
     def __post_init__(self) -> None:
         if self.max_inflight < 1:
@@ -138,12 +146,16 @@ class RouterHealth:
         self.servicer: HealthServicer | None = None
         """Set once the server runs; until then it answers NOT_SERVING."""
 
+    def is_serving(self) -> bool:
+        """Whether a request sent now could be served (the HTTP API's `/health`)."""
+        return not self.relay.is_draining and bool(self.cluster.workers(Role.DECODE))
+
     async def update(self) -> None:
         if self.servicer is None or self.relay.is_draining:
             return  # not serving yet, or the drain set NOT_SERVING for good
         status = (
             health_pb2.HealthCheckResponse.SERVING
-            if self.cluster.workers(Role.DECODE)
+            if self.is_serving()
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for name in ("", "kvrelay.v1.Generator"):
@@ -160,10 +172,16 @@ class Router:
     _expiry_task: asyncio.Task
     metrics_port: int | None = None
     """Where `/metrics` is served, if it is."""
+    http: HttpServer | None = None
+    """The OpenAI-compatible HTTP API, if it is served."""
 
     @property
     def port(self) -> int:
         return self.server.port
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http else None
 
     async def drain(self, timeout_s: float) -> bool:
         """Refuses new requests (UNAVAILABLE) and lets those in flight finish, for at
@@ -181,6 +199,8 @@ class Router:
         self._expiry_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._expiry_task
+        if self.http is not None:
+            await self.http.stop(grace_s)
         await self.server.stop(grace_s)
         await self.relay.calls.wait_background(grace_s)
         await self.cluster.close()
@@ -197,6 +217,7 @@ async def start_router(config: RouterConfig, tokenizer: Tokenizer | None) -> Rou
         config.max_inflight,
         metrics,
         config.failover,
+        ChatPrompts.for_model(config.model, tokenizer),
     )
     health = RouterHealth(cluster, relay)
     server = await start_server(
@@ -230,9 +251,20 @@ async def start_router(config: RouterConfig, tokenizer: Tokenizer | None) -> Rou
             await cluster.expire()
             await health.update()
 
+    host = config.address.rsplit(":", 1)[0]
     metrics_port = None
     if config.metrics_port is not None:
-        host = config.address.rsplit(":", 1)[0]
         metrics_port = serve_metrics(metrics, config.metrics_port, host)
+    http = None
+    if config.http_port is not None:
+        app = build_app(relay, config.served_model_name or config.model, health.is_serving)
+        try:
+            http = HttpServer(app, host, config.http_port)
+            await http.start()
+        except BaseException:
+            await server.stop(0)
+            await cluster.close()
+            raise
     log.info("router serving %s on port %d", config.model, server.port)
-    return Router(server, cluster, relay, asyncio.ensure_future(expire_forever()), metrics_port)
+    expiry = asyncio.ensure_future(expire_forever())
+    return Router(server, cluster, relay, expiry, metrics_port, http)

@@ -68,14 +68,32 @@ def validate_sampling(sampling: pb.SamplingParams, limits: RequestLimits) -> Sam
 
 
 def validate_prompt_shape(request: pb.GenerateRequest, limits: RequestLimits) -> None:
-    """Checks size and that exactly one of prompt / prompt_token_ids is set."""
+    """Checks size, that exactly one of prompt / prompt_token_ids / messages is set,
+    and that every message has a role."""
     size = request.ByteSize()
     if size > limits.max_request_bytes:
         raise InvalidRequest(
             f"request is {size} bytes; the limit is {limits.max_request_bytes}; send a shorter prompt"
         )
-    has_text, has_ids = bool(request.prompt), bool(request.prompt_token_ids)
-    if has_text and has_ids:
-        raise InvalidRequest("set only one of prompt and prompt_token_ids, not both")
-    if not has_text and not has_ids:
-        raise InvalidRequest("prompt is empty: set prompt (text) or prompt_token_ids")
+    given = [
+        name
+        for name, is_set in (
+            ("prompt", bool(request.prompt)),
+            ("prompt_token_ids", bool(request.prompt_token_ids)),
+            ("messages", bool(request.messages)),
+        )
+        if is_set
+    ]
+    if len(given) > 1:
+        raise InvalidRequest(
+            f"set only one of prompt, prompt_token_ids and messages, not {' and '.join(given)}"
+        )
+    if not given:
+        raise InvalidRequest(
+            "prompt is empty: set prompt (text), prompt_token_ids or messages (a conversation)"
+        )
+    if request.HasField("add_generation_prompt") and not request.messages:
+        raise InvalidRequest("add_generation_prompt applies to messages only: unset it")
+    for i, message in enumerate(request.messages):
+        if not message.role:
+            raise InvalidRequest(f'messages[{i}].role is empty: set "system", "user", ...')

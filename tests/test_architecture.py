@@ -44,6 +44,11 @@ TORCH_FREE = (
     "kvstore.hashing",
     "kvstore.tail_lease",
     "deploy.worker_flags",
+    "router.service",
+    "router.chat_prompt",
+    "router.http_api",
+    "router.openai_models",
+    "router.openai_responses",
 )
 
 

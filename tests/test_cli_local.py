@@ -158,6 +158,8 @@ def test_missing_config_json(tmp_path, capsys) -> None:
         (("--max-tokens", "many", "hi"), "invalid int value: 'many'"),
         ((), "no prompt"),
         (("--prompts-file", "/nonexistent/prompts.txt"), "cannot read --prompts-file"),
+        (("--chat", "hi"), "model dummy:tiny has no chat template"),
+        (("--system", "be brief", "hi"), "--system goes with --chat"),
     ],
 )
 def test_usage_errors_exit_2(capsys, args, needle) -> None:
@@ -198,3 +200,26 @@ def test_help_teaches_with_examples() -> None:
     assert result.returncode == 0, result.stderr
     assert "examples:" in result.stdout
     assert "kvrelay generate --local" in result.stdout
+
+
+def test_chat_renders_the_models_template_without_an_extra_bos(hf_checkpoint, tmp_path, capsys):
+    from tests.cluster.local_cluster import byte_level_tokenizer
+
+    path = tmp_path / "chat-model"
+    shutil.copytree(hf_checkpoint("llama_gqa"), path)
+    byte_level_tokenizer(path)
+    (path / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    common = ("generate", "--local", "--model", str(path), "--json", "--max-tokens", "5")
+    chat = in_process(capsys, *common, "--ignore-eos", "--system", "S", "--chat", "Hi")
+    assert chat.returncode == 0, chat.stderr
+    # The same text as --prompt-token-ids, tokenized without a BOS.
+    from model.tokenizer import tokenizer_for_model
+
+    tokens = tokenizer_for_model(str(path)).encode("[system]S[user]Hi[assistant]", add_bos=False)
+    assert len(tokens) == len("[system]S[user]Hi[assistant]")
+    ids = ",".join(map(str, tokens))
+    plain = in_process(capsys, *common, "--ignore-eos", "--prompt-token-ids", ids)
+    assert json.loads(chat.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]

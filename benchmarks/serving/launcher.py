@@ -105,8 +105,13 @@ def free_port() -> int:
 class BenchCluster:
     """A running cluster of `layout`; use as a context manager."""
 
-    def __init__(self, layout: ClusterLayout, logdir: Path | None = None) -> None:
+    def __init__(
+        self, layout: ClusterLayout, logdir: Path | None = None, *, http_port: int | None = None
+    ) -> None:
+        """`http_port`: serve the router's OpenAI-compatible API there (0: a free
+        port); None (the default) turns it off."""
         self.layout = layout
+        self.http_port = free_port() if http_port == 0 else http_port
         self.logdir = logdir or Path(tempfile.mkdtemp(prefix=f"kvrelay-bench-{layout.name}-"))
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
@@ -140,7 +145,10 @@ class BenchCluster:
                 *("--save", "", "--appendonly", "no", "--dir", str(self.logdir)),
             ],
         )
-        self._serve("router", None, "router", "--port", str(self.port), *layout.extra_router_args)
+        http = ("--http-port", str(self.http_port or 0))
+        self._serve(
+            "router", None, "router", "--port", str(self.port), *http, *layout.extra_router_args
+        )
         common = ("--router", self.target, "--kv-store", f"redis://127.0.0.1:{redis_port}")
         common += ("--threads", "1", *layout.extra_worker_args)
         if not layout.is_prefix_cache_enabled:

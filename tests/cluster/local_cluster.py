@@ -56,6 +56,10 @@ class LocalCluster:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
+        # A port of its own (the default, 8000, would collide between clusters).
+        self.http_port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.http_port}/v1"
+        """The OpenAI-compatible API, for `openai.OpenAI(base_url=...)`."""
         self.processes: dict[str, subprocess.Popen] = {}
         self.metrics_ports: dict[str, int] = {}
         self._commands: dict[str, tuple[str, ...]] = {}
@@ -67,6 +71,8 @@ class LocalCluster:
             str(self.port),
             "--max-inflight",
             str(max_inflight),
+            "--http-port",
+            str(self.http_port),
             *router_args,
         )
         for i in range(num_prefill):

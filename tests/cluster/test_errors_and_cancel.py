@@ -22,7 +22,7 @@ INVALID = [
     (
         "both",
         {"prompt": "hi", "prompt_token_ids": [5]},
-        "set only one of prompt and prompt_token_ids",
+        "set only one of prompt, prompt_token_ids and messages, not prompt and prompt_token_ids",
     ),
     ("token-id-too-large", {"prompt_token_ids": [5, VOCAB_SIZE]}, "prompt_token_ids[1] is 320"),
     (

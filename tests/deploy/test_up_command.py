@@ -121,9 +121,10 @@ def test_up_serves_generate_and_stops_leaving_nothing_behind(
     up_process: list[UpProcess],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    port = free_port()
+    port, http_port = free_port(), free_port()
     up = UpProcess(
-        "--port", str(port), "--object-store-mb", "100", "--kv-cache-gb", "0.01"
+        "--port", str(port), "--http-port", str(http_port),
+        "--object-store-mb", "100", "--kv-cache-gb", "0.01",
     )  # fmt: skip
     up_process.append(up)
     up.wait_for("kvrelay is ready", timeout_s=150)
@@ -150,6 +151,11 @@ def test_up_serves_generate_and_stops_leaving_nothing_behind(
     local = json.loads(capsys.readouterr().out)
     result = json.loads(remote.stdout)
     assert result["token_ids"] == local["token_ids"] and len(result["token_ids"]) == 8
+    # The router's OpenAI-compatible API is up beside it, naming the model.
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/models", timeout=10) as r:
+        assert [m["id"] for m in json.load(r)["data"]] == ["dummy:tiny"]
 
     os.killpg(up.process.pid, stop_signal)
     assert up.process.wait(timeout=30) == 0
@@ -170,6 +176,7 @@ def test_up_serves_generate_and_stops_leaving_nothing_behind(
         (["--decode-workers", "0"], "at least one decode worker"),
         (["--kv-store", "memory"], "--kv-store 'memory': use ray"),
         (["--port", "70000"], "--port 70000 is not a port number"),
+        (["--http-port", "70000"], "--http-port 70000 is not a port number"),
     ],
 )
 def test_up_usage_errors_exit_2_with_one_line(
@@ -195,7 +202,7 @@ def test_up_usage_errors_exit_2_with_one_line(
 def test_ctrl_c_during_start_up_exits_0_with_no_traceback_and_leaves_nothing(
     up_process: list[UpProcess], moment: str, delay_s: float
 ) -> None:
-    up = UpProcess("--port", str(free_port()))
+    up = UpProcess("--port", str(free_port()), "--http-port", "0")
     up_process.append(up)
     up.wait_for(moment, timeout_s=120)
     time.sleep(delay_s)

@@ -71,11 +71,45 @@ def test_valid_edges_pass():
         (pb.GenerateRequest(), "prompt is empty"),
         (
             pb.GenerateRequest(prompt="hi", prompt_token_ids=[1]),
-            "set only one of prompt and prompt_token_ids",
+            "set only one of prompt, prompt_token_ids and messages, not prompt and prompt_token_ids",
+        ),
+        (
+            pb.GenerateRequest(prompt="hi", messages=[pb.ChatMessage(role="user", content="x")]),
+            "set only one of prompt, prompt_token_ids and messages, not prompt and messages",
+        ),
+        (
+            pb.GenerateRequest(
+                prompt_token_ids=[1], messages=[pb.ChatMessage(role="user", content="x")]
+            ),
+            "set only one of prompt, prompt_token_ids and messages, not prompt_token_ids and messages",
+        ),
+        (
+            pb.GenerateRequest(
+                prompt="a", prompt_token_ids=[1], messages=[pb.ChatMessage(role="user")]
+            ),
+            "set only one of prompt, prompt_token_ids and messages, not prompt and "
+            "prompt_token_ids and messages",
         ),
         (pb.GenerateRequest(prompt="x" * 20_000), "request is 2000"),
+        (
+            pb.GenerateRequest(prompt="hi", add_generation_prompt=False),
+            "add_generation_prompt applies to messages only",
+        ),
+        (
+            pb.GenerateRequest(messages=[pb.ChatMessage(role="user"), pb.ChatMessage(content="x")]),
+            "messages[1].role is empty",
+        ),
     ],
-    ids=["neither", "both", "too-big"],
+    ids=[
+        "neither",
+        "prompt-and-ids",
+        "prompt-and-messages",
+        "ids-and-messages",
+        "all-three",
+        "too-big",
+        "add-generation-prompt-without-messages",
+        "no-role",
+    ],
 )
 def test_prompt_shape_refusals(request_, message):
     with pytest.raises(InvalidRequest) as err:
