@@ -98,10 +98,6 @@ class HFTokenizer(Tokenizer):
         self._bos_token_id = bos_token_id
         self._eos_token_id = eos_token_id
 
-    def token_text(self, token_id: int) -> str:
-        """The token's own text (e.g. `<|im_end|>`), for chat templates."""
-        return self._tokenizer.id_to_token(token_id) or ""
-
     @property
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)

@@ -89,7 +89,7 @@ def test_smollm2_config_comes_from_the_metadata(ours_smollm2) -> None:
     )
     assert config.tie_word_embeddings and config.rope_theta == 100000.0
     assert config.eos_token_ids == (2,)  # <|im_end|>: a chat turn ends the answer
-    assert ours_smollm2.tokenizer.token_text(2) == "<|im_end|>"
+    assert ours_smollm2.tokenizer.special_token_text(2) == "<|im_end|>"
 
 
 def test_smollm2_greedy_tokens_equal_transformers_on_the_same_file(
