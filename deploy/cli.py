@@ -27,6 +27,7 @@ SUBCOMMAND_MODULES = (
     "deploy.up_command",
     "deploy.status_command",
     "deploy.bench_command",
+    "deploy.inspect_command",
 )
 
 EXIT_RUNTIME_ERROR = 1

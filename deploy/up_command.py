@@ -175,14 +175,18 @@ def _up(args: argparse.Namespace, config) -> int:
             _say(f"joining the Ray cluster at {args.address}...")
             ray.init(address=args.address, logging_level="ERROR", log_to_driver=args.verbose)
         _on_signals(_request_shutdown)  # ray.init installs its own SIGTERM handler
-        deployment.start(_say)
+        _check_shutdown()
+        deployment.start(_progress)
+        _check_shutdown()
         _print_ready(deployment, is_local)
         if dashboard is not None:
             _say(f"  traces:  {dashboard.url}")
         while True:
             if is_local:
                 spawned |= local_processes.live_descendants()
-            time.sleep(5)
+            for _ in range(10):
+                _check_shutdown()
+                time.sleep(0.5)
     finally:
         # A second Ctrl-C must not cut the clean-up short and leave Ray running.
         _on_signals(signal.SIG_IGN)
@@ -281,8 +285,27 @@ def _is_shutdown(err: BaseException) -> bool:
     return False
 
 
+_requested: list[str] = []
+"""The signal that asked for the shutdown, once one has."""
+
+
 def _request_shutdown(signum: int, frame: FrameType | None) -> None:
-    raise ShutdownRequested(signal.Signals(signum).name)
+    # Raised where the signal lands, and also remembered: a raise that lands in
+    # code that swallows exceptions (an at-fork hook, a __del__) is raised again at
+    # the next check, so no moment of the start-up can lose a Ctrl-C.
+    _requested.append(signal.Signals(signum).name)
+    raise ShutdownRequested(_requested[0])
+
+
+def _check_shutdown() -> None:
+    if _requested:
+        raise ShutdownRequested(_requested[0])
+
+
+def _progress(line: str) -> None:
+    """Start-up progress: said, after checking for a shutdown request."""
+    _check_shutdown()
+    _say(line)
 
 
 def _on_signals(handler) -> None:

@@ -6,7 +6,10 @@ This module does not import torch.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from model.config import ModelConfig, load_config
+from model.errors import ModelLoadError
 
 
 def config_for_model(spec: str) -> ModelConfig:
@@ -19,6 +22,11 @@ def config_for_model(spec: str) -> ModelConfig:
         return preset_config(spec)
     if is_gguf_spec(spec):
         return gguf_config(spec)
+    if not Path(spec).is_dir():
+        raise ModelLoadError(
+            f"model {spec!r} is not a directory, a .gguf file or a preset "
+            "(dummy:tiny, dummy:135m, smollm2:135m-instruct)"
+        )
     return load_config(spec)
 
 
