@@ -74,7 +74,9 @@ def test_kill_9_of_a_decode_worker_mid_generation_loses_no_token(make_cluster, e
     assert stats.num_resumed_requests_total == len(REQUESTS)
     # Each resume fetched what decode-0 published and computed only its last partial
     # block (at most BLOCK tokens each), not the prompt and tokens so far.
-    assert 0 < stats.num_resumed_computed_tokens_total <= len(REQUESTS) * BLOCK
+    # (A block filled in the last moment before the freeze may not have reached the
+    # store yet: at most one more block per request.)
+    assert 0 < stats.num_resumed_computed_tokens_total <= len(REQUESTS) * 2 * BLOCK
     assert metric_value(cluster.metrics("router"), "kvrelay:request_migrations_total") == 8
     assert cluster.wait_exit("decode-0", 5) == -signal.SIGKILL
     wait_gone(cluster, "decode-0")
