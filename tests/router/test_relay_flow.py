@@ -83,6 +83,16 @@ class ScriptedWorkers(WorkerClient):
             yield item
 
 
+class StallsOnD0(ScriptedWorkers):
+    """d0 goes silent after its script (never fails, never ends)."""
+
+    async def decode(self, worker_id, request, timeout_s, trace_context=None):
+        async for item in super().decode(worker_id, request, timeout_s, trace_context):
+            yield item
+        if worker_id == "d0":
+            await asyncio.Event().wait()
+
+
 def prefilled(
     first_token: int, *, has_tail: bool = True, finish: int = pb.FINISH_REASON_UNSPECIFIED
 ) -> Callable[[wpb.PrefillRequest], wpb.PrefillResult]:
@@ -400,15 +410,6 @@ def test_a_decode_worker_refusing_the_request_is_not_resumed() -> None:
 
 
 def test_a_decode_worker_that_stops_sending_tokens_is_failed_after_the_token_timeout() -> None:
-    never = asyncio.Event()
-
-    class StallsOnD0(ScriptedWorkers):
-        async def decode(self, worker_id, request, timeout_s, trace_context=None):
-            async for item in super().decode(worker_id, request, timeout_s, trace_context):
-                yield item
-            if worker_id == "d0":
-                await never.wait()
-
     workers = StallsOnD0()
     workers.prefills = {"p0": prefilled(ord("A"))}
     workers.decodes = {"d0": [decoded(b"B")], "d1": [decoded(b"C", pb.FINISH_REASON_LENGTH)]}
@@ -420,15 +421,6 @@ def test_a_decode_worker_that_stops_sending_tokens_is_failed_after_the_token_tim
 
 
 def test_a_worker_declared_lost_fails_its_streams_over_at_once() -> None:
-    never = asyncio.Event()
-
-    class StallsOnD0(ScriptedWorkers):
-        async def decode(self, worker_id, request, timeout_s, trace_context=None):
-            async for item in super().decode(worker_id, request, timeout_s, trace_context):
-                yield item
-            if worker_id == "d0":
-                await never.wait()
-
     workers = StallsOnD0()
     workers.prefills = {"p0": prefilled(ord("A"))}
     workers.decodes = {"d0": [decoded(b"B")], "d1": [decoded(b"C", pb.FINISH_REASON_LENGTH)]}
