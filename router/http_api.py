@@ -10,9 +10,9 @@ model, 429 the router's admission limit or full workers, 503 no worker (or a
 draining router), 504 the deadline.
 
 A streamed answer starts only once the first token is there, so a request that
-fails before it gets its status. A client that disconnects mid-stream cancels the
-relay's generator, which cancels the worker call and frees its KV, exactly as a
-cancelled gRPC stream does.
+fails before it gets its status. A client that disconnects, mid-stream or while
+it waits for a whole answer, cancels the relay's generator, which cancels the
+worker call and frees its KV, exactly as a cancelled gRPC stream does.
 """
 
 from __future__ import annotations
@@ -170,16 +170,18 @@ def build_app(
         return JSONResponse(cards.model_dump())
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Response:
+    async def completions(body: CompletionRequest, http: Request) -> Response:
         meta, request = _start(body, "cmpl")
         meta = _with(meta, want_logprobs=body.logprobs is not None)
-        return await _answer(relay, request, meta, body.stream, completion_events, completion_body)
+        return await _answer(
+            relay, http, request, meta, body.stream, completion_events, completion_body
+        )
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Response:
+    async def chat_completions(body: ChatCompletionRequest, http: Request) -> Response:
         meta, request = _start(body, "chatcmpl")
         meta = _with(meta, want_logprobs=body.logprobs)
-        return await _answer(relay, request, meta, body.stream, chat_events, chat_body)
+        return await _answer(relay, http, request, meta, body.stream, chat_events, chat_body)
 
     def _start(
         body: CompletionRequest | ChatCompletionRequest, prefix: str
@@ -212,13 +214,15 @@ def _with(meta: ResponseMeta, want_logprobs: bool) -> ResponseMeta:
     )
 
 
-async def _answer(relay, request, meta, stream, events, body) -> Response:
+async def _answer(relay, http: Request, request, meta, stream, events, body) -> Response:
     responses = relay.generate(request, None)
     if not stream:
         try:
-            answer = await collect(responses)
+            answer = await _collect_while_connected(http, responses)
         except (InvalidRequest, RelayError) as err:
             raise ApiError.of(err) from None
+        if answer is None:  # the client left; nobody reads this
+            return Response(status_code=499)
         return Response(body(answer, meta).model_dump_json(), media_type="application/json")
     # The first message before the headers: errors before it get their status.
     try:
@@ -233,6 +237,30 @@ async def _answer(relay, request, meta, stream, events, body) -> Response:
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+async def _collect_while_connected(http: Request, responses: AsyncIterator):
+    """The whole answer, or None when the client disconnects first: then the relay's
+    generator is closed at once, which cancels the worker call and frees its KV."""
+    collecting = asyncio.ensure_future(collect(responses))
+    watching = asyncio.ensure_future(_disconnect(http))
+    try:
+        await asyncio.wait((collecting, watching), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not collecting.done():
+            collecting.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(collecting, return_exceptions=True)
+                await responses.aclose()
+    return None if collecting.cancelled() else collecting.result()
+
+
+async def _disconnect(http: Request) -> None:
+    """Returns when the client closes its connection (the body is already read, so the
+    next ASGI message is the disconnect)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _prepend(

@@ -1,7 +1,8 @@
 """The router's OpenAI-compatible HTTP API on a real cluster, called with the
 official `openai` SDK: the same answers as the gRPC API (text, tokens, usage),
 OpenAI's shapes streamed and not, the SDK's typed errors for bad requests, and a
-stream the client closes freeing every block, as a cancelled gRPC stream does.
+stream the client closes (or a client that leaves before a whole answer) freeing
+every block, as a cancelled gRPC stream does.
 
 One cluster for the module (a prefill and a decode worker), its decode worker
 gated so `/health` is seen answering 503 before it registers; the first test
@@ -9,7 +10,11 @@ opens the gate."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import shutil
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -20,7 +25,7 @@ import pytest
 
 from protos import generator_pb2 as pb
 from tests.cluster.helpers import assert_back_to_baseline, wait_until
-from tests.cluster.local_cluster import LocalCluster
+from tests.cluster.local_cluster import ROOT, LocalCluster
 
 pytestmark = pytest.mark.slow
 
@@ -301,13 +306,24 @@ def test_a_closed_stream_frees_its_blocks_and_admission_is_a_429(
     assert answer.usage.completion_tokens == 2
 
 
+def test_a_client_that_leaves_before_a_whole_answer_cancels_it(cluster: LocalCluster) -> None:
+    """A non-streamed request whose client closes its connection mid-generation is
+    cancelled: every block is freed long before its 400 tokens would be done."""
+    generated_before = cluster.stats("decode-0").num_generated_tokens_total
+    body = {"model": SERVED_NAME, "prompt": PROMPT * 3, "max_tokens": 400, "temperature": 0}
+    body["ignore_eos"] = True
+    connection = http.client.HTTPConnection("127.0.0.1", cluster.http_port, timeout=10)
+    connection.request(
+        "POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"}
+    )
+    wait_until(lambda: cluster.stats("decode-0").num_used_blocks > 0, 10, "decode to admit it")
+    connection.close()
+    assert_back_to_baseline(cluster, timeout_s=10)
+    generated = cluster.stats("decode-0").num_generated_tokens_total - generated_before
+    assert 0 < generated < 300, f"{generated} tokens: the request ran on after its client left"
+
+
 def test_kvrelay_generate_chat_sends_messages(cluster: LocalCluster) -> None:
-    import json
-    import subprocess
-    import sys
-
-    from tests.cluster.local_cluster import ROOT
-
     text, usage = grpc_answer(cluster, messages=chat_messages())
     command = ["generate", "--target", cluster.target, "--json", "--max-tokens", "12"]
     command += [
