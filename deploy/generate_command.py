@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from deploy.cli_errors import UsageError
+from model.sampling_params import DEFAULT_MAX_TOKENS
 
 EPILOG = """\
 examples:
@@ -26,6 +27,8 @@ With one prompt the text is streamed as it is generated; --json prints one objec
 per prompt per line: {"prompt_index", "token_ids", "text", "finish_reason"}.
 """
 
+# A chat answer ends at the model's end-of-turn token, so its default only bounds it.
+DEFAULT_CHAT_MAX_TOKENS = 256
 # `model.loader.DTYPES` would import torch, which `kvrelay --help` must not.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -75,7 +78,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--system", metavar="TEXT", help="a system message before every --chat message"
     )
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--max-tokens", type=int, default=16, help="default: %(default)s")
+    sampling.add_argument(
+        "--max-tokens",
+        type=int,
+        help=f"default: {DEFAULT_MAX_TOKENS}, or {DEFAULT_CHAT_MAX_TOKENS} with --chat (an answer "
+        "stops at its end-of-turn)",
+    )
     sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus mass, (0, 1]")
     sampling.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -102,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
     if args.system is not None and not args.chat:
         raise UsageError("--system goes with --chat: give the user's message with --chat")
     conversations = tuple(_conversation(args.system, text) for text in args.chat)
+    if args.max_tokens is None:
+        args.max_tokens = DEFAULT_CHAT_MAX_TOKENS if conversations else DEFAULT_MAX_TOKENS
     if not args.local:
         return _run_remote(args, text_prompts, token_id_prompts, conversations)
     # Imported here so `kvrelay --help` does not pay for importing torch.

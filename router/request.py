@@ -9,6 +9,7 @@ of its full blocks, seeded with the cluster's KV fingerprint.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass
 
@@ -75,6 +76,10 @@ def prepare(
         text = chat.render(request.messages, add_generation_prompt)
         # The template writes the BOS itself when the model wants one.
         token_ids, field = tokenizer.encode(text, add_bos=False), "messages"
+        if not request.sampling.HasField("max_tokens"):
+            # An answer runs to its end-of-turn: the rest of the context, within the limit.
+            room = min(limits.max_tokens, model.max_context_len - len(token_ids))
+            sampling = dataclasses.replace(sampling, max_tokens=max(room, 1))
     else:
         token_ids, field = tokenizer.encode(request.prompt), "prompt"
     if sampling.stop and tokenizer is None:

@@ -110,7 +110,31 @@ def test_the_rendered_prompt_must_fit_the_context(tmp_path):
     with pytest.raises(
         InvalidRequest, match=r"messages has 58 tokens and sampling\.max_tokens is 16"
     ):
+        sampling = pb.SamplingParams(max_tokens=16)
+        request = chat_request(("user", "Hi there"), sampling=sampling)
+        prepare(request, RequestLimits(), small, TOKENIZER, chat)
+    with pytest.raises(InvalidRequest, match=r"messages has 58 tokens and sampling\.max_tokens"):
         prepare(chat_request(("user", "Hi there")), RequestLimits(), small, TOKENIZER, chat)
+
+
+def test_an_answer_without_max_tokens_may_run_to_the_end_of_the_context(tmp_path):
+    """Unset max_tokens: 16 for a prompt, but a chat answer runs to its end-of-turn,
+    so it may take the rest of the context, within the server's limit."""
+    chat = ChatPrompts.for_model(model_dir(tmp_path, CHATML), TOKENIZER)
+    roomy = ClusterModel("m", b"f" * 16, block_size=4, vocab_size=259, max_context_len=100)
+    prepared = prepare(chat_request(("user", "Hi")), RequestLimits(), roomy, TOKENIZER, chat)
+    assert prepared.sampling.max_tokens == 100 - len(prepared.prompt_token_ids)
+    capped = prepare(
+        chat_request(("user", "Hi")), RequestLimits(max_tokens=20), roomy, TOKENIZER, chat
+    )
+    assert capped.sampling.max_tokens == 20
+    sampling = pb.SamplingParams(max_tokens=5)
+    chosen = prepare(
+        chat_request(("user", "Hi"), sampling=sampling), RequestLimits(), roomy, TOKENIZER, chat
+    )
+    assert chosen.sampling.max_tokens == 5
+    prompt = prepare(pb.GenerateRequest(prompt="Hi"), RequestLimits(), roomy, TOKENIZER, chat)
+    assert prompt.sampling.max_tokens == 16
 
 
 def test_messages_need_a_tokenizer(tmp_path):
