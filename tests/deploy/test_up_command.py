@@ -62,11 +62,12 @@ def started_by(root_pid: int) -> dict[int, str]:
 
 
 class UpProcess:
-    """`kvrelay up` in its own session, its output collected line by line."""
+    """`kvrelay up` (or `command`, which runs it) in its own session, its output
+    collected line by line."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, command: list[str] | None = None) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "deploy.cli", "up", *args],
+            command or [sys.executable, "-m", "deploy.cli", "up", *args],
             cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             stdout=subprocess.PIPE,
@@ -220,4 +221,50 @@ def test_ctrl_c_during_start_up_exits_0_with_no_traceback_and_leaves_nothing(
     time.sleep(1)
     alive = process_table()
     left = {pid: cmd for pid, cmd in up.spawned.items() if pid in alive and alive[pid][2] == cmd}
+    assert left == {}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_make_run_answers_the_readme_chat_question_and_ctrl_c_stops_it(
+    up_process: list[UpProcess],
+) -> None:
+    """`make run` (its default model, the smollm2:135m-instruct preset) then, in another
+    shell, `kvrelay generate --chat "What is the capital of France?"`: a sentence naming
+    Paris. The venv is this one, taken as set up (`-o` its stamp: no reinstall)."""
+    venv = Path(sys.prefix)
+    port = free_port()
+    run_args = f"--port {port} --http-port {free_port()} --object-store-mb 200"
+    up = UpProcess(
+        command=[
+            "make", "--no-print-directory", "run", f"VENV={venv}", f"RUN_ARGS={run_args}",
+            "-o", f"{venv}/.kvrelay-installed",
+        ]
+    )  # fmt: skip
+    up_process.append(up)
+    up.wait_for("kvrelay is ready", timeout_s=300)
+    assert any("smollm2:135m-instruct" in line for line in up.lines), up.lines
+    up.spawned = started_by(up.process.pid)
+
+    question = "What is the capital of France?"
+    answer = subprocess.run(
+        [str(venv / "bin" / "kvrelay"), "generate", "--target", f"127.0.0.1:{port}", "--chat",
+         question],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert answer.returncode == 0, answer.stderr
+    assert "Paris" in answer.stdout and answer.stdout.strip().endswith("."), answer.stdout
+
+    os.killpg(up.process.pid, signal.SIGINT)
+    up.process.wait(timeout=60)  # make itself exits on the signal
+    up._reader.join(30)
+    assert "kvrelay up: stopped" in up.lines, "\n".join(up.lines)
+    deadline = time.monotonic() + 30
+    while True:
+        alive = process_table()
+        left = {p: cmd for p, cmd in up.spawned.items() if p in alive and alive[p][2] == cmd}
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert left == {}
