@@ -28,6 +28,7 @@ SUBCOMMAND_MODULES = (
     "deploy.status_command",
     "deploy.bench_command",
     "deploy.inspect_command",
+    "deploy.certs_command",
 )
 
 EXIT_RUNTIME_ERROR = 1
