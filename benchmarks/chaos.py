@@ -236,7 +236,7 @@ class ResumeCost:
 
 def _resume_cost(cluster: BenchCluster, num_trials: int, length: int, seed: int) -> ResumeCost:
     """Direct Decode calls, as the router makes them on a resume."""
-    with grpc.insecure_channel(cluster.target) as channel:
+    with grpc.insecure_channel(cluster.internal_target) as channel:
         workers = wgrpc.RegistryStub(channel).ListWorkers(wpb.ListWorkersRequest(), timeout=5)
     decoders = sorted(
         (w for w in workers.workers if w.role == wpb.WORKER_ROLE_DECODE),

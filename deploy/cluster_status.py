@@ -14,6 +14,8 @@ import grpc
 from deploy.remote_generate import RouterUnreachable
 from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
+from rpc.channel import open_blocking_channel
+from rpc.tls import ClusterTLS
 
 _ROLE_NAMES = {wpb.WORKER_ROLE_PREFILL: "prefill", wpb.WORKER_ROLE_DECODE: "decode"}
 
@@ -48,26 +50,30 @@ class ClusterStatus:
     """Sorted by worker id."""
 
 
-def fetch_cluster_status(target: str, timeout_s: float = 3.0) -> ClusterStatus:
-    """Asks the router at `target` and every worker it lists. Raises
+def fetch_cluster_status(
+    target: str, timeout_s: float = 3.0, tls: ClusterTLS | None = None
+) -> ClusterStatus:
+    """Asks the router's Registry at `target` (its internal address) and every
+    worker it lists, over cluster mTLS when `tls` is given. Raises
     `RouterUnreachable` when the router does not answer."""
-    with grpc.insecure_channel(target) as channel:
+    with open_blocking_channel(target, tls) as channel:
         try:
             listed = wgrpc.RegistryStub(channel).ListWorkers(
                 wpb.ListWorkersRequest(), timeout=timeout_s
             )
         except grpc.RpcError as err:
             raise RouterUnreachable(
-                f"no kvrelay router answers at {target} ({err.code().name}); start one with "
-                "`kvrelay up` (or `kvrelay serve router`), or pass --target HOST:PORT"
+                f"no kvrelay router Registry answers at {target} ({err.code().name}); start "
+                "one with `kvrelay up` (or `kvrelay serve router`), or pass --router HOST:PORT "
+                "(its internal port) and, on a cluster with TLS, --tls-dir"
             ) from None
-    workers = [_worker_status(info, timeout_s) for info in listed.workers]
+    workers = [_worker_status(info, timeout_s, tls) for info in listed.workers]
     return ClusterStatus(target, listed.model, tuple(sorted(workers, key=lambda w: w.worker_id)))
 
 
-def _worker_status(info: wpb.WorkerInfo, timeout_s: float) -> WorkerStatus:
+def _worker_status(info: wpb.WorkerInfo, timeout_s: float, tls: ClusterTLS | None) -> WorkerStatus:
     stats, error = None, ""
-    with grpc.insecure_channel(info.address) as channel:
+    with open_blocking_channel(info.address, tls) as channel:
         stub = (
             wgrpc.PrefillWorkerStub(channel)
             if info.role == wpb.WORKER_ROLE_PREFILL

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from deploy.cli_errors import UsageError
@@ -45,6 +46,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     where.add_argument("--local", action="store_true", help="run the model in this process")
     where.add_argument(
         "--target", metavar="HOST:PORT", help="a kvrelay router (default: localhost:50051)"
+    )
+    where.add_argument(
+        "--api-key",
+        default=os.environ.get("KVRELAY_API_KEY"),
+        help="the router's API key (default: $KVRELAY_API_KEY)",
+    )
+    where.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="a router whose public port has TLS: the CA its certificate chains to (PEM)",
     )
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -176,8 +187,14 @@ def _run_remote(
         )
         for turns in conversations
     ]
+    try:
+        tls_ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    except OSError as err:
+        raise UsageError(f"--tls-ca {args.tls_ca}: {err.strerror}") from None
     return run_remote_generate(
-        RemoteGenerateRequest(args.target or "localhost:50051", tuple(requests), args.json)
+        RemoteGenerateRequest(
+            args.target or "localhost:50051", tuple(requests), args.json, args.api_key, tls_ca
+        )
     )
 
 

@@ -1,4 +1,6 @@
-"""`kvrelay generate --target HOST:PORT`: a streaming client of the Generate API."""
+"""`kvrelay generate --target HOST:PORT`: a streaming client of the Generate API,
+with an API key (`--api-key`, `KVRELAY_API_KEY`) and TLS to a router whose public
+port has it (`--tls-ca`)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import grpc
 
 from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
-from rpc.channel import open_channel
+from rpc.limits import channel_options
 
 CONNECT_TIMEOUT_S = 3.0
 _FINISH_NAMES = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
@@ -31,6 +33,20 @@ class RemoteGenerateRequest:
     target: str
     requests: tuple[pb.GenerateRequest, ...]
     is_json: bool
+    api_key: str | None = None
+    """Sent as `authorization: Bearer KEY`."""
+    tls_ca: bytes | None = None
+    """PEM roots that the router's public certificate must chain to; None: plaintext."""
+
+    def open_channel(self) -> grpc.aio.Channel:
+        if self.tls_ca is None:
+            return grpc.aio.insecure_channel(self.target, options=channel_options())
+        credentials = grpc.ssl_channel_credentials(root_certificates=self.tls_ca)
+        return grpc.aio.secure_channel(self.target, credentials, options=channel_options())
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
 
 
 def run_remote_generate(request: RemoteGenerateRequest, out: TextIO | None = None) -> int:
@@ -38,7 +54,7 @@ def run_remote_generate(request: RemoteGenerateRequest, out: TextIO | None = Non
 
 
 async def _run(request: RemoteGenerateRequest, out: TextIO) -> int:
-    async with open_channel(request.target) as channel:
+    async with request.open_channel() as channel:
         try:
             await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
         except TimeoutError:
@@ -49,7 +65,10 @@ async def _run(request: RemoteGenerateRequest, out: TextIO) -> int:
         stub = pb_grpc.GeneratorStub(channel)
         is_streamed = len(request.requests) == 1 and not request.is_json
         results = await asyncio.gather(
-            *(_generate(stub, r, out if is_streamed else None) for r in request.requests)
+            *(
+                _generate(stub, r, request.metadata, out if is_streamed else None)
+                for r in request.requests
+            )
         )
     for index, result in enumerate(results):
         if request.is_json:
@@ -60,13 +79,16 @@ async def _run(request: RemoteGenerateRequest, out: TextIO) -> int:
 
 
 async def _generate(
-    stub: pb_grpc.GeneratorStub, request: pb.GenerateRequest, stream_to: TextIO | None
+    stub: pb_grpc.GeneratorStub,
+    request: pb.GenerateRequest,
+    metadata: tuple[tuple[str, str], ...],
+    stream_to: TextIO | None,
 ) -> dict:
     token_ids: list[int] = []
     text: list[str] = []
     result: dict = {}
     try:
-        async for response in stub.Generate(request):
+        async for response in stub.Generate(request, metadata=metadata):
             token_ids.extend(response.token_ids)
             text.append(response.text)
             if stream_to is not None and response.text:

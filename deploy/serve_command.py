@@ -20,14 +20,25 @@ from deploy.cli_errors import UsageError
 from deploy.worker_flags import add_worker_flags, decode_config, prefill_config, worker_options
 
 EPILOG = """\
-examples:
+examples (one machine, plaintext):
   redis-server --port 6379 &
   kvrelay serve router  --model dummy:135m --port 50051
-  kvrelay serve prefill --model dummy:135m --router localhost:50051 --kv-store redis://localhost:6379
-  kvrelay serve decode  --model dummy:135m --router localhost:50051 --kv-store redis://localhost:6379
+  kvrelay serve prefill --model dummy:135m --router localhost:50052 --kv-store redis://localhost:6379
+  kvrelay serve decode  --model dummy:135m --router localhost:50052 --kv-store redis://localhost:6379
   kvrelay generate --target localhost:50051 "Hello"
   curl localhost:8000/v1/completions -H 'Content-Type: application/json' \
        -d '{"model": "dummy:135m", "prompt": "Hello", "max_tokens": 8}'
+
+a real cluster (mTLS inside, API keys outside, authenticated KV blocks):
+  kvrelay certs /etc/kvrelay/tls --host router.internal --host 10.0.0.5
+  kvrelay serve router --host 0.0.0.0 --tls-dir /etc/kvrelay/tls --api-keys-file keys.txt \
+       --public-tls-cert public.pem --public-tls-key public-key.pem
+  kvrelay serve decode --host 0.0.0.0 --advertise 10.0.0.7:7000 --port 7000 \
+       --router router.internal:50052 --tls-dir /etc/kvrelay/tls --kv-secret-file kv.secret
+
+The router serves Generate (and the HTTP API) on --port, and the Registry workers
+register with on --internal-port (default: --port + 1); workers take --router as that
+internal address. Every service binds 127.0.0.1 unless --host says otherwise.
 
 Every worker of a cluster must use the same --model, --dtype and --block-size (the
 router refuses a worker whose KV layout differs). Workers can start before the router:
@@ -44,7 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("role", choices=("router", "prefill", "decode"), help="which service")
-    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: %(default)s; 0.0.0.0 for every interface)",
+    )
     parser.add_argument(
         "--port",
         type=int,
@@ -53,7 +68,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--advertise", metavar="HOST:PORT", help="address the router dials (workers)"
     )
-    parser.add_argument("--router", metavar="HOST:PORT", help="router to register with (workers)")
+    parser.add_argument(
+        "--router",
+        metavar="HOST:PORT",
+        help="the router's internal address to register with (workers; its --internal-port)",
+    )
+    security = parser.add_argument_group("security")
+    security.add_argument(
+        "--tls-dir",
+        metavar="DIR",
+        help="cluster mTLS: DIR holds ca.pem, cert.pem and key.pem (`kvrelay certs DIR`); "
+        "every internal call then needs a certificate that CA signed (default: plaintext)",
+    )
+    security.add_argument(
+        "--public-tls-cert", metavar="FILE", help="router: TLS certificate of the public port"
+    )
+    security.add_argument(
+        "--public-tls-key", metavar="FILE", help="router: the key of --public-tls-cert"
+    )
+    security.add_argument(
+        "--api-keys-file",
+        metavar="FILE",
+        help="router: keys the public API requires, one per line (or set KVRELAY_API_KEYS); "
+        "callers send `authorization: Bearer KEY`",
+    )
     parser.add_argument(
         "--kv-store",
         default="redis://127.0.0.1:6379",
@@ -69,6 +107,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="router: requests at once before RESOURCE_EXHAUSTED",
     )
     router = parser.add_argument_group("router")
+    router.add_argument(
+        "--internal-port",
+        type=int,
+        help="router: port of the Registry, where workers register (default: --port + 1)",
+    )
     router.add_argument(
         "--request-timeout",
         type=float,
@@ -105,6 +148,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: any free one)"
     )
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address /metrics binds (default: %(default)s)",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     add_worker_flags(parser)
@@ -132,6 +180,8 @@ async def _serve(args: argparse.Namespace) -> int:
     setup_tracing(service_name)
     service = await _start(args, address)
     print(f"kvrelay {args.role} serving on port {service.port}", flush=True)
+    if getattr(service, "internal_port", None) is not None:
+        print(f"kvrelay {args.role} Registry on port {service.internal_port}", flush=True)
     if service.metrics_port is not None:
         print(f"kvrelay {args.role} metrics on port {service.metrics_port}", flush=True)
     if getattr(service, "http_port", None) is not None:
@@ -157,40 +207,29 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 async def _start(args: argparse.Namespace, address: str):
-    if args.role == "router":
-        from model.tokenizer import tokenizer_for_model
-        from router.service import RouterConfig, start_router
-        from router.worker_calls import FailoverConfig
+    from rpc.tls import ClusterTLS, TLSConfigError
 
-        if not 0 <= args.http_port < 65536:
-            raise UsageError(f"--http-port {args.http_port} is not a port number (0 turns it off)")
-        try:
-            failover = FailoverConfig(
-                request_timeout_s=args.request_timeout,
-                token_timeout_s=args.token_timeout,
-                max_migrations=args.max_migrations,
-            )
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-        return await start_router(
-            RouterConfig(
-                model=args.model,
-                address=address,
-                max_inflight=args.max_inflight,
-                metrics_port=args.metrics_port,
-                failover=failover,
-                http_port=http_port_flag(args.http_port),
-                served_model_name=args.served_model_name,
-            ),
-            tokenizer_for_model(args.model),
-        )
+    try:
+        tls = ClusterTLS.from_dir(args.tls_dir) if args.tls_dir else None
+    except TLSConfigError as err:
+        raise UsageError(str(err)) from None
+    if args.role == "router":
+        return await _start_router(args, address, tls)
     from rpc.worker_server import WorkerAddress
 
     try:
         options = worker_options(args)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    where = WorkerAddress(address, args.advertise, args.worker_id, args.router, args.metrics_port)
+    where = WorkerAddress(
+        address,
+        args.advertise,
+        args.worker_id,
+        args.router,
+        args.metrics_port,
+        args.metrics_host,
+        tls,
+    )
     if args.role == "prefill":
         from prefill_worker.service import start_prefill_worker
 
@@ -198,6 +237,55 @@ async def _start(args: argparse.Namespace, address: str):
     from decode_worker.service import start_decode_worker
 
     return await start_decode_worker(decode_config(options, where, args.kv_store))
+
+
+async def _start_router(args: argparse.Namespace, address: str, tls):
+    from model.tokenizer import tokenizer_for_model
+    from router.api_keys import ApiKeyError, ApiKeys
+    from router.service import RouterConfig, start_router
+    from router.worker_calls import FailoverConfig
+    from rpc.tls import PublicTLS, TLSConfigError
+
+    for flag, value in (("--http-port", args.http_port), ("--internal-port", args.internal_port)):
+        if value is not None and not 0 <= value < 65536:
+            raise UsageError(f"{flag} {value} is not a port number")
+    if (args.public_tls_cert is None) != (args.public_tls_key is None):
+        raise UsageError("--public-tls-cert and --public-tls-key go together: give both")
+    try:
+        api_keys = ApiKeys.load(args.api_keys_file)
+        public_tls = (
+            PublicTLS(args.public_tls_cert, args.public_tls_key) if args.public_tls_cert else None
+        )
+    except (ApiKeyError, TLSConfigError) as err:
+        raise UsageError(str(err)) from None
+    internal = None
+    if args.internal_port is not None:
+        internal = f"{args.host}:{args.internal_port}"
+    try:
+        failover = FailoverConfig(
+            request_timeout_s=args.request_timeout,
+            token_timeout_s=args.token_timeout,
+            max_migrations=args.max_migrations,
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return await start_router(
+        RouterConfig(
+            model=args.model,
+            address=address,
+            internal_address=internal,
+            tls=tls,
+            public_tls=public_tls,
+            api_keys=api_keys,
+            max_inflight=args.max_inflight,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+            failover=failover,
+            http_port=http_port_flag(args.http_port),
+            served_model_name=args.served_model_name,
+        ),
+        tokenizer_for_model(args.model),
+    )
 
 
 def http_port_flag(value: int) -> int | None:

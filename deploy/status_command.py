@@ -1,5 +1,7 @@
-"""`kvrelay status --target HOST:PORT`: the workers of a running cluster, their
-load, KV pool usage, KV store statistics and token counters."""
+"""`kvrelay status --router HOST:PORT`: the workers of a running cluster, their
+load, KV pool usage, KV store statistics and token counters. It asks the router's
+internal port (the Registry), as a member of the cluster: with `--tls-dir` when
+the cluster runs mTLS."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ import json
 
 EPILOG = """\
 examples:
-  kvrelay status                       # the router at localhost:50051
-  kvrelay status --target head:50051 --json
+  kvrelay status                       # the router's Registry at localhost:50052
+  kvrelay status --router head:50052 --tls-dir /etc/kvrelay/tls --json
 
 Columns: WAIT/RUN requests waiting / running; KV POOL decode blocks used / all;
 STORE HIT/MISS/BAD blocks found / not found / failing their checks in the KV store;
@@ -27,10 +29,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--target",
-        default="localhost:50051",
+        "--router",
+        default="localhost:50052",
         metavar="HOST:PORT",
-        help="the router (default: %(default)s)",
+        help="the router's internal port, its Registry (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--tls-dir",
+        metavar="DIR",
+        help="the cluster's mTLS certificates (ca.pem, cert.pem, key.pem), when it has them",
     )
     parser.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     parser.add_argument(
@@ -41,9 +48,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from deploy.cli_errors import UsageError
     from deploy.cluster_status import fetch_cluster_status, format_status_table, status_to_json
+    from rpc.tls import ClusterTLS, TLSConfigError
 
-    status = fetch_cluster_status(args.target, args.timeout)
+    try:
+        tls = ClusterTLS.from_dir(args.tls_dir) if args.tls_dir else None
+    except TLSConfigError as err:
+        raise UsageError(str(err)) from None
+    status = fetch_cluster_status(args.router, args.timeout, tls)
     if args.json:
         print(json.dumps(status_to_json(status)))
     else:

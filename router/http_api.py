@@ -29,12 +29,13 @@ from collections.abc import AsyncIterator, Callable
 import anyio
 import grpc
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from protos import generator_pb2 as pb
+from router.api_keys import REFUSAL, ApiKeys
 from router.openai_models import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -56,6 +57,7 @@ from router.openai_responses import (
 from router.relay import RequestRelay
 from router.relay_error import RelayError
 from router.validation import InvalidRequest
+from rpc.tls import PublicTLS
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +132,28 @@ class _EventStream(StreamingResponse):
 
 
 def build_app(
-    relay: RequestRelay, served_model_name: str, is_serving: Callable[[], bool]
+    relay: RequestRelay,
+    served_model_name: str,
+    is_serving: Callable[[], bool],
+    api_keys: ApiKeys | None = None,
 ) -> FastAPI:
-    """The API's routes; `is_serving` answers `/health` (RouterHealth's rule)."""
-    app = FastAPI(title="kvrelay", docs_url=None, redoc_url=None, openapi_url=None)
+    """The API's routes; `is_serving` answers `/health` (RouterHealth's rule). With
+    `api_keys`, every `/v1` route needs `Authorization: Bearer KEY` (401 before any
+    work without one); `/health` stays open."""
+    keys = api_keys or ApiKeys()
+
+    async def require_key(request: Request) -> None:
+        if not keys.allows(request.headers.get("authorization")):
+            raise ApiError(401, REFUSAL, "invalid_request_error", code="invalid_api_key")
+
+    app = FastAPI(
+        title="kvrelay",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     created = int(time.time())
+    v1 = [Depends(require_key)]
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
@@ -164,12 +183,12 @@ def build_app(
             "service_unavailable_error",
         )
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=v1)
     async def models() -> JSONResponse:
         cards = ModelList(data=[ModelCard(id=served_model_name, created=created)])
         return JSONResponse(cards.model_dump())
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=v1)
     async def completions(body: CompletionRequest, http: Request) -> Response:
         meta, request = _start(body, "cmpl")
         meta = _with(meta, want_logprobs=body.logprobs is not None)
@@ -177,7 +196,7 @@ def build_app(
             relay, http, request, meta, body.stream, completion_events, completion_body
         )
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(body: ChatCompletionRequest, http: Request) -> Response:
         meta, request = _start(body, "chatcmpl")
         meta = _with(meta, want_logprobs=body.logprobs)
@@ -292,7 +311,7 @@ class _Server(uvicorn.Server):
 class HttpServer:
     """uvicorn serving `app` on the caller's event loop (a task, not a thread)."""
 
-    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+    def __init__(self, app: FastAPI, host: str, port: int, tls: PublicTLS | None = None) -> None:
         try:
             self._socket = socket.create_server((host.strip("[]"), port))
         except OSError as err:
@@ -303,7 +322,13 @@ class HttpServer:
             ) from None
         self.port: int = self._socket.getsockname()[1]
         config = uvicorn.Config(
-            app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=2,
+            ssl_certfile=tls.cert_file if tls else None,
+            ssl_keyfile=tls.key_file if tls else None,
         )
         self._server = _Server(config)
         self._task: asyncio.Task | None = None

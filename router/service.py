@@ -1,6 +1,13 @@
 """The router's gRPC servicers (Generator, Registry) and its serve loop.
 
 Servicers are thin: they convert statuses and call `RequestRelay` / `Cluster`.
+
+The router serves two ports. The public one serves `Generate` (behind API keys
+when set), the HTTP API beside it, health and reflection. The internal one serves
+only `Registry`, with its health and reflection: it is where workers register and
+`kvrelay status` lists them, and with cluster TLS it takes only peers whose
+certificate the cluster CA signed. Nothing public can register, deregister or list
+a worker.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
 from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
+from router.api_keys import REFUSAL, ApiKeys
 from router.chat_prompt import ChatPrompts
 from router.cluster import Cluster, RegistrationRefused
 from router.http_api import HttpServer, build_app
@@ -31,7 +39,9 @@ from router.routing import PrefixLoadPolicy
 from router.validation import InvalidRequest, RequestLimits
 from router.worker_calls import FailoverConfig
 from router.worker_client import GrpcWorkerClient
+from rpc.channel import open_channel
 from rpc.server import DRAIN_POLL_S, DRAIN_STOP_GRACE_S, RunningServer, ServiceBinding, start_server
+from rpc.tls import ClusterTLS, PublicTLS
 from telemetry.metrics import ServiceMetrics, serve_metrics
 from telemetry.propagation import caller_context
 
@@ -46,8 +56,17 @@ class RouterConfig:
 
     model: str
     """Model name or directory; workers must register with the same."""
-    address: str = "0.0.0.0:50051"
-    """host:port to serve Generator and Registry on."""
+    address: str = "127.0.0.1:50051"
+    """host:port of the public API: Generate (and the HTTP API's host)."""
+    internal_address: str | None = None
+    """host:port of the Registry, where workers register; None: the public host and
+    port + 1 (any free port when the public one is 0)."""
+    tls: ClusterTLS | None = None
+    """Cluster mTLS for the internal port and every call to a worker; None: plaintext."""
+    public_tls: PublicTLS | None = None
+    """TLS for the public port (gRPC and HTTP); None: plaintext."""
+    api_keys: ApiKeys = field(default_factory=ApiKeys)
+    """Keys the public API requires; none: it is open."""
     limits: RequestLimits = field(default_factory=RequestLimits)
     """What requests may ask for."""
     max_inflight: int = 256
@@ -56,6 +75,8 @@ class RouterConfig:
     """A worker silent for this long is dropped; it heartbeats every third of it."""
     metrics_port: int | None = None
     """Port for Prometheus `/metrics`; None turns it off, 0 picks a free one."""
+    metrics_host: str = "127.0.0.1"
+    """Address `/metrics` binds (`--metrics-host`)."""
     failover: FailoverConfig = field(default_factory=FailoverConfig)
     """Request and token timeouts, and how often a request may move between workers."""
     http_port: int | None = None
@@ -71,14 +92,25 @@ class RouterConfig:
         if self.worker_expiry_s <= 0:
             raise ValueError("worker_expiry_s must be > 0")
 
+    @property
+    def registry_address(self) -> str:
+        if self.internal_address is not None:
+            return self.internal_address
+        host, port = self.address.rsplit(":", 1)
+        return f"{host}:{int(port) + 1 if int(port) else 0}"
+
 
 class GeneratorServicer(pb_grpc.GeneratorServicer):
-    def __init__(self, relay: RequestRelay) -> None:
+    def __init__(self, relay: RequestRelay, api_keys: ApiKeys) -> None:
         self.relay = relay
+        self.api_keys = api_keys
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        metadata = dict(context.invocation_metadata() or ())
+        if not self.api_keys.allows(metadata.get("authorization")):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSAL)
         responses = self.relay.generate(request, context.time_remaining(), caller_context(context))
         try:
             async for response in responses:
@@ -164,9 +196,12 @@ class RouterHealth:
 
 @dataclass
 class Router:
-    """A running router: its server, cluster view and relay."""
+    """A running router: its public and internal servers, cluster view and relay."""
 
     server: RunningServer
+    """The public port: Generate, health, reflection."""
+    internal: RunningServer
+    """The internal port: Registry, health, reflection."""
     cluster: Cluster
     relay: RequestRelay
     _expiry_task: asyncio.Task
@@ -180,12 +215,17 @@ class Router:
         return self.server.port
 
     @property
+    def internal_port(self) -> int:
+        return self.internal.port
+
+    @property
     def http_port(self) -> int | None:
         return self.http.port if self.http else None
 
     async def drain(self, timeout_s: float) -> bool:
         """Refuses new requests (UNAVAILABLE) and lets those in flight finish, for at
-        most `timeout_s`, then stops; returns whether they all finished."""
+        most `timeout_s`, then stops; returns whether they all finished. The
+        Registry keeps serving meanwhile, so workers still heartbeat."""
         self.relay.is_draining = True
         await self.server.health.enter_graceful_shutdown()
         deadline = time.monotonic() + timeout_s
@@ -203,11 +243,23 @@ class Router:
             await self.http.stop(grace_s)
         await self.server.stop(grace_s)
         await self.relay.calls.wait_background(grace_s)
+        await self.internal.stop(grace_s)
         await self.cluster.close()
 
 
 async def start_router(config: RouterConfig, tokenizer: Tokenizer | None) -> Router:
-    cluster = Cluster(config.model, PrefixLoadPolicy(), config.worker_expiry_s)
+    if config.tls is None:
+        log.warning(
+            "cluster TLS is off: the internal port and the calls to workers are plaintext; "
+            "give every service --tls-dir (see `kvrelay certs`)"
+        )
+    if not config.api_keys.is_required:
+        log.warning("no API keys: anyone who reaches the public port may generate")
+
+    def connect(address: str) -> grpc.aio.Channel:
+        return open_channel(address, tls=config.tls)
+
+    cluster = Cluster(config.model, PrefixLoadPolicy(), config.worker_expiry_s, connect)
     metrics = ServiceMetrics(config.model, "router")
     relay = RequestRelay(
         cluster,
@@ -220,28 +272,37 @@ async def start_router(config: RouterConfig, tokenizer: Tokenizer | None) -> Rou
         ChatPrompts.for_model(config.model, tokenizer),
     )
     health = RouterHealth(cluster, relay)
-    server = await start_server(
+    internal = await start_server(
         [
-            ServiceBinding(
-                pb_grpc.add_GeneratorServicer_to_server,
-                GeneratorServicer(relay),
-                "kvrelay.v1.Generator",
-            ),
             ServiceBinding(
                 wgrpc.add_RegistryServicer_to_server,
                 RegistryServicer(cluster, health.update),
                 "kvrelay.v1.Registry",
-            ),
+            )
         ],
-        config.address,
-        # Room above the validated limit, so an oversized request reaches
-        # validation and gets a message that says what to change.
-        max_message_bytes=config.limits.max_request_bytes * 4,
-        is_serving=False,  # until a decode worker registers
+        config.registry_address,
+        max_message_bytes=config.limits.max_request_bytes,
+        tls=config.tls.server_credentials() if config.tls else None,
     )
-
-    # Workers register through the Registry whatever the router's own state.
-    await server.health.set("kvrelay.v1.Registry", health_pb2.HealthCheckResponse.SERVING)
+    try:
+        server = await start_server(
+            [
+                ServiceBinding(
+                    pb_grpc.add_GeneratorServicer_to_server,
+                    GeneratorServicer(relay, config.api_keys),
+                    "kvrelay.v1.Generator",
+                )
+            ],
+            config.address,
+            # Room above the validated limit, so an oversized request reaches
+            # validation and gets a message that says what to change.
+            max_message_bytes=config.limits.max_request_bytes * 4,
+            tls=config.public_tls.server_credentials() if config.public_tls else None,
+            is_serving=False,  # until a decode worker registers
+        )
+    except BaseException:
+        await internal.stop(0)
+        raise
     health.servicer = server.health
     await health.update()  # a worker may have registered while the server started
 
@@ -254,17 +315,25 @@ async def start_router(config: RouterConfig, tokenizer: Tokenizer | None) -> Rou
     host = config.address.rsplit(":", 1)[0]
     metrics_port = None
     if config.metrics_port is not None:
-        metrics_port = serve_metrics(metrics, config.metrics_port, host)
+        metrics_port = serve_metrics(metrics, config.metrics_port, config.metrics_host)
     http = None
     if config.http_port is not None:
-        app = build_app(relay, config.served_model_name or config.model, health.is_serving)
+        app = build_app(
+            relay, config.served_model_name or config.model, health.is_serving, config.api_keys
+        )
         try:
-            http = HttpServer(app, host, config.http_port)
+            http = HttpServer(app, host, config.http_port, config.public_tls)
             await http.start()
         except BaseException:
             await server.stop(0)
+            await internal.stop(0)
             await cluster.close()
             raise
-    log.info("router serving %s on port %d", config.model, server.port)
+    log.info(
+        "router serving %s on port %d (Registry on port %d)",
+        config.model,
+        server.port,
+        internal.port,
+    )
     expiry = asyncio.ensure_future(expire_forever())
-    return Router(server, cluster, relay, expiry, metrics_port, http)
+    return Router(server, internal, cluster, relay, expiry, metrics_port, http)

@@ -17,6 +17,7 @@ import grpc
 from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
 from rpc.channel import open_channel
+from rpc.tls import ClusterTLS
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,15 @@ class RouterMembership:
     """Keeps one worker registered with one router until `stop()`."""
 
     def __init__(
-        self, router_address: str, registration: wpb.RegisterRequest, load: LoadProbe
+        self,
+        router_address: str,
+        registration: wpb.RegisterRequest,
+        load: LoadProbe,
+        tls: ClusterTLS | None = None,
     ) -> None:
         self.registration = registration
         self._load = load
-        self._channel = open_channel(router_address)
+        self._channel = open_channel(router_address, tls=tls)
         self._stub = wgrpc.RegistryStub(self._channel)
         self._task: asyncio.Task | None = None
         self.is_registered = asyncio.Event()

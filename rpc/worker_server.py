@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,10 +28,13 @@ from rpc.server import (
     dialable_address,
     start_server,
 )
+from rpc.tls import ClusterTLS
 from telemetry.metrics import ServiceMetrics, serve_metrics
 
 if TYPE_CHECKING:
     from kvstore import KVStore
+
+log = logging.getLogger(__name__)
 
 # Worker calls carry token ids, never KV (that goes through the store).
 WORKER_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -40,7 +44,7 @@ _ROLE_NAMES = {wpb.WORKER_ROLE_PREFILL: "prefill", wpb.WORKER_ROLE_DECODE: "deco
 
 @dataclass(frozen=True)
 class WorkerAddress:
-    """Where a worker listens and how it is known."""
+    """Where a worker listens, how it is known and how its peers are authenticated."""
 
     address: str = "127.0.0.1:0"
     """host:port to bind; port 0 picks a free one."""
@@ -49,9 +53,15 @@ class WorkerAddress:
     worker_id: str = ""
     """Unique id; empty means `<role>-<advertised address>`."""
     router: str | None = None
-    """Router to register with; None serves unregistered."""
+    """The router's internal (Registry) address to register with; None serves
+    unregistered."""
     metrics_port: int | None = None
     """Port for Prometheus `/metrics`; None turns it off, 0 picks a free one."""
+    metrics_host: str = "127.0.0.1"
+    """Address `/metrics` binds (`--metrics-host`)."""
+    tls: ClusterTLS | None = None
+    """Cluster mTLS: the worker serves only peers the cluster CA certified and
+    registers over it; None: plaintext (a warning at start-up)."""
 
 
 STORE_HEALTH_SERVICE = "kvrelay.v1.KVStore"
@@ -180,9 +190,17 @@ async def serve_worker(
     follows `is_stalled` and the store (see `WorkerHealth`)."""
     metrics_port = None
     if where.metrics_port is not None:
-        metrics_port = serve_metrics(metrics, where.metrics_port, where.address.rsplit(":", 1)[0])
+        metrics_port = serve_metrics(metrics, where.metrics_port, where.metrics_host)
+    if where.tls is None:
+        log.warning(
+            "cluster TLS is off: anyone who reaches this worker's port may call it; give "
+            "every service --tls-dir (see `kvrelay certs`)"
+        )
     server = await start_server(
-        [binding], where.address, max_message_bytes=WORKER_MAX_MESSAGE_BYTES
+        [binding],
+        where.address,
+        max_message_bytes=WORKER_MAX_MESSAGE_BYTES,
+        tls=where.tls.server_credentials() if where.tls else None,
     )
     health = WorkerHealth(server.health, binding.full_name, is_stalled, store)
     await health.check()
@@ -193,6 +211,8 @@ async def serve_worker(
     if where.router:
         registration.worker_id = worker_id
         registration.address = advertise
-        membership = RouterMembership(where.router, registration, lambda: health.annotate(load()))
+        membership = RouterMembership(
+            where.router, registration, lambda: health.annotate(load()), where.tls
+        )
         membership.start()
     return WorkerServer(worker_id, advertise, server, membership, metrics_port, health, watch)

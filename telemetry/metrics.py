@@ -166,7 +166,7 @@ def _classic_text_app(registry: CollectorRegistry) -> Callable:
     return app
 
 
-def serve_metrics(metrics: ServiceMetrics, port: int, host: str = "0.0.0.0") -> int:
+def serve_metrics(metrics: ServiceMetrics, port: int, host: str = "127.0.0.1") -> int:
     """Serves `/metrics` on `port` (0 picks a free one) in a daemon thread; returns the port."""
     server = make_server(
         host,

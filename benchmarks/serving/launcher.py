@@ -23,6 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
+from rpc.channel import open_blocking_channel
+from rpc.tls import ClusterTLS
 
 ROOT = Path(__file__).resolve().parents[2]
 # Large enough that a colocated decode worker prefills every prompt itself.
@@ -106,15 +108,26 @@ class BenchCluster:
     """A running cluster of `layout`; use as a context manager."""
 
     def __init__(
-        self, layout: ClusterLayout, logdir: Path | None = None, *, http_port: int | None = None
+        self,
+        layout: ClusterLayout,
+        logdir: Path | None = None,
+        *,
+        http_port: int | None = None,
+        tls_dir: Path | None = None,
     ) -> None:
         """`http_port`: serve the router's OpenAI-compatible API there (0: a free
-        port); None (the default) turns it off."""
+        port); None (the default) turns it off. `tls_dir` (`kvrelay certs`): every
+        internal call over cluster mTLS."""
         self.layout = layout
         self.http_port = free_port() if http_port == 0 else http_port
         self.logdir = logdir or Path(tempfile.mkdtemp(prefix=f"kvrelay-bench-{layout.name}-"))
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
+        """The public port: Generate."""
+        self.internal_target = f"127.0.0.1:{free_port()}"
+        """The router's Registry, where workers register."""
+        self.tls = ClusterTLS.from_dir(tls_dir) if tls_dir else None
+        self._tls_args = ("--tls-dir", str(tls_dir)) if tls_dir else ()
         self.processes: dict[str, subprocess.Popen] = {}
         self._commands: dict[str, list[str]] = {}
 
@@ -146,10 +159,14 @@ class BenchCluster:
             ],
         )
         http = ("--http-port", str(self.http_port or 0))
+        internal = ("--internal-port", self.internal_target.rsplit(":", 1)[1])
         self._serve(
-            "router", None, "router", "--port", str(self.port), *http, *layout.extra_router_args
+            "router",
+            None,
+            "router",
+            *("--port", str(self.port), *internal, *http, *layout.extra_router_args),
         )
-        common = ("--router", self.target, "--kv-store", f"redis://127.0.0.1:{redis_port}")
+        common = ("--router", self.internal_target, "--kv-store", self.store_url)
         common += ("--threads", "1", *layout.extra_worker_args)
         if not layout.is_prefix_cache_enabled:
             common += ("--no-prefix-cache",)
@@ -173,7 +190,7 @@ class BenchCluster:
     def _serve(self, name: str, core: int | None, role: str, *args: str) -> None:
         pin = ["taskset", "-c", str(core)] if core is not None else []
         command = [sys.executable, "-m", "deploy.cli", "serve", role, "--model", self.layout.model]
-        command += ["--host", "127.0.0.1", "--log-level", "WARNING", *args]
+        command += ["--host", "127.0.0.1", "--log-level", "WARNING", *args, *self._tls_args]
         self._spawn(name, pin + command)
 
     def restart(self, name: str) -> None:
@@ -188,7 +205,7 @@ class BenchCluster:
 
     def registered_workers(self) -> dict[str, str]:
         """Worker id -> the address it registered at."""
-        with grpc.insecure_channel(self.target) as channel:
+        with open_blocking_channel(self.internal_target, self.tls) as channel:
             response = wgrpc.RegistryStub(channel).ListWorkers(wpb.ListWorkersRequest(), timeout=5)
         return {w.worker_id: w.address for w in response.workers}
 
@@ -209,9 +226,12 @@ class BenchCluster:
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.target) as channel:
+        with (
+            grpc.insecure_channel(self.target) as channel,
+            open_blocking_channel(self.internal_target, self.tls) as internal,
+        ):
             health = health_pb2_grpc.HealthStub(channel)
-            registry = wgrpc.RegistryStub(channel)
+            registry = wgrpc.RegistryStub(internal)
             while time.monotonic() < deadline:
                 for name, process in self.processes.items():
                     if process.poll() is not None:

@@ -23,6 +23,8 @@ from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
 from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
+from rpc.channel import open_blocking_channel
+from rpc.tls import ClusterTLS
 from tests.kvstore.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,9 +47,11 @@ class LocalCluster:
         router_args: tuple[str, ...] = (),
         worker_args: tuple[str, ...] = (),
         gated: tuple[str, ...] = (),
+        tls_dir: Path | None = None,
     ) -> None:
         """`gated` workers reach the router through a closed `GateProxy` (see
-        `open_gate`), so they start and load but register only when a test says."""
+        `open_gate`), so they start and load but register only when a test says.
+        `tls_dir` (from `kvrelay certs`) runs every service with cluster mTLS."""
         self.model = model
         self.max_inflight = max_inflight
         self.max_local_prefill_len = max_local_prefill_len
@@ -56,6 +60,12 @@ class LocalCluster:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
+        """The public port: Generate."""
+        self.internal_port = free_port()
+        self.internal_target = f"127.0.0.1:{self.internal_port}"
+        """The router's internal port: the Registry workers register with."""
+        self.tls = ClusterTLS.from_dir(tls_dir) if tls_dir else None
+        self._tls_args = ("--tls-dir", str(tls_dir)) if tls_dir else ()
         # A port of its own (the default, 8000, would collide between clusters).
         self.http_port = free_port()
         self.base_url = f"http://127.0.0.1:{self.http_port}/v1"
@@ -63,12 +73,14 @@ class LocalCluster:
         self.processes: dict[str, subprocess.Popen] = {}
         self.metrics_ports: dict[str, int] = {}
         self._commands: dict[str, tuple[str, ...]] = {}
-        self.gate = GateProxy(self.port) if gated else None
+        self.gate = GateProxy(self.internal_port) if gated else None
         self._start(
             "router",
             "router",
             "--port",
             str(self.port),
+            "--internal-port",
+            str(self.internal_port),
             "--max-inflight",
             str(max_inflight),
             "--http-port",
@@ -86,13 +98,14 @@ class LocalCluster:
             )
         self.channel = grpc.insecure_channel(self.target)
         self.generator = pb_grpc.GeneratorStub(self.channel)
-        self.registry = wgrpc.RegistryStub(self.channel)
+        self.internal_channel = open_blocking_channel(self.internal_target, self.tls)
+        self.registry = wgrpc.RegistryStub(self.internal_channel)
         # The router serves once a decode worker is registered (none: it stays NOT_SERVING).
         has_decode = any(f"decode-{i}" not in gated for i in range(num_decode))
         self.wait_ready(num_prefill + num_decode - len(gated), require_serving=has_decode)
 
     def _start_worker(self, name: str, role: str, args: tuple[str, ...], gated: bool) -> None:
-        router = f"127.0.0.1:{self.gate.port}" if gated and self.gate else self.target
+        router = f"127.0.0.1:{self.gate.port}" if gated and self.gate else self.internal_target
         common = ("--router", router, "--kv-store", self.store_url, "--threads", "1")
         self._start(name, role, *common, "--worker-id", name, *args)
 
@@ -123,7 +136,14 @@ class LocalCluster:
                 raise TimeoutError(f"{worker_ids} not registered in {timeout_s} s")
             time.sleep(0.1)
 
+    def start_worker(self, name: str, role: str, *args: str) -> None:
+        """One more worker process, registering with this cluster's router; a
+        `--tls-dir` among `args` replaces the cluster's."""
+        self._start_worker(name, role, args, gated=False)
+
     def _start(self, name: str, role: str, *args: str) -> None:
+        if "--tls-dir" not in args:
+            args = (*args, *self._tls_args)
         self._commands[name] = (role, *args)
         self.metrics_ports[name] = free_port()
         args = (*args, "--metrics-port", str(self.metrics_ports[name]))
@@ -175,8 +195,10 @@ class LocalCluster:
         return (self.logdir / f"{name}.log").read_text(errors="replace")[-4000:]
 
     def health(self, service: str = "", target: str | None = None) -> int:
-        """The health status of `service` at `target` (default: the router)."""
-        with grpc.insecure_channel(target or self.target) as channel:
+        """The health status of `service` at `target` (default: the router's public
+        port; another target is internal, so dialled over the cluster's TLS)."""
+        tls = self.tls if target not in (None, self.target) else None
+        with open_blocking_channel(target or self.target, tls) as channel:
             request = health_pb2.HealthCheckRequest(service=service)
             return health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status
 
@@ -186,7 +208,7 @@ class LocalCluster:
 
     def stats(self, worker_id: str) -> wpb.WorkerStats:
         info = self.workers()[worker_id]
-        with grpc.insecure_channel(info.address) as channel:
+        with open_blocking_channel(info.address, self.tls) as channel:
             if info.role == wpb.WORKER_ROLE_PREFILL:
                 stub = wgrpc.PrefillWorkerStub(channel)
             else:
@@ -206,6 +228,7 @@ class LocalCluster:
 
     def stop(self) -> None:
         self.channel.close()
+        self.internal_channel.close()
         if self.gate is not None:
             self.gate.close()
         for process in self.processes.values():

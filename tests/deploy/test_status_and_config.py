@@ -80,12 +80,13 @@ def test_status_of_an_unreachable_router_is_one_line_and_exit_1(
     with socket.socket() as sock:  # a port nobody serves on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    assert main(["status", "--target", f"127.0.0.1:{port}", "--timeout", "0.5"]) == 1
+    assert main(["status", "--router", f"127.0.0.1:{port}", "--timeout", "0.5"]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == (
-        f"kvrelay status: error: no kvrelay router answers at 127.0.0.1:{port} (UNAVAILABLE); "
-        "start one with `kvrelay up` (or `kvrelay serve router`), or pass --target HOST:PORT\n"
+        f"kvrelay status: error: no kvrelay router Registry answers at 127.0.0.1:{port} "
+        "(UNAVAILABLE); start one with `kvrelay up` (or `kvrelay serve router`), or pass "
+        "--router HOST:PORT (its internal port) and, on a cluster with TLS, --tls-dir\n"
     )
 
 
