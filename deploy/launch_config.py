@@ -8,6 +8,7 @@ from types import MappingProxyType
 from urllib.parse import parse_qsl, urlsplit
 
 from deploy.worker_flags import WorkerOptions
+from rpc.tls import ClusterTLS
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class LaunchConfig:
     """Extra Ray resources each decode worker asks for."""
     ready_timeout_s: float = 300.0
     """How long start-up may take before `kvrelay up` gives up."""
+    tls: ClusterTLS | None = field(default=None, repr=False)
+    """Cluster mTLS for every internal call; `kvrelay up` makes an ephemeral CA."""
 
     def __post_init__(self) -> None:
         if self.num_prefill_workers < 0 or self.num_decode_workers < 1:

@@ -36,6 +36,8 @@ class ActorInfo:
     """The actor's process id on its node."""
     node_id: str
     """Ray node id (hex) of the node it runs on."""
+    internal_address: str = ""
+    """The router's: host:port of its Registry, where workers register."""
 
 
 class _ServiceActor:
@@ -66,7 +68,8 @@ class _ServiceActor:
 
 
 class RouterActor(_ServiceActor):
-    """The router, serving Generator and Registry on `config.address`."""
+    """The router, serving Generator on `config.address` and Registry on its
+    internal address."""
 
     def __init__(self, config: RouterConfig) -> None:
         super().__init__(names.SERVICE_ROUTER)
@@ -75,6 +78,10 @@ class RouterActor(_ServiceActor):
 
         tokenizer = tokenizer_for_model(config.model)
         self._host = ServiceThread(lambda: start_router(config, tokenizer), "kvrelay-router")
+
+    def info(self) -> ActorInfo:
+        internal = f"{self._node_ip}:{self._host.service.internal_port}"
+        return dataclasses.replace(super().info(), internal_address=internal)
 
 
 class PrefillActor(_ServiceActor):

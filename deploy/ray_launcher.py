@@ -35,6 +35,7 @@ from deploy.worker_flags import decode_config, prefill_config
 from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
 from router.service import RouterConfig
+from rpc.channel import open_blocking_channel
 from rpc.worker_server import WorkerAddress
 
 # Ray's resource on the head node; a tiny amount of it pins an actor there.
@@ -67,7 +68,10 @@ class RayDeployment:
         self.config = config
         self.router: ray.actor.ActorHandle | None = None
         self.endpoint = ""
-        """host:port of the router, dialable from every node (once started)."""
+        """host:port of the router's public port, dialable from every node (once
+        started)."""
+        self.internal_endpoint = ""
+        """host:port of the router's Registry, where the workers register."""
         self.workers: list[WorkerActor] = []
         self.store_namespace = f"kvrelay-{uuid.uuid4().hex[:8]}"
         """Ray namespace of this launch's KV index actor (store `ray`)."""
@@ -100,6 +104,7 @@ class RayDeployment:
                 RouterConfig(
                     model=config.model,
                     address=f"0.0.0.0:{config.port}",
+                    tls=config.tls,
                     http_port=config.http_port,
                     served_model_name=config.served_model_name,
                 )
@@ -108,6 +113,7 @@ class RayDeployment:
         # No retries: a router that cannot start fails the same way again.
         router_info = self._get(self.router.info.options(max_task_retries=0).remote(), "the router")
         self.endpoint = router_info.address
+        self.internal_endpoint = router_info.internal_address
         progress(f"router ready at {self.endpoint}")
 
         num_gpus = config.num_gpus_per_worker
@@ -126,7 +132,9 @@ class RayDeployment:
         }
         options = dataclasses.replace(config.workers, device=device, num_threads=num_threads)
         for i in range(config.num_prefill_workers):
-            where = WorkerAddress(router=self.endpoint, worker_id=f"prefill-{i}")
+            where = WorkerAddress(
+                router=self.internal_endpoint, worker_id=f"prefill-{i}", tls=config.tls
+            )
             actor = (
                 ray.remote(PrefillActor)
                 .options(**actor_options, resources=dict(config.prefill_resources))
@@ -134,7 +142,9 @@ class RayDeployment:
             )
             self.workers.append(WorkerActor(where.worker_id, "prefill", actor))
         for i in range(config.num_decode_workers):
-            where = WorkerAddress(router=self.endpoint, worker_id=f"decode-{i}")
+            where = WorkerAddress(
+                router=self.internal_endpoint, worker_id=f"decode-{i}", tls=config.tls
+            )
             actor = (
                 ray.remote(DecodeActor)
                 .options(**actor_options, resources=dict(config.decode_resources))
@@ -166,9 +176,12 @@ class RayDeployment:
         """Waits until the router is SERVING and lists every worker of the deployment."""
         expected = {w.worker_id for w in self.workers}
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.endpoint) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            registry = wgrpc.RegistryStub(channel)
+        with (
+            grpc.insecure_channel(self.endpoint) as public,
+            open_blocking_channel(self.internal_endpoint, self.config.tls) as internal,
+        ):
+            health = health_pb2_grpc.HealthStub(public)
+            registry = wgrpc.RegistryStub(internal)
             while True:
                 try:
                     status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status

@@ -4,6 +4,13 @@ Without `--address` it starts a local Ray instance of its own, so a laptop needs
 nothing else; with `--address` it joins an existing Ray cluster. Either way the
 services run as Ray actors (`deploy.ray_launcher`). SIGINT or SIGTERM stops the
 services, kills the actors and, when this command started Ray, stops Ray too.
+
+Secure with no set-up: every start makes an ephemeral cluster CA and certificate,
+so every internal call (registration, Prefill, Decode, stats) is mutually
+authenticated; it makes a KV secret unless `--kv-secret-file` gives one, so every
+block carries a MAC; and the local Ray instance it starts runs with Ray's token
+authentication (`RAY_AUTH_MODE=token`). The certificate directory (for `kvrelay
+status`) lives in a private temporary directory removed at shutdown.
 """
 
 from __future__ import annotations
@@ -28,9 +35,9 @@ examples:
   kvrelay up --address auto --model /models/Llama-3-8B   # join the Ray cluster of this node
   kvrelay up --kv-store redis://redis:6379      # blocks in Redis instead of Ray's object store
 
-then, in another shell:
+then, in another shell (kvrelay up prints the exact commands):
   kvrelay generate "Hello"
-  kvrelay status --target localhost:50051
+  kvrelay status --router localhost:50052 --tls-dir <the directory it prints>
 
 Worker actors ask for one GPU each where the Ray cluster has GPUs (--gpus-per-worker
 overrides), prefill and decode workers are spread over the nodes, and a worker that
@@ -104,11 +111,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import secrets
+
     from deploy.launch_config import LaunchConfig
 
     try:
+        workers = worker_options(args)
+        if workers.kv_secret is None:  # a cluster secret of its own: blocks carry a MAC
+            workers = dataclasses.replace(workers, kv_secret=secrets.token_bytes(32))
         config = LaunchConfig(
-            workers=worker_options(args),
+            workers=workers,
             num_prefill_workers=args.prefill_workers,
             num_decode_workers=args.decode_workers,
             store_url=args.kv_store,
@@ -123,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if args.address is None:
         _check_port_is_free(config.port, "--port")
+        _check_port_is_free(config.port + 1, "--port (the Registry takes --port + 1)")
         if config.http_port is not None:
             _check_port_is_free(config.http_port, "--http-port")
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -144,13 +158,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace, config) -> int:
+    import dataclasses
+
+    is_local = args.address is None
+    if is_local:
+        _enable_ray_token_auth()
     import ray
 
     from deploy import local_processes
     from deploy.ray_launcher import RayDeployment
+    from rpc.tls import ClusterTLS
 
+    tls_dir = _make_cluster_tls()
+    config = dataclasses.replace(config, tls=ClusterTLS.from_dir(tls_dir))
     deployment = RayDeployment(config)
-    is_local = args.address is None
     dashboard = _start_dashboard() if args.dashboard else None
     # Every process the local Ray instance started, refreshed while serving (Ray
     # restarts workers): what the shutdown must leave dead.
@@ -178,7 +199,7 @@ def _up(args: argparse.Namespace, config) -> int:
         _check_shutdown()
         deployment.start(_progress)
         _check_shutdown()
-        _print_ready(deployment, is_local)
+        _print_ready(deployment, is_local, tls_dir)
         if dashboard is not None:
             _say(f"  traces:  {dashboard.url}")
         while True:
@@ -212,7 +233,32 @@ def _up(args: argparse.Namespace, config) -> int:
         if dashboard is not None:
             dashboard.stop()
             shutil.rmtree(dashboard.config.workdir, ignore_errors=True)
+        shutil.rmtree(tls_dir, ignore_errors=True)
         _say("stopped")
+
+
+def _enable_ray_token_auth() -> None:
+    """Ray's token authentication for the local instance, with a token of its own
+    that is never written to disk (Ray's processes and actors inherit it). Ray reads
+    these when it is imported, so this runs first; a process that imported Ray
+    already (`kvrelay up` called in-process) keeps Ray's own setting."""
+    import secrets
+
+    if "ray" in sys.modules:
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+
+
+def _make_cluster_tls() -> str:
+    """An ephemeral CA and certificate, in a new directory only this user can read."""
+    import tempfile
+
+    from rpc.tls import make_cluster_certificates
+
+    directory = tempfile.mkdtemp(prefix="kvrelay-tls-")  # mode 0700
+    make_cluster_certificates(valid_days=7).write(directory)
+    return directory
 
 
 def _start_dashboard():
@@ -243,16 +289,18 @@ def _check_port_is_free(port: int, flag: str) -> None:
             ) from None
 
 
-def _print_ready(deployment, is_local: bool) -> None:
+def _print_ready(deployment, is_local: bool, tls_dir: str) -> None:
     port = deployment.endpoint.rsplit(":", 1)[1]
     target = f"localhost:{port}" if is_local else deployment.endpoint
+    internal_port = deployment.internal_endpoint.rsplit(":", 1)[1]
+    internal = f"localhost:{internal_port}" if is_local else deployment.internal_endpoint
     kvrelay = _kvrelay_command()
     _say(f"kvrelay is ready: router at {deployment.endpoint} serving {deployment.config.model}")
     for worker in deployment.workers:
         _say(f"  {worker.role:<8} {worker.worker_id}")
     _say("try, in another shell:")
     _say(f'  {kvrelay} generate --target {target} "hello"')
-    _say(f"  {kvrelay} status --target {target}")
+    _say(f"  {kvrelay} status --router {internal} --tls-dir {tls_dir}")
     if deployment.config.http_port is not None:
         host = target.rsplit(":", 1)[0]
         _say(f"  curl http://{host}:{deployment.config.http_port}/v1/models")

@@ -1,7 +1,8 @@
 """`RayDeployment` on a real three-node Ray cluster (one machine, `ray.cluster_utils`):
 router, prefill and decode workers on different nodes, the KV crossing nodes through
 the Ray object store, greedy parity with `transformers`, `kvrelay status`, and a
-killed worker restarted by Ray that registers again and serves."""
+killed worker restarted by Ray that registers again and serves. Every internal call
+runs over cluster mTLS, as `kvrelay up` runs it."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
 from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
+from rpc.channel import open_blocking_channel
+from rpc.tls import ClusterTLS, make_cluster_certificates
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -40,7 +43,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def deployment(hf_checkpoint) -> Iterator[RayDeployment]:
+def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    directory = tmp_path_factory.mktemp("tls")
+    make_cluster_certificates().write(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def deployment(hf_checkpoint, tls_dir: str) -> Iterator[RayDeployment]:
     """Head (router), node 2 (prefill), node 3 (decode), one CPU each; pinned with
     custom resources so each role lands on its own node."""
     import ray
@@ -71,6 +81,7 @@ def deployment(hf_checkpoint) -> Iterator[RayDeployment]:
             prefill_resources={"prefill_node": 1},
             decode_resources={"decode_node": 1},
             ready_timeout_s=120,
+            tls=ClusterTLS.from_dir(tls_dir),
         )
         deployment = RayDeployment(config)
         deployment.start()
@@ -106,8 +117,8 @@ def generate(endpoint: str, prompt: list[int], timeout: float = 30) -> list[int]
     return [t for r in responses for t in r.token_ids]
 
 
-def registered(endpoint: str) -> dict[str, wpb.WorkerInfo]:
-    with grpc.insecure_channel(endpoint) as channel:
+def registered(deployment: RayDeployment) -> dict[str, wpb.WorkerInfo]:
+    with open_blocking_channel(deployment.internal_endpoint, deployment.config.tls) as channel:
         response = wgrpc.RegistryStub(channel).ListWorkers(wpb.ListWorkersRequest(), timeout=5)
     return {w.worker_id: w for w in response.workers}
 
@@ -120,20 +131,21 @@ def actor_info(deployment: RayDeployment, worker_id: str):
 
 
 def test_roles_run_on_three_nodes_and_match_transformers_greedy(
-    deployment: RayDeployment, capsys: pytest.CaptureFixture[str]
+    deployment: RayDeployment, tls_dir: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import ray
 
     router = ray.get(deployment.router.info.remote())
     prefill, decode = actor_info(deployment, "prefill-0"), actor_info(deployment, "decode-0")
     assert len({router.node_id, prefill.node_id, decode.node_id}) == 3
-    assert set(registered(deployment.endpoint)) == {"prefill-0", "decode-0"}
+    assert set(registered(deployment)) == {"prefill-0", "decode-0"}
 
     assert generate(deployment.endpoint, PROMPT) == expected_greedy(deployment.config.model, PROMPT)
 
     # The decode worker (node 3) read both full blocks and the tail that the
     # prefill worker (node 2) put in its node's object store.
-    assert main(["status", "--target", deployment.endpoint, "--json"]) == 0
+    status_args = ["status", "--router", deployment.internal_endpoint, "--tls-dir", tls_dir]
+    assert main([*status_args, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     workers = {w["worker_id"]: w for w in status["workers"]}
     assert (workers["prefill-0"]["role"], workers["decode-0"]["role"]) == ("prefill", "decode")
@@ -153,9 +165,12 @@ def test_roles_run_on_three_nodes_and_match_transformers_greedy(
     assert workers["decode-0"]["num_generated_tokens_total"] == MAX_TOKENS - 1
     assert workers["decode-0"]["num_finished_requests_total"] == 1
 
-    assert main(["status", "--target", deployment.endpoint]) == 0
+    assert main(status_args) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0] == f"router {deployment.endpoint} serving {deployment.config.model}: 2 workers"
+    assert (
+        table[0]
+        == f"router {deployment.internal_endpoint} serving {deployment.config.model}: 2 workers"
+    )
     header = "WORKER ROLE ADDRESS WAIT/RUN KV POOL STORE HIT/MISS/BAD TOKENS C/R/G"
     assert table[1].split() == header.split()
     assert table[2].split()[:4] == ["decode-0", "decode", decode.address, "0/0"]
@@ -185,13 +200,14 @@ def test_killed_worker_is_restarted_registers_again_and_serves(
 
     after = actor_info(deployment, "prefill-0")  # returns once Ray has restarted it
     assert after.pid != before.pid
-    while registered(deployment.endpoint)["prefill-0"].address != after.address:
+    # The dead entry may expire before the new process registers: absent meanwhile.
+    while getattr(registered(deployment).get("prefill-0"), "address", None) != after.address:
         assert time.monotonic() < deadline, "the restarted worker did not register in 30 s"
         time.sleep(0.2)
     assert generate(deployment.endpoint, prompt, timeout=deadline - time.monotonic()) == expected
     assert time.monotonic() < deadline
 
-    with grpc.insecure_channel(after.address) as channel:
+    with open_blocking_channel(after.address, deployment.config.tls) as channel:
         stats = wgrpc.PrefillWorkerStub(channel).GetStats(wpb.StatsRequest(), timeout=5)
     assert (stats.num_finished_requests_total, stats.num_computed_tokens_total) == (1, 20)
     assert (stats.store.hits, stats.store.misses) == (0, 1)

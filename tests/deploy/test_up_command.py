@@ -138,6 +138,24 @@ def test_up_serves_generate_and_stops_leaving_nothing_behind(
     commands = " ".join(up.spawned.values())
     assert "raylet" in commands and "gcs_server" in commands
     assert "ray::PrefillActor" in commands and "ray::DecodeActor" in commands
+    # Secure with no set-up: Ray's token auth, mTLS inside (the printed status
+    # command carries the ephemeral certificates; plaintext is refused).
+    gcs = next(pid for pid, cmd in up.spawned.items() if "gcs_server" in cmd)
+    assert b"RAY_AUTH_MODE=token" in Path(f"/proc/{gcs}/environ").read_bytes().split(b"\0")
+    status_line = next(line for line in up.lines if " status --router " in line)
+    status_args = status_line.split(" status ", 1)[1].split()
+    internal, tls_dir = status_args[1], status_args[3]
+    assert internal == f"localhost:{port + 1}" and Path(tls_dir, "key.pem").is_file()
+    assert main(["status", *status_args, "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["workers"]) == 2
+    import grpc
+
+    from protos import workers_pb2 as wpb
+    from protos import workers_pb2_grpc as wgrpc
+
+    with grpc.insecure_channel(internal) as channel, pytest.raises(grpc.RpcError) as err:
+        wgrpc.RegistryStub(channel).ListWorkers(wpb.ListWorkersRequest(), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
     generate = ["generate", "--target", f"127.0.0.1:{port}", "--json", "--max-tokens", "8"]
     remote = subprocess.run(
@@ -165,6 +183,7 @@ def test_up_serves_generate_and_stops_leaving_nothing_behind(
         i for i, line in enumerate(up.lines) if line.startswith("kvrelay up: shutting down")
     )
     assert up.lines[shutting_down:][-1] == "kvrelay up: stopped"
+    assert not Path(tls_dir).exists(), "the ephemeral certificates outlived the cluster"
     time.sleep(1)  # the last Ray children may need a moment after their parent
     alive = process_table()
     left = {pid: cmd for pid, cmd in up.spawned.items() if pid in alive and alive[pid][2] == cmd}
