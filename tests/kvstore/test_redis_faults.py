@@ -227,6 +227,44 @@ def test_auth_comes_from_the_url(
         server.kill()
 
 
+# The ACL user docs/security.md recommends: the store's key prefix and commands only.
+KVRELAY_ACL = (
+    "kvrelay on >pw-kv ~kvrelay:* resetchannels -@all +get +getex +set +exists +del +scan +ping"
+)
+
+
+def test_an_acl_user_from_the_url_can_do_everything_the_store_does_and_no_more(
+    redis_binary: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    server = RedisServer(
+        tmp_path_factory.mktemp("redis-acl"),
+        *("--user", *KVRELAY_ACL.split(), "--user", "default", "off"),
+    )
+    try:
+        store = RedisStore(f"redis://kvrelay:pw-kv@127.0.0.1:{server.port}/0", TINY_SPEC)
+        assert store.is_healthy()
+        store.put([(HASHES[0], make_block(0)), (HASHES[1], make_block(1))])
+        assert store.lookup(HASHES[:3]) == 2
+        assert torch.equal(store.get(HASHES[:1])[0], make_block(0))
+        store.put_tail("r1", make_block(2))
+        assert store.num_tails() == 1
+        assert torch.equal(store.get_tail("r1"), make_block(2))
+        store.delete_tail("r1")
+        assert store.get_tail("r1") is None
+        assert store.stats().errors == 0
+        store.close()
+        # The user may not touch keys outside kvrelay's prefix.
+        client = redis.Redis(port=server.port, username="kvrelay", password="pw-kv")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.set("not-kvrelay", b"x")
+        client.close()
+        wrong = RedisStore(f"redis://kvrelay:nope@127.0.0.1:{server.port}/0", TINY_SPEC)
+        assert not wrong.is_healthy()
+        wrong.close()
+    finally:
+        server.kill()
+
+
 def test_tls_comes_from_the_url(redis_binary: str, tmp_path: Path) -> None:
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
