@@ -8,18 +8,16 @@ results are printed per prompt, in prompt order, when all are done.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
-from decode_worker.config import EngineConfig
-from decode_worker.engine import DecodeEngine, EngineRequest, TokenOutput
+from decode_worker.batch_generate import generate_with_engine
+from decode_worker.engine import TokenOutput
 from decode_worker.scheduler import RequestTooLargeError
 from deploy.cli_errors import UsageError
-from kvstore.spec import BlockSpec
 from model.chat_template import (
     ChatMessage,
     ChatTemplate,
@@ -28,11 +26,7 @@ from model.chat_template import (
 )
 from model.loader import LoadedModel, load_model, parse_dtype
 from model.sampling_params import FinishReason, SamplingParams
-from model.sources import model_identity
 from model.tokenizer import IncrementalDetokenizer
-
-# The engine's defaults: at most 512 MiB of KV pool, 512 tokens per step.
-_ENGINE = EngineConfig()
 
 
 @dataclass(frozen=True)
@@ -80,7 +74,10 @@ def run_local_generate(request: LocalGenerateRequest, out: TextIO | None = None)
             raise UsageError(
                 f"prompt {i} has token ids outside the vocab [0, {loaded.config.vocab_size})"
             )
-    outputs = generate_with_engine(loaded, prompts, request.params)
+    try:
+        outputs = generate_with_engine(loaded, prompts, request.params)
+    except RequestTooLargeError as exc:
+        raise UsageError(str(exc)) from None
     if len(prompts) == 1 and not request.is_json:
         _stream_one(loaded, outputs, out)
         return 0
@@ -103,34 +100,6 @@ def run_local_generate(request: LocalGenerateRequest, out: TextIO | None = None)
             out.write((text if text is not None else _ids_text(ids)) + "\n")
     out.flush()
     return 0
-
-
-def generate_with_engine(
-    loaded: LoadedModel, prompts: list[list[int]], params: SamplingParams
-) -> Iterator[tuple[int, TokenOutput]]:
-    """(prompt index, token) in the order the engine samples them; all prompts are queued
-    at once and run as one continuous batch. Raises UsageError when a prompt plus
-    `params.max_tokens` cannot fit in the KV pool."""
-    block_size = _ENGINE.block_size
-    spec = BlockSpec.for_model(model_identity(loaded.name), loaded.config, loaded.dtype, block_size)
-    # A pool just big enough for every prompt at its longest, all at once, so a short
-    # command does not zero 512 MiB first; never more than the engine's default bytes.
-    num_needed_blocks = sum(-(-(len(p) + params.max_tokens) // block_size) for p in prompts)
-    num_blocks = min(num_needed_blocks, _ENGINE.kv_cache_bytes // spec.nbytes)
-    config = dataclasses.replace(_ENGINE, num_blocks=max(num_blocks, 1))
-    engine = DecodeEngine(loaded, config, spec.fingerprint)
-    for i, prompt in enumerate(prompts):
-        try:
-            engine.add_request(EngineRequest(str(i), prompt, params))
-        except RequestTooLargeError as exc:
-            raise UsageError(str(exc)) from None
-    return _drain(engine)
-
-
-def _drain(engine: DecodeEngine) -> Iterator[tuple[int, TokenOutput]]:
-    while engine.has_unfinished():
-        for output in engine.step():
-            yield int(output.request_id), output
 
 
 def _tokenize(loaded: LoadedModel, request: LocalGenerateRequest) -> list[list[int]]:

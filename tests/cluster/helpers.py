@@ -35,7 +35,7 @@ def seeded(seed: int, max_tokens: int = MAX_TOKENS) -> pb.SamplingParams:
 
 def expected_tokens(model: str, requests: list[tuple[list[int], pb.SamplingParams]]):
     """The token ids of an uninterrupted run of each request."""
-    from deploy.local_generate import generate_with_engine
+    from decode_worker.batch_generate import generate_with_engine
     from model.loader import load_model
     from rpc.sampling_proto import sampling_from_proto
 

@@ -54,7 +54,7 @@ def ours_smollm2():
 
 def engine_greedy(loaded, prompt: list[int], params: SamplingParams) -> list[int]:
     """What `kvrelay generate --local` runs: the decode engine, one continuous batch."""
-    from deploy.local_generate import generate_with_engine
+    from decode_worker.batch_generate import generate_with_engine
 
     return [out.token_id for _, out in generate_with_engine(loaded, [prompt], params)]
 

@@ -666,7 +666,7 @@ def test_precedence_colocated_a_stop_string_on_the_last_token() -> None:
 
 
 def test_precedence_local_engine_a_stop_token_on_the_last_token() -> None:
-    from deploy.local_generate import generate_with_engine
+    from decode_worker.batch_generate import generate_with_engine
     from model.generation import generate as reference
     from model.loader import load_model
 
