@@ -30,6 +30,7 @@ from tests.cluster.local_cluster import ROOT, LocalCluster
 pytestmark = pytest.mark.slow
 
 API_KEY = "sk-kvrelay-test-0123456789"
+KV_SECRET = b"s" * 32
 SAMPLING = pb.SamplingParams(max_tokens=4, ignore_eos=True)
 PROMPT_IDS = [5, 6, 7, 8, 9, 10, 11, 12]
 
@@ -59,6 +60,8 @@ def secure_cluster(
     tls_dir = kvrelay_certs(tmp_path_factory.mktemp("tls"))
     keys = tmp_path_factory.mktemp("keys") / "api-keys.txt"
     keys.write_text(f"# the test's key\n{API_KEY}\nsk-another-key\n")
+    secret = keys.parent / "kv.secret"
+    secret.write_bytes(KV_SECRET)
     local = LocalCluster(
         str(cluster_model),
         cluster_redis,
@@ -66,6 +69,7 @@ def secure_cluster(
         num_prefill=1,
         num_decode=1,
         router_args=("--api-keys-file", str(keys)),
+        worker_args=("--kv-secret-file", str(secret)),
         tls_dir=tls_dir,
     )
     yield local
@@ -208,3 +212,44 @@ def test_the_http_api_needs_the_key_too(secure_cluster: LocalCluster) -> None:
     assert answer.usage.completion_tokens == 2
     url = f"http://127.0.0.1:{secure_cluster.http_port}/health"
     wait_until(lambda: urllib.request.urlopen(url, timeout=5).status == 200, 5, "/health")
+
+
+def test_blocks_planted_in_redis_without_the_secret_are_misses_and_the_answer_is_right(
+    secure_cluster: LocalCluster,
+) -> None:
+    """Someone who can write to Redis but has no secret plants well-formed blocks
+    (right key, header, length and xxh3) for a prompt before anyone sends it: the
+    prefill worker counts them as corrupt, computes the prompt itself, and the
+    answer is the model's own."""
+    import torch
+
+    from decode_worker.batch_generate import generate_with_engine
+    from kvstore.hashing import hash_token_blocks
+    from kvstore.redis.store import RedisStore
+    from kvstore.spec import BlockSpec
+    from model.loader import load_model
+    from model.sampling_params import SamplingParams
+    from model.sources import model_identity
+
+    prompt = [(i * 7 + 3) % 200 + 3 for i in range(40)]  # two full blocks and a tail
+    loaded = load_model(secure_cluster.model, dtype=torch.float32)
+    spec = BlockSpec.for_model(model_identity(secure_cluster.model), loaded.config, torch.float32)
+    planter = RedisStore(secure_cluster.store_url, spec)  # no secret
+    assert not planter.is_authenticated
+    hashes = hash_token_blocks(prompt, spec.block_size, spec.fingerprint)
+    planter.put([(h, torch.full(spec.shape, 7.0)) for h in hashes])
+    planter.close()
+
+    corrupt_before = secure_cluster.stats("prefill-0").store.corrupt_blocks
+    responses = list(
+        secure_cluster.generator.Generate(
+            pb.GenerateRequest(prompt_token_ids=prompt, sampling=SAMPLING),
+            metadata=bearer(API_KEY),
+            timeout=30,
+        )
+    )
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    expected = [out.token_id for _, out in generate_with_engine(loaded, [prompt], params)]
+    assert [t for r in responses for t in r.token_ids] == expected
+    assert responses[-1].usage.cached_prompt_tokens == 0
+    assert secure_cluster.stats("prefill-0").store.corrupt_blocks >= corrupt_before + 1
