@@ -56,6 +56,9 @@ class DecodeCall:
     what a resumed request had sent."""
     prefill: PrefillHandoff | None = None
     """Set when a prefill worker stored the prompt's K/V for this request."""
+    cache_salt: str | None = None
+    """Seeds the hash chain (checked by the caller): the request shares resident,
+    fetched and published blocks only with requests of the same salt."""
 
     @property
     def is_resumed(self) -> bool:
@@ -108,7 +111,8 @@ class DecodeAdmission:
         spec = self.store.spec
         # Blocks that can be reused: all full ones but the one holding the last token.
         num_reusable = (len(tokens) - 1) // spec.block_size
-        hashes = hash_token_blocks(tokens, spec.block_size, spec.fingerprint)[:num_reusable]
+        hashes = hash_token_blocks(tokens, spec.block_size, spec.fingerprint, call.cache_salt)
+        hashes = hashes[:num_reusable]
         tail_id = call.prefill.tail_id if call.prefill is not None else ""
         with tracer.start_as_current_span(names.SPAN_DECODE_ADMISSION, context=parent) as span:
             num_resident = self.loop.count_resident(hashes)
@@ -126,6 +130,7 @@ class DecodeAdmission:
             # converts): a waiting request holds no device memory outside its budget.
             provided_kv=[t.to(dtype=self.dtype) for t in provided],
             provided_start_block=num_resident,
+            cache_salt=call.cache_salt,
         )
         return Admission(request, num_resident, len(provided))
 

@@ -87,9 +87,14 @@ class PrefillFlow:
         return max(self.num_active - 1, 0)
 
     async def run(
-        self, request_id: str, token_ids: list[int], sampling: SamplingParams
+        self,
+        request_id: str,
+        token_ids: list[int],
+        sampling: SamplingParams,
+        cache_salt: str | None = None,
     ) -> PrefillOutcome:
-        """Raises Overloaded, InvalidPrompt, PrefillCancelled (the engine dropped the job), or
+        """`cache_salt` (checked by the caller) seeds the prompt's block hashes, so
+        only prompts of the same salt share blocks here. Raises Overloaded, InvalidPrompt, PrefillCancelled (the engine dropped the job), or
         CancelledError; whatever it raises, the tail is deleted and every claimed
         block released. A store that fails is no error of the request: the first
         token is still returned, with no tail, and the decode worker computes what
@@ -101,12 +106,16 @@ class PrefillFlow:
             )
         self.num_active += 1
         try:
-            return await self._run(request_id, token_ids, sampling)
+            return await self._run(request_id, token_ids, sampling, cache_salt)
         finally:
             self.num_active -= 1
 
     async def _run(
-        self, request_id: str, token_ids: list[int], sampling: SamplingParams
+        self,
+        request_id: str,
+        token_ids: list[int],
+        sampling: SamplingParams,
+        cache_salt: str | None,
     ) -> PrefillOutcome:
         check_prompt(
             token_ids,
@@ -114,9 +123,8 @@ class PrefillFlow:
             vocab_size=self.model.vocab_size,
             max_context_len=self.model.max_position_embeddings,
         )
-        hashes = hash_token_blocks(
-            token_ids, self.store.spec.block_size, self.store.spec.fingerprint
-        )
+        spec = self.store.spec
+        hashes = hash_token_blocks(token_ids, spec.block_size, spec.fingerprint, cache_salt)
         # Requests sharing a prefix wait for the one computing it (only when they
         # can reuse it: with the cache off every request computes its own).
         shared = hashes if self.enable_prefix_cache else []

@@ -91,9 +91,12 @@ class RequestRelay:
         request: pb.GenerateRequest,
         time_remaining: float | None,
         parent: Context | None = None,
+        *,
+        key_salt: str | None = None,
     ) -> AsyncIterator[pb.GenerateResponse]:
         """The whole request. Raises InvalidRequest or RelayError before the first
-        message, RelayError after it."""
+        message, RelayError after it. `key_salt`: the caller's own prefix-cache scope,
+        for a router that derives one per API key (`router.request.prepare`)."""
         timer = TokenTimer(self.metrics)
         # Every request has a deadline: the client's, or the router's request timeout.
         timeout_s = self.calls.failover.request_timeout_s
@@ -104,7 +107,7 @@ class RequestRelay:
         span = tracer.start_span(names.SPAN_GENERATE, context=parent, kind=trace.SpanKind.SERVER)
         try:
             with self._admitted():
-                req = self._prepare(request)
+                req = self._prepare(request, key_salt)
                 _set_request_attributes(
                     span, self.cluster.model_name, req, is_chat=bool(request.messages)
                 )
@@ -180,14 +183,14 @@ class RequestRelay:
             self.stats.num_inflight -= 1
             self.stats.num_finished += 1
 
-    def _prepare(self, request: pb.GenerateRequest) -> PreparedRequest:
+    def _prepare(self, request: pb.GenerateRequest, key_salt: str | None) -> PreparedRequest:
         model = self.cluster.model
         if model is None or not self.cluster.workers(Role.DECODE):
             raise RelayError(
                 grpc.StatusCode.UNAVAILABLE,
                 "no decode worker is registered yet; start one (`kvrelay serve decode`) and retry",
             )
-        return prepare(request, self.limits, model, self.tokenizer, self.chat)
+        return prepare(request, self.limits, model, self.tokenizer, self.chat, key_salt=key_salt)
 
     def _snapshot(self) -> Snapshot:
         return dataclasses.replace(

@@ -78,10 +78,17 @@ class Worker:
         admission = DecodeAdmission(loop, store, tiny.config, tiny.device, tiny.dtype, metrics)
         self.decode = DecodeFlow(loop, admission, metrics)
 
-    async def call(self, request_id: str, prompt: list[int]) -> DecodeCall:
-        out = await self.prefill.run(request_id, prompt, GREEDY)
+    async def call(
+        self, request_id: str, prompt: list[int], cache_salt: str | None = None
+    ) -> DecodeCall:
+        out = await self.prefill.run(request_id, prompt, GREEDY, cache_salt)
         return DecodeCall(
-            request_id, prompt, GREEDY, [out.first_token_id], PrefillHandoff(out.tail_id)
+            request_id,
+            prompt,
+            GREEDY,
+            [out.first_token_id],
+            PrefillHandoff(out.tail_id),
+            cache_salt=cache_salt,
         )
 
     async def generate(self, call: DecodeCall) -> tuple[list[int], list]:
@@ -96,11 +103,17 @@ def worker(tiny, spec, prefill_engine, loop) -> Worker:
 
 
 def hashes_of(call: DecodeCall) -> list[bytes]:
-    """The prompt's full blocks, hashed as every worker of the test hashes them."""
+    """The prompt's full blocks, hashed as every worker of the test hashes them
+    (with the call's cache salt)."""
     fingerprint = BlockSpec.for_model(
         "dummy:tiny", load_model("dummy:tiny").config, torch.float32, BLOCK_SIZE
     ).fingerprint
-    return hash_token_blocks(call.prompt_token_ids, BLOCK_SIZE, fingerprint)
+    return hash_token_blocks(call.prompt_token_ids, BLOCK_SIZE, fingerprint, call.cache_salt)
+
+
+def found_at_admission(batches: list) -> tuple[int, int]:
+    """(prompt blocks resident in the pool, blocks fetched) when the request was admitted."""
+    return batches[0].num_resident_blocks, batches[0].num_fetched_blocks
 
 
 def expected(tiny: LoadedModel, prompt: list[int]) -> list[int]:
@@ -158,6 +171,57 @@ def test_some_resident_fetches_the_rest(tiny, worker) -> None:
     assert (batches[0].num_resident_blocks, batches[0].num_fetched_blocks) == (1, 2)
     assert worker.pool.cached_block(hashes_of(call)[0]) == 0  # shared with `a`
     assert worker.pool.num_used_blocks == 0
+
+
+def test_a_salted_prompt_shares_blocks_only_within_its_salt(tiny, worker) -> None:
+    async def scenario():
+        a = await worker.call("a", PROMPT, "tenant-a")
+        a_batches = (await worker.generate(a))[1]
+        b = await worker.call("b", PROMPT, "tenant-b")
+        b_batches = (await worker.generate(b))[1]
+        again = await worker.call("c", PROMPT, "tenant-a")
+        return (a, a_batches), (b, b_batches), (again, (await worker.generate(again))[1])
+
+    (a, a_batches), (b, b_batches), (again, again_batches) = asyncio.run(scenario())
+    assert found_at_admission(a_batches) == (0, 3)
+    # tenant-b finds nothing of tenant-a's, resident or stored: it fetches what its
+    # own prefill stored (2 blocks and the tail) into blocks of its own.
+    assert found_at_admission(b_batches) == (0, 3)
+    assert found_at_admission(again_batches) == (2, 1)  # tenant-a's blocks, resident since `a`
+    assert [worker.pool.cached_block(h) for h in hashes_of(a)] == [0, 1]
+    assert [worker.pool.cached_block(h) for h in hashes_of(b)] == [4, 5]
+    assert hashes_of(again) == hashes_of(a)
+    assert set(hashes_of(a)).isdisjoint(hashes_of(b))
+    assert worker.store.num_blocks() == 4  # two per salt, none unsalted
+    assert worker.store.lookup(hashes_of(DecodeCall("x", PROMPT, GREEDY))) == 0
+    for call, batches in ((a, a_batches), (b, b_batches), (again, again_batches)):
+        tokens = [t for batch in batches for t in batch.token_ids]
+        assert [call.generated_token_ids[0], *tokens] == expected(tiny, PROMPT)
+    assert worker.pool.num_used_blocks == 0 and worker.store.num_tails() == 0
+
+
+def test_the_blocks_a_salted_request_computes_are_published_under_its_salt(
+    tiny, spec, worker
+) -> None:
+    store = MemoryStore(spec)
+    publisher = BlockPublisher(store)
+    config = EngineConfig(num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE)
+    loop = EngineLoop(DecodeEngine(tiny, config, spec.fingerprint, publisher.submit))
+    loop.start()
+    try:
+        decoder = Worker(tiny, store, worker.prefill.engine, loop)
+        call = DecodeCall("a", PROMPT, GREEDY, cache_salt="tenant-a")  # prefilled here
+        tokens, _ = asyncio.run(decoder.generate(call))
+        assert publisher.flush(10)
+    finally:
+        loop.stop()
+        publisher.stop()
+    assert tokens == expected(tiny, PROMPT)
+    # 10 prompt + 6 generated tokens; the last is never fed back: 3 full blocks.
+    sequence = [*PROMPT, *tokens]
+    salted = hash_token_blocks(sequence, BLOCK_SIZE, spec.fingerprint, "tenant-a")
+    assert store.lookup(salted) == 3 and store.num_blocks() == 3
+    assert store.lookup(hash_token_blocks(sequence, BLOCK_SIZE, spec.fingerprint)) == 0
 
 
 def test_a_block_evicted_from_the_store_between_lookup_and_get_is_computed(

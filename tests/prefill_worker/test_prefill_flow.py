@@ -107,6 +107,25 @@ def test_a_partial_hit_loads_the_shared_blocks_only(tiny, engine) -> None:
     assert store.num_blocks() == 3  # block 1 of `other` is new
 
 
+def test_a_salted_prompt_hits_only_the_blocks_of_its_own_salt(tiny, engine) -> None:
+    store = MemoryStore(spec_of(tiny))
+    flow = make_flow(engine, store)
+    fingerprint = store.spec.fingerprint
+    a = asyncio.run(flow.run("a", PROMPT, GREEDY, "tenant-a"))
+    b = asyncio.run(flow.run("b", PROMPT, GREEDY, "tenant-b"))
+    unsalted = run(flow, "c", PROMPT)
+    again = asyncio.run(flow.run("d", PROMPT, GREEDY, "tenant-a"))
+    assert [out.num_cached_tokens for out in (a, b, unsalted, again)] == [0, 0, 0, 8]
+    assert [out.num_computed_tokens for out in (a, b, unsalted, again)] == [10, 10, 10, 2]
+    assert {a.first_token_id, b.first_token_id, again.first_token_id} == {first_token(tiny, PROMPT)}
+    chains = [
+        hash_token_blocks(PROMPT, BLOCK_SIZE, fingerprint, salt)
+        for salt in ("tenant-a", "tenant-b", None)
+    ]
+    assert all(store.lookup(chain) == 2 for chain in chains)
+    assert store.num_blocks() == 6  # two per scope, shared by none
+
+
 def test_a_waiter_on_an_in_flight_prefix_reuses_it_instead_of_computing_it(tiny, engine) -> None:
     store = MemoryStore(spec_of(tiny))
     flow = make_flow(engine, store)

@@ -226,6 +226,38 @@ def test_a_request_id_over_128_bytes_is_invalid_argument() -> None:
     assert text_of(generate(workers, request_id="é" * 64)) == "AB"  # 128 bytes
 
 
+def test_the_cache_salt_reaches_the_prefill_and_every_decode_call() -> None:
+    workers = ScriptedWorkers()
+    sent_to_prefill: list[wpb.PrefillRequest] = []
+
+    def answer(request: wpb.PrefillRequest) -> wpb.PrefillResult:
+        sent_to_prefill.append(request)
+        return prefilled(ord("A"))(request)
+
+    workers.prefills = {"p0": answer}
+    workers.decodes = {
+        "d0": [decoded(b"B"), gone("d0")],
+        "d1": [decoded(b"C", pb.FINISH_REASON_LENGTH)],
+    }
+
+    async def scenario():
+        relay = await make_relay(workers, decode_ids=("d0", "d1"))
+        request = pb.GenerateRequest(prompt_token_ids=PROMPT, cache_salt="tenant-a")
+        return [m async for m in relay.generate(request, time_remaining=None)]
+
+    assert text_of(asyncio.run(scenario())) == "ABC"
+    assert [r.cache_salt for r in sent_to_prefill] == ["tenant-a"]
+    assert [d.cache_salt for _, d in workers.decode_calls] == ["tenant-a", "tenant-a"]
+
+
+def test_without_a_cache_salt_no_worker_call_carries_one() -> None:
+    workers = ScriptedWorkers()
+    workers.prefills = {"p0": prefilled(ord("A"))}
+    workers.decodes = {"d0": [decoded(b"B", pb.FINISH_REASON_LENGTH)]}
+    assert text_of(generate(workers)) == "AB"
+    assert not workers.decode_calls[0][1].HasField("cache_salt")
+
+
 # Prefill: any failure of the worker is retried once on another, then the decode
 # worker prefills; each attempt's tail is released, never the next attempt's.
 
