@@ -55,7 +55,7 @@ class DecodeServicer(wgrpc.DecodeWorkerServicer):
 
     async def Decode(self, request: wpb.DecodeRequest, context: grpc.aio.ServicerContext):
         try:
-            call = _call_from_proto(request)
+            call = call_from_proto(request)
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         try:
@@ -111,11 +111,17 @@ class DecodeServicer(wgrpc.DecodeWorkerServicer):
         )
 
 
-def _call_from_proto(request: wpb.DecodeRequest) -> DecodeCall:
-    """Raises ValueError (naming the field) for sampling the model refuses or a bad
-    cache salt."""
+def call_from_proto(request: wpb.DecodeRequest) -> DecodeCall:
+    """Raises ValueError (naming the field) for sampling the model refuses, a bad
+    cache salt, or both `prefill` and `generated_token_ids`. Token ids are checked
+    against the vocabulary by the admission."""
     prefill, generated = None, list(request.generated_token_ids)
     if request.HasField("prefill"):
+        if generated:
+            raise ValueError(
+                "generated_token_ids must be empty with prefill (its first_token_id is the "
+                "only output token so far); send one or the other"
+            )
         prefill = PrefillHandoff(request.prefill.tail_id if request.prefill.has_tail else "")
         generated = [request.prefill.first_token_id]
     try:

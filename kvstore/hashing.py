@@ -99,3 +99,23 @@ def hash_token_blocks(
         parent = hash_block(parent, token_ids[start : start + block_size])
         hashes.append(parent)
     return hashes
+
+
+def hash_prompt(
+    token_ids: Sequence[int],
+    block_size: int,
+    fingerprint: bytes,
+    cache_salt: str | None = None,
+) -> BlockHash:
+    """A hash of the whole prompt: its chain of full blocks (seeded as
+    `hash_token_blocks` seeds it) extended over the partial last block, if any.
+
+    It binds a prompt's tail to the prompt it was computed for: the prefill worker
+    stores the tail under it and the decode worker reads it back only with the one
+    it computes from its own prompt, so a caller that names another request's tail
+    gets a miss, never K/V of other tokens filed under its prompt's hashes.
+    """
+    hashes = hash_token_blocks(token_ids, block_size, fingerprint, cache_salt)
+    tail = token_ids[len(hashes) * block_size :]
+    parent = hashes[-1] if hashes else chain_seed(fingerprint, cache_salt)
+    return hash_block(parent, tail) if tail else parent

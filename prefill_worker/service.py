@@ -107,7 +107,6 @@ def _result_to_proto(outcome: PrefillOutcome) -> wpb.PrefillResult:
     return wpb.PrefillResult(
         first_token_id=outcome.first_token_id,
         first_logprob=outcome.first_logprob,
-        block_hashes=outcome.block_hashes,
         has_tail=outcome.has_tail,
         tail_id=outcome.tail_id if outcome.has_tail else "",
         num_cached_tokens=outcome.num_cached_tokens,

@@ -30,10 +30,9 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generator_pb2.SamplingParams, _Mapping]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class PrefillResult(_message.Message):
-    __slots__ = ("first_token_id", "first_logprob", "block_hashes", "has_tail", "num_cached_tokens", "num_computed_tokens", "finish_reason", "tail_id")
+    __slots__ = ("first_token_id", "first_logprob", "has_tail", "num_cached_tokens", "num_computed_tokens", "finish_reason", "tail_id")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
-    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     HAS_TAIL_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -41,13 +40,12 @@ class PrefillResult(_message.Message):
     TAIL_ID_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     first_logprob: float
-    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     has_tail: bool
     num_cached_tokens: int
     num_computed_tokens: int
     finish_reason: _generator_pb2.FinishReason
     tail_id: str
-    def __init__(self, first_token_id: _Optional[int] = ..., first_logprob: _Optional[float] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., has_tail: _Optional[bool] = ..., num_cached_tokens: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[_generator_pb2.FinishReason, str]] = ..., tail_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, first_token_id: _Optional[int] = ..., first_logprob: _Optional[float] = ..., has_tail: _Optional[bool] = ..., num_cached_tokens: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[_generator_pb2.FinishReason, str]] = ..., tail_id: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("result", "worker_id")

@@ -25,6 +25,7 @@ from kvstore.memory_store import MemoryStore
 from kvstore.spec import BlockSpec
 from model.generation import generate
 from model.loader import LoadedModel, load_model
+from model.prompt_limits import InvalidPrompt
 from model.sampling_params import FinishReason, SamplingParams
 from prefill_worker.engine import PrefillEngine
 from prefill_worker.prefill_flow import PrefillFlow
@@ -222,6 +223,63 @@ def test_the_blocks_a_salted_request_computes_are_published_under_its_salt(
     salted = hash_token_blocks(sequence, BLOCK_SIZE, spec.fingerprint, "tenant-a")
     assert store.lookup(salted) == 3 and store.num_blocks() == 3
     assert store.lookup(hash_token_blocks(sequence, BLOCK_SIZE, spec.fingerprint)) == 0
+
+
+# A worker trusts no caller: it fetches and files K/V only under hashes it computes
+# from the tokens it is given, and checks every token id against the vocabulary.
+
+
+def test_a_caller_naming_another_prompts_tail_cannot_file_it_under_its_prompt(tiny, worker) -> None:
+    # `forged` shares `PROMPT`'s full blocks but not its tail: a caller that names
+    # PROMPT's tail for it would, if the tail were taken, have the K/V of tokens
+    # [18, 19] filed (and reused, and published) under forged's hash chain.
+    forged = [*PROMPT[:8], 50, 51]
+
+    async def scenario():
+        victim = await worker.call("a", PROMPT)  # stores 2 blocks and the tail "a"
+        first_token = expected(tiny, forged)[0]
+        call = DecodeCall("x", forged, GREEDY, [first_token], victim.prefill)
+        return call, await worker.generate(call)
+
+    call, (tokens, batches) = asyncio.run(scenario())
+    assert [call.generated_token_ids[0], *tokens] == expected(tiny, forged)
+    # The 2 shared blocks were fetched by forged's own hashes; the tail was refused
+    # (a counted corrupt miss, deleted all the same) and tokens 8, 9 computed here.
+    assert found_at_admission(batches) == (0, 2)
+    assert batches[0].num_reused_tokens == 8
+    assert worker.store.stats().corrupt_blocks == 1 and worker.store.num_tails() == 0
+    # What the pool filed: forged's blocks 0, 1 (fetched) and 2 (tokens 8..11: 50, 51
+    # and two generated, all computed here), under forged's chain only.
+    sequence = [*forged, call.generated_token_ids[0], *tokens]
+    chain = hash_token_blocks(sequence, BLOCK_SIZE, worker.store.spec.fingerprint)
+    assert [worker.pool.cached_block(h) for h in chain[:3]] == [0, 1, 2]
+    assert worker.pool.num_used_blocks == 0
+
+
+def test_a_prefilled_call_with_a_first_token_outside_the_vocabulary_is_refused(
+    tiny, worker
+) -> None:
+    vocab_size = tiny.config.vocab_size
+    call = DecodeCall("x", PROMPT, GREEDY, [vocab_size], PrefillHandoff(""))
+    with pytest.raises(InvalidPrompt, match=rf"^prefill\.first_token_id is {vocab_size}; token"):
+        asyncio.run(worker.generate(call))
+    assert worker.pool.num_used_blocks == 0 and worker.loop.stats().num_waiting == 0
+
+
+@pytest.mark.parametrize(
+    ("prompt", "generated", "message"),
+    [
+        ([*PROMPT[:3], 1000, *PROMPT[4:]], [], r"^prompt_token_ids\[3\] is 1000; token"),
+        (PROMPT, [65, 2**31], r"^generated_token_ids\[1\] is 2147483648; token"),
+    ],
+    ids=["prompt", "resumed"],
+)
+def test_token_ids_outside_the_vocabulary_are_refused_naming_the_field(
+    worker, prompt, generated, message
+) -> None:
+    with pytest.raises(InvalidPrompt, match=message):
+        asyncio.run(worker.generate(DecodeCall("x", prompt, GREEDY, generated)))
+    assert worker.pool.num_used_blocks == 0 and worker.loop.stats().num_waiting == 0
 
 
 def test_a_block_evicted_from_the_store_between_lookup_and_get_is_computed(

@@ -9,7 +9,13 @@ import sys
 import pytest
 import torch
 
-from kvstore.hashing import MAX_CACHE_SALT_BYTES, chain_seed, hash_block, hash_token_blocks
+from kvstore.hashing import (
+    MAX_CACHE_SALT_BYTES,
+    chain_seed,
+    hash_block,
+    hash_prompt,
+    hash_token_blocks,
+)
 from kvstore.spec import BlockSpec
 
 SPEC_135M = BlockSpec("dummy:135m", num_layers=30, num_kv_heads=3, head_dim=64)
@@ -136,6 +142,19 @@ def test_an_empty_or_too_long_salt_is_refused_naming_it() -> None:
     too_long = "é" * (MAX_CACHE_SALT_BYTES // 2 + 1)  # counted in UTF-8 bytes
     with pytest.raises(ValueError, match=f"^cache_salt is {MAX_CACHE_SALT_BYTES + 2} bytes"):
         hash_token_blocks(list(range(16)), 16, SPEC_135M.fingerprint, too_long)
+
+
+def test_a_prompt_hash_names_every_token_the_tail_included() -> None:
+    fingerprint = SPEC_135M.fingerprint
+    full = hash_token_blocks(list(range(40)), 16, fingerprint)
+    # 40 tokens: 2 full blocks and a tail of 8, chained on the last full block.
+    assert hash_prompt(list(range(40)), 16, fingerprint) == hash_block(full[1], range(32, 40))
+    assert hash_prompt(list(range(32)), 16, fingerprint) == full[1]  # no tail
+    assert hash_prompt([5, 6], 16, fingerprint) == hash_block(fingerprint, [5, 6])
+    prompts = [list(range(40)), [*range(39), 99], [*range(39)], [99, *range(1, 40)]]
+    hashes = {hash_prompt(p, 16, fingerprint) for p in prompts}
+    hashes |= {hash_prompt(list(range(40)), 16, fingerprint, salt) for salt in ("a", "b")}
+    assert len(hashes) == 6
 
 
 def test_bad_arguments_are_rejected() -> None:
