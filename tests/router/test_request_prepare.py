@@ -1,6 +1,7 @@
-"""`prepare`'s cache salt: the block hashes the router routes by are the salted
+"""`prepare`: the cache salt (the block hashes the router routes by are the salted
 chain every worker computes, the salt travels on in the prepared request, a key
-salt scopes it, and a bad salt is refused naming `cache_salt`."""
+salt scopes it, and a bad salt is refused naming `cache_salt`), and what is refused
+before any tokenizer pass."""
 
 from __future__ import annotations
 
@@ -68,3 +69,44 @@ def test_a_key_salt_scopes_the_request_salt() -> None:
 def test_a_bad_salt_is_refused_naming_it(salt: str, message: str) -> None:
     with pytest.raises(InvalidRequest, match=f"^{message}"):
         prepared(cache_salt=salt)
+
+
+class CountingTokenizer(ByteTokenizer):
+    """The byte tokenizer, counting the texts it was asked to encode."""
+
+    def __init__(self) -> None:
+        self.num_encoded = 0
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        self.num_encoded += 1
+        return super().encode(text, add_bos)
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (pb.GenerateRequest(prompt="x" * 2_000_000), "request is 2000004 bytes"),
+        (pb.GenerateRequest(prompt="x" * 300_000), "prompt is 300000 bytes of text"),
+        (
+            pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="x" * 300_000)]),
+            "messages hold 300004 bytes of text",
+        ),
+        (pb.GenerateRequest(prompt="hi", cache_salt=""), "cache_salt is empty"),
+        (
+            pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(stop_token_ids=[1] * 65)),
+            "sampling.stop_token_ids has 65 ids; at most 64",
+        ),
+    ],
+    ids=["request-size", "prompt-text", "messages-text", "salt", "stop-token-ids"],
+)
+def test_refused_before_anything_is_tokenized(request_, message) -> None:
+    tokenizer = CountingTokenizer()
+    with pytest.raises(InvalidRequest, match=f"^{message}"):
+        prepare(request_, RequestLimits(), MODEL, tokenizer)
+    assert tokenizer.num_encoded == 0
+
+
+def test_a_prompt_within_the_limits_is_tokenized_once() -> None:
+    tokenizer = CountingTokenizer()
+    req = prepare(pb.GenerateRequest(prompt="hi"), RequestLimits(), MODEL, tokenizer)
+    assert tokenizer.num_encoded == 1 and req.prompt_token_ids == tokenizer.encode("hi")
