@@ -27,8 +27,9 @@ from decode_worker.engine import EngineRequest
 from decode_worker.engine_loop import EngineLoop
 from decode_worker.kv_fetch import fetch_prompt_kv
 from kvstore import BlockHash, KVStore, hash_token_blocks
+from kvstore.hashing import hash_prompt
 from model.config import ModelConfig
-from model.prompt_limits import check_prompt, check_token_ids
+from model.prompt_limits import check_prompt, check_token_id, check_token_ids
 from model.sampling_params import SamplingParams
 from telemetry import names
 from telemetry.metrics import ServiceMetrics
@@ -52,10 +53,20 @@ class DecodeCall:
     prompt_token_ids: Sequence[int]
     sampling: SamplingParams
     generated_token_ids: Sequence[int] = ()
-    """Output tokens the caller already has: the prefill worker's first token, or
-    what a resumed request had sent."""
+    """Output tokens the caller already has: the prefill worker's first token (exactly
+    that one when `prefill` is set), or what a resumed request had sent."""
     prefill: PrefillHandoff | None = None
     """Set when a prefill worker stored the prompt's K/V for this request."""
+    cache_salt: str | None = None
+    """Seeds the hash chain (checked by the caller): the request shares resident,
+    fetched and published blocks only with requests of the same salt."""
+
+    def __post_init__(self) -> None:
+        if self.prefill is not None and len(self.generated_token_ids) != 1:
+            raise ValueError(
+                "a prefilled call continues after exactly one token, the prefill "
+                f"worker's; got {len(self.generated_token_ids)}"
+            )
 
     @property
     def is_resumed(self) -> bool:
@@ -104,17 +115,28 @@ class DecodeAdmission:
             vocab_size=self.model.vocab_size,
             max_context_len=self.model.max_position_embeddings,
         )
-        check_token_ids(call.generated_token_ids, self.model.vocab_size, "generated_token_ids")
+        if call.prefill is not None:
+            # The prefill worker's token, the one output token so far.
+            (first_token_id,) = call.generated_token_ids
+            check_token_id(first_token_id, self.model.vocab_size, "prefill.first_token_id")
+        else:
+            check_token_ids(call.generated_token_ids, self.model.vocab_size, "generated_token_ids")
         spec = self.store.spec
         # Blocks that can be reused: all full ones but the one holding the last token.
         num_reusable = (len(tokens) - 1) // spec.block_size
-        hashes = hash_token_blocks(tokens, spec.block_size, spec.fingerprint)[:num_reusable]
+        hashes = hash_token_blocks(tokens, spec.block_size, spec.fingerprint, call.cache_salt)
+        hashes = hashes[:num_reusable]
         tail_id = call.prefill.tail_id if call.prefill is not None else ""
         with tracer.start_as_current_span(names.SPAN_DECODE_ADMISSION, context=parent) as span:
             num_resident = self.loop.count_resident(hashes)
             provided = []
             if num_resident < len(hashes) or tail_id:
-                provided = await self._fetch(hashes[num_resident:], tail_id)
+                # The tail is read for this prompt only: one a caller names for
+                # another prompt is a miss.
+                prompt_hash = hash_prompt(
+                    call.prompt_token_ids, spec.block_size, spec.fingerprint, call.cache_salt
+                )
+                provided = await self._fetch(hashes[num_resident:], tail_id, prompt_hash)
             span.set_attribute(names.NUM_RESIDENT_BLOCKS, num_resident)
             span.set_attribute(names.NUM_FETCHED_BLOCKS, len(provided))
         request = EngineRequest(
@@ -126,13 +148,18 @@ class DecodeAdmission:
             # converts): a waiting request holds no device memory outside its budget.
             provided_kv=[t.to(dtype=self.dtype) for t in provided],
             provided_start_block=num_resident,
+            cache_salt=call.cache_salt,
         )
         return Admission(request, num_resident, len(provided))
 
-    async def _fetch(self, hashes: list[BlockHash], tail_id: str) -> list[torch.Tensor]:
+    async def _fetch(
+        self, hashes: list[BlockHash], tail_id: str, prompt_hash: BlockHash
+    ) -> list[torch.Tensor]:
         with tracer.start_as_current_span(names.SPAN_STORE_GET) as span:
             started = time.perf_counter()
-            provided = await asyncio.to_thread(fetch_prompt_kv, self.store, hashes, tail_id)
+            provided = await asyncio.to_thread(
+                fetch_prompt_kv, self.store, hashes, tail_id, prompt_hash
+            )
             self.metrics.kv_transfer_time.observe(time.perf_counter() - started)
             span.set_attribute(names.NUM_BLOCKS, len(provided))
             span.set_attribute(names.NUM_BYTES, sum(t.nbytes for t in provided))

@@ -21,7 +21,7 @@ from decode_worker.config import EngineConfig
 from decode_worker.model_runner import ModelRunner
 from decode_worker.scheduler import Scheduler
 from decode_worker.sequence import SequenceRequest, SequenceStatus
-from kvstore.hashing import BlockHash, hash_block
+from kvstore.hashing import BlockHash, chain_seed, hash_block
 from model.loader import LoadedModel
 from model.sampling import sample
 from model.sampling_params import FinishReason, SamplingParams, stop_token_set
@@ -55,6 +55,10 @@ class EngineRequest:
     on; every block is full except possibly the last (the prompt's tail)."""
     provided_start_block: int = 0
     """First block of `provided_kv`; blocks before it are expected resident in the pool."""
+    cache_salt: str | None = None
+    """Seeds the request's hash chain with the engine's fingerprint
+    (`kvstore.hashing.chain_seed`): its blocks are reused, registered and published
+    only under hashes of that salt."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,7 @@ class DecodeEngine:
                 stop_token_ids=stop_token_set(sampling, self.loaded.config.eos_token_ids),
                 num_provided_tokens=num_provided,
                 provided_start_block=request.provided_start_block,
+                hash_seed=chain_seed(self.fingerprint, request.cache_salt),
             )
         )
         self._requests[request.request_id] = _Request(

@@ -17,12 +17,15 @@ log = logging.getLogger(__name__)
 def fetch_prompt_kv(
     store: KVStore,
     block_hashes: Sequence[BlockHash],
-    tail_id: str = "",
+    tail_id: str,
+    prompt_hash: BlockHash,
 ) -> list[torch.Tensor]:
     """The consecutive blocks of `block_hashes` that the store returns, then the
-    tail stored under `tail_id` (if not empty) when every block came back. A missing or corrupt block ends the
-    list there: the engine computes what was not provided, so a miss costs time,
-    never correctness. An unreachable store provides nothing.
+    tail stored under `tail_id` (if not empty) for the prompt `prompt_hash` names
+    when every block came back. A missing or corrupt block, or a tail stored for
+    another prompt, ends the list there: the engine computes what was not
+    provided, so a miss costs time, never correctness. An unreachable store
+    provides nothing.
 
     With a `tail_id` this worker owns the tail (phase 3 of `kvstore.tail_lease`):
     it is deleted once read, whether or not it could be used. Blocking; call it
@@ -36,7 +39,7 @@ def fetch_prompt_kv(
             provided.append(block)
         if tail_id:
             with TailLease(functools.partial(store.delete_tail, tail_id), tail_id):
-                tail = store.get_tail(tail_id)
+                tail = store.get_tail(tail_id, prompt_hash)
             if tail is not None and len(provided) == len(block_hashes):
                 provided.append(tail)
         return provided

@@ -32,7 +32,8 @@ from model.sampling_params import FinishReason, finish_reason
 
 HashBlockFn = Callable[[BlockHash | None, SequenceOf[int]], BlockHash]
 """`hash_block(parent, token_ids)`: hash of a full block given its predecessor's hash
-(None for the first block). Must match the KV store's chain so fetched blocks resolve."""
+(for the first block, the sequence's `hash_seed`, or None for the function's own
+seed). Must match the KV store's chain so fetched blocks resolve."""
 
 
 class RequestTooLargeError(ValueError):
@@ -288,7 +289,7 @@ class Scheduler:
         """Extend the sequence's hash chain to all its full blocks (cached on `seq`)."""
         block_size = self._block_size
         for idx in range(len(seq.block_hashes), seq.num_tokens // block_size):
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.hash_seed
             tokens = seq.token_ids[idx * block_size : (idx + 1) * block_size]
             seq.block_hashes.append(self._hash_block(parent, tokens))
         return seq.block_hashes

@@ -44,6 +44,9 @@ class SequenceRequest:
     """First block the caller holds K/V for: blocks before it were resident in the pool
     when the caller looked. If some of them were evicted by admission time, the provided
     K/V cannot be used (there would be a gap) and the tokens are recomputed instead."""
+    hash_seed: BlockHash | None = None
+    """Parent of the first block's hash: the fingerprint salted with the request's
+    cache salt; None is the scheduler's hash function's own seed."""
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -83,9 +86,11 @@ class Sequence:
     """Leading tokens whose K/V is in the pool."""
     block_ids: list[int] = field(default_factory=list)
     """Physical block of each logical block of the sequence."""
+    hash_seed: BlockHash | None = None
+    """See `SequenceRequest.hash_seed`."""
     block_hashes: list[BlockHash] = field(default_factory=list)
     """Hash chain of the full blocks of `token_ids` computed so far (may run ahead of
-    `num_computed_tokens`: it depends only on token ids)."""
+    `num_computed_tokens`: it depends only on token ids and `hash_seed`)."""
     num_hashed_blocks: int = 0
     """Leading blocks already registered in the pool under their hash."""
     status: SequenceStatus = SequenceStatus.WAITING
@@ -102,6 +107,7 @@ class Sequence:
             arrival_index=arrival_index,
             num_provided_tokens=request.num_provided_tokens,
             provided_start_block=request.provided_start_block,
+            hash_seed=request.hash_seed,
         )
 
     @property

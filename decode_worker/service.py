@@ -26,6 +26,7 @@ from model.prompt_limits import InvalidPrompt
 from model.sources import model_identity
 from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
+from rpc.cache_salt_proto import cache_salt_from_proto
 from rpc.limits import Overloaded
 from rpc.sampling_proto import finish_reason_to_proto, sampling_from_proto
 from rpc.server import DEFAULT_DRAIN_TIMEOUT_S, DRAIN_STOP_GRACE_S, ServiceBinding
@@ -54,9 +55,9 @@ class DecodeServicer(wgrpc.DecodeWorkerServicer):
 
     async def Decode(self, request: wpb.DecodeRequest, context: grpc.aio.ServicerContext):
         try:
-            call = _call_from_proto(request)
+            call = call_from_proto(request)
         except ValueError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{err}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         try:
             async for batch in self.flow.run(call, caller_context(context)):
                 yield _response_to_proto(batch)
@@ -110,18 +111,30 @@ class DecodeServicer(wgrpc.DecodeWorkerServicer):
         )
 
 
-def _call_from_proto(request: wpb.DecodeRequest) -> DecodeCall:
-    """Raises ValueError (naming a sampling field) for sampling the model refuses."""
+def call_from_proto(request: wpb.DecodeRequest) -> DecodeCall:
+    """Raises ValueError (naming the field) for sampling the model refuses, a bad
+    cache salt, or both `prefill` and `generated_token_ids`. Token ids are checked
+    against the vocabulary by the admission."""
     prefill, generated = None, list(request.generated_token_ids)
     if request.HasField("prefill"):
+        if generated:
+            raise ValueError(
+                "generated_token_ids must be empty with prefill (its first_token_id is the "
+                "only output token so far); send one or the other"
+            )
         prefill = PrefillHandoff(request.prefill.tail_id if request.prefill.has_tail else "")
         generated = [request.prefill.first_token_id]
+    try:
+        sampling = sampling_from_proto(request.sampling)
+    except ValueError as err:
+        raise ValueError(f"sampling.{err}") from None
     return DecodeCall(
         request_id=request.request_id,
         prompt_token_ids=list(request.prompt_token_ids),
-        sampling=sampling_from_proto(request.sampling),
+        sampling=sampling,
         generated_token_ids=generated,
         prefill=prefill,
+        cache_salt=cache_salt_from_proto(request),
     )
 
 

@@ -18,8 +18,9 @@ The check depends on the cluster's KV secret:
 A reader only accepts its own version: an authenticated cluster refuses
 unauthenticated blocks, and the other way round.
 
-`key` is the block hash, or a digest of the request id for a tail, so a payload
-can never be read under another key. The reader checks every field against what
+`key` is the block hash, or for a tail a digest of the request id and the hash
+of the prompt it ends (`kvstore.hashing.hash_prompt`), so a payload can never be
+read under another key, nor a tail for another prompt. The reader checks every field against what
 it expects; any mismatch raises `BlockCodecError`, which stores turn into a miss.
 The checksum covers the payload; the header needs none because every header
 field is compared with an expected value (and, with a secret, is covered by the
@@ -69,10 +70,12 @@ class BlockCodecError(ValueError):
     foreign). Callers treat it as a miss; it must never reach the model."""
 
 
-def tail_key(request_id: str) -> BlockHash:
-    """The key a request's tail is encoded under (a digest of the request id)."""
+def tail_key(request_id: str, prompt_hash: BlockHash) -> BlockHash:
+    """The key a request's tail is encoded under: a digest of the request id and its
+    prompt's hash, so reading the tail for another prompt fails the check."""
     digest = hashlib.blake2b(request_id.encode("utf-8"), digest_size=BLOCK_HASH_LEN)
     digest.update(b"kvrelay-tail")
+    digest.update(prompt_hash)
     return digest.digest()
 
 

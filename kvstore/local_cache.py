@@ -77,12 +77,12 @@ class LocalCachedStore(KVStore):
         )
         return blocks
 
-    def put_tail(self, request_id: str, kv: torch.Tensor) -> None:
-        self.backend.put_tail(request_id, kv)
+    def put_tail(self, request_id: str, kv: torch.Tensor, prompt_hash: BlockHash) -> None:
+        self.backend.put_tail(request_id, kv, prompt_hash)
         self._stats.add(bytes_in=kv.nbytes)
 
-    def get_tail(self, request_id: str) -> torch.Tensor | None:
-        kv = self.backend.get_tail(request_id)
+    def get_tail(self, request_id: str, prompt_hash: BlockHash) -> torch.Tensor | None:
+        kv = self.backend.get_tail(request_id, prompt_hash)
         if kv is None:
             self._stats.add(misses=1)
         else:

@@ -33,7 +33,8 @@ class MemoryStore(KVStore):
     ) -> None:
         super().__init__(spec)
         self._blocks: ByteBudgetLRU[BlockHash, torch.Tensor] = ByteBudgetLRU(budget_bytes)
-        self._tails: ExpiringTable[torch.Tensor] = ExpiringTable(tail_ttl_s)
+        # A tail with the hash of the prompt it was stored for.
+        self._tails: ExpiringTable[tuple[BlockHash, torch.Tensor]] = ExpiringTable(tail_ttl_s)
         self._stats = StatsRecorder()
 
     def lookup(self, hashes: Sequence[BlockHash]) -> int:
@@ -64,16 +65,18 @@ class MemoryStore(KVStore):
         )
         return blocks
 
-    def put_tail(self, request_id: str, kv: torch.Tensor) -> None:
+    def put_tail(self, request_id: str, kv: torch.Tensor, prompt_hash: BlockHash) -> None:
         self.spec.check_payload(kv, is_tail=True)
-        self._tails.put(request_id, kv.detach().to("cpu", copy=True))
+        self._tails.put(request_id, (prompt_hash, kv.detach().to("cpu", copy=True)))
         self._stats.add(bytes_in=kv.nbytes)
 
-    def get_tail(self, request_id: str) -> torch.Tensor | None:
-        kv = self._tails.get(request_id)
-        if kv is None:
-            self._stats.add(misses=1)
+    def get_tail(self, request_id: str, prompt_hash: BlockHash) -> torch.Tensor | None:
+        stored = self._tails.get(request_id)
+        if stored is None or stored[0] != prompt_hash:
+            # Another prompt's tail counts as the codec stores count it: corrupt.
+            self._stats.add(misses=1, corrupt_blocks=int(stored is not None))
             return None
+        kv = stored[1]
         self._stats.add(hits=1, bytes_out=kv.nbytes)
         return kv.clone()
 

@@ -87,16 +87,18 @@ class KVStore(ABC):
         """
 
     @abstractmethod
-    def put_tail(self, request_id: str, kv: torch.Tensor) -> None:
-        """Stores a request's partial last block, `[L, 2, n, H, D]` with 0 < n <= block_size.
+    def put_tail(self, request_id: str, kv: torch.Tensor, prompt_hash: BlockHash) -> None:
+        """Stores a request's partial last block, `[L, 2, n, H, D]` with 0 < n <= block_size,
+        bound to the prompt it ends (`prompt_hash`, `kvstore.hashing.hash_prompt`).
 
         Overwrites an earlier tail of the same request. The tail expires by itself
         after the store's tail TTL, so a crashed request leaks nothing for long.
         """
 
     @abstractmethod
-    def get_tail(self, request_id: str) -> torch.Tensor | None:
-        """The request's tail, or `None` if absent, expired or corrupt. Mutates nothing."""
+    def get_tail(self, request_id: str, prompt_hash: BlockHash) -> torch.Tensor | None:
+        """The request's tail, or `None` if absent, expired, corrupt, or stored for
+        another prompt than `prompt_hash`. Mutates nothing."""
 
     @abstractmethod
     def delete_tail(self, request_id: str) -> None:

@@ -22,12 +22,12 @@ tokenizers and templates.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model.errors import ModelLoadError
+from model.weight_files import file_digest
 
 if TYPE_CHECKING:
     import torch
@@ -189,18 +189,9 @@ def gguf_chat_template(spec: str) -> str | None:
 
 def gguf_identity(spec: str) -> str:
     """What the file is, for the KV fingerprint: its name, size and a digest of its
-    bytes (computed once per process), so a different file never shares blocks."""
+    bytes, so a different file (or the same file rewritten) never shares blocks."""
     path = gguf_path(spec)
-    return f"gguf:{path.name}:{path.stat().st_size}:{_file_digest(str(path))}"
-
-
-@functools.lru_cache(maxsize=8)
-def _file_digest(path: str) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return f"gguf:{path.name}:{path.stat().st_size}:{file_digest(path)}"
 
 
 # Token types of `tokenizer.ggml.token_type` (llama.cpp's enum).

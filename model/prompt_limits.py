@@ -38,8 +38,13 @@ def check_prompt(
 def check_token_ids(token_ids: Sequence[int], vocab_size: int, field: str) -> None:
     """Raises InvalidPrompt unless every id of `field` is in `[0, vocab_size)`."""
     for i, token_id in enumerate(token_ids):
-        if not 0 <= token_id < vocab_size:
-            raise InvalidPrompt(
-                f"{field}[{i}] is {token_id}; token ids must be in [0, {vocab_size}), "
-                "the vocabulary size"
-            )
+        check_token_id(token_id, vocab_size, f"{field}[{i}]")
+
+
+def check_token_id(token_id: int, vocab_size: int, field: str) -> None:
+    """Raises InvalidPrompt, naming `field`, unless `token_id` is in `[0, vocab_size)`:
+    an id past the vocabulary would index past the embedding table."""
+    if not 0 <= token_id < vocab_size:
+        raise InvalidPrompt(
+            f"{field} is {token_id}; token ids must be in [0, {vocab_size}), the vocabulary size"
+        )

@@ -113,7 +113,10 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         # The post-processor would add BOS on its own for some tokenizers and not for
         # others; adding it here, once, makes `add_bos` mean the same for all.
-        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        # encode_batch, not encode: `tokenizers` releases the GIL only in the batch
+        # call, so a long prompt tokenized in a thread (as the router does) leaves the
+        # event loop running; encode holds the GIL for the whole text (~1.5 s a MB).
+        ids = self._tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
         if add_bos and self._bos_token_id is not None:
             return [self._bos_token_id, *ids]
         return ids

@@ -7,41 +7,17 @@ shape is a `ModelLoadError` that names it, before any tensor reaches a model.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from model.errors import ModelLoadError
-
-SHARD_INDEX_NAME = "model.safetensors.index.json"
-SINGLE_FILE_NAME = "model.safetensors"
+from model.weight_files import checkpoint_files
 
 # Tensors some checkpoints carry that this model recomputes or shares: ignored, not
 # "unexpected". (Tied checkpoints sometimes still store lm_head.weight.)
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def checkpoint_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of `model_dir`: the shards its index names, or the single file."""
-    index_path = model_dir / SHARD_INDEX_NAME
-    if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
-            raise ModelLoadError(f"bad shard index {index_path}: {exc!r}") from None
-        files = [model_dir / name for name in sorted(set(weight_map.values()))]
-    elif (model_dir / SINGLE_FILE_NAME).is_file():
-        files = [model_dir / SINGLE_FILE_NAME]
-    else:
-        files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"no *.safetensors weights in {model_dir}")
-    for path in files:
-        if not path.is_file():
-            raise ModelLoadError(f"missing weight file {path}")
-    return files
 
 
 def load_safetensors(

@@ -58,6 +58,7 @@ class TailHandoff:
         *,
         first_block: int,
         with_tail: bool,
+        prompt_hash: BlockHash,
     ) -> None:
         """`publish_prompt_kv` in a thread. On return the tail (if any) is the
         caller's to hand on in its answer. Raises StoreUnavailableError, or
@@ -66,7 +67,14 @@ class TailHandoff:
         delete = functools.partial(self._delete_in_thread, request_id)
         lease = TailLease(delete if with_tail else _nothing, request_id)
         put_kv = functools.partial(
-            publish_prompt_kv, self.store, request_id, block_hashes, kv, first_block, with_tail
+            publish_prompt_kv,
+            self.store,
+            request_id,
+            block_hashes,
+            kv,
+            first_block,
+            with_tail,
+            prompt_hash,
         )
         lease.begin_write()  # before the thread starts, so a release cannot miss it
         self._enter()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from opentelemetry import trace
 
 from kvstore import BlockHash, KVStore, StoreUnavailableError, hash_token_blocks
+from kvstore.hashing import hash_prompt
 from model.config import ModelConfig
 from model.prompt_limits import check_prompt
 from model.sampling_params import FinishReason, SamplingParams, finish_reason, stop_token_set
@@ -39,8 +40,6 @@ class PrefillOutcome:
     first_token_id: int
     """Output token 0, sampled here."""
     first_logprob: float
-    block_hashes: list[BlockHash]
-    """Hashes of the prompt's full blocks; all are in the store when this returns."""
     has_tail: bool
     """The partial last block is in the store under the request's id (`tail_id`),
     for the router to hand on: it owns the tail from now on."""
@@ -87,9 +86,14 @@ class PrefillFlow:
         return max(self.num_active - 1, 0)
 
     async def run(
-        self, request_id: str, token_ids: list[int], sampling: SamplingParams
+        self,
+        request_id: str,
+        token_ids: list[int],
+        sampling: SamplingParams,
+        cache_salt: str | None = None,
     ) -> PrefillOutcome:
-        """Raises Overloaded, InvalidPrompt, PrefillCancelled (the engine dropped the job), or
+        """`cache_salt` (checked by the caller) seeds the prompt's block hashes, so
+        only prompts of the same salt share blocks here. Raises Overloaded, InvalidPrompt, PrefillCancelled (the engine dropped the job), or
         CancelledError; whatever it raises, the tail is deleted and every claimed
         block released. A store that fails is no error of the request: the first
         token is still returned, with no tail, and the decode worker computes what
@@ -101,12 +105,16 @@ class PrefillFlow:
             )
         self.num_active += 1
         try:
-            return await self._run(request_id, token_ids, sampling)
+            return await self._run(request_id, token_ids, sampling, cache_salt)
         finally:
             self.num_active -= 1
 
     async def _run(
-        self, request_id: str, token_ids: list[int], sampling: SamplingParams
+        self,
+        request_id: str,
+        token_ids: list[int],
+        sampling: SamplingParams,
+        cache_salt: str | None,
     ) -> PrefillOutcome:
         check_prompt(
             token_ids,
@@ -114,9 +122,8 @@ class PrefillFlow:
             vocab_size=self.model.vocab_size,
             max_context_len=self.model.max_position_embeddings,
         )
-        hashes = hash_token_blocks(
-            token_ids, self.store.spec.block_size, self.store.spec.fingerprint
-        )
+        spec = self.store.spec
+        hashes = hash_token_blocks(token_ids, spec.block_size, spec.fingerprint, cache_salt)
         # Requests sharing a prefix wait for the one computing it (only when they
         # can reuse it: with the cache off every request computes its own).
         shared = hashes if self.enable_prefix_cache else []
@@ -132,14 +139,14 @@ class PrefillFlow:
                 stop_token_set(sampling, self.model.eos_token_ids),
                 sampling.max_tokens,
             )
+            prompt_hash = hash_prompt(token_ids, spec.block_size, spec.fingerprint, cache_salt)
             is_stored = await self._publish(
-                request_id, hashes, output, num_present, finished is None
+                request_id, hashes, output, num_present, finished is None, prompt_hash
             )
         block_size = self.store.spec.block_size
         return PrefillOutcome(
             first_token_id=output.first_token_id,
             first_logprob=output.first_logprob,
-            block_hashes=hashes,
             has_tail=is_stored and finished is None and len(token_ids) % block_size != 0,
             tail_id=request_id,
             num_cached_tokens=job.num_cached_tokens,
@@ -180,15 +187,22 @@ class PrefillFlow:
         output: PrefillOutput,
         num_present: int,
         with_tail: bool,
+        prompt_hash: BlockHash,
     ) -> bool:
-        """Puts the new blocks and the tail; False (logged, counted by the store) when
-        the store failed, which leaves no tail behind."""
+        """Puts the new blocks and the tail (bound to `prompt_hash`, so that only a
+        decode call for this prompt can read it); False (logged, counted by the
+        store) when the store failed, which leaves no tail behind."""
         with tracer.start_as_current_span(names.SPAN_STORE_PUT) as span:
             span.set_attribute(names.NUM_BLOCKS, len(hashes) - num_present)
             started = time.perf_counter()
             try:
                 await self.handoff.publish(
-                    request_id, hashes, output.kv, first_block=num_present, with_tail=with_tail
+                    request_id,
+                    hashes,
+                    output.kv,
+                    first_block=num_present,
+                    with_tail=with_tail,
+                    prompt_hash=prompt_hash,
                 )
             except StoreUnavailableError as err:
                 log.warning("KV store unavailable; the decode worker computes the prompt: %s", err)

@@ -23,6 +23,7 @@ from prefill_worker.engine import PrefillCancelled, PrefillEngine
 from prefill_worker.prefill_flow import PrefillFlow, PrefillOutcome
 from protos import workers_pb2 as wpb
 from protos import workers_pb2_grpc as wgrpc
+from rpc.cache_salt_proto import cache_salt_from_proto
 from rpc.limits import Overloaded
 from rpc.sampling_proto import finish_reason_to_proto, sampling_from_proto
 from rpc.server import DEFAULT_DRAIN_TIMEOUT_S, DRAIN_STOP_GRACE_S, ServiceBinding
@@ -52,8 +53,12 @@ class PrefillServicer(wgrpc.PrefillWorkerServicer):
             except ValueError as err:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{err}")
             try:
+                cache_salt = cache_salt_from_proto(request)
+            except ValueError as err:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            try:
                 outcome = await self.flow.run(
-                    request.request_id, list(request.prompt_token_ids), sampling
+                    request.request_id, list(request.prompt_token_ids), sampling, cache_salt
                 )
             except InvalidPrompt as err:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
@@ -102,7 +107,6 @@ def _result_to_proto(outcome: PrefillOutcome) -> wpb.PrefillResult:
     return wpb.PrefillResult(
         first_token_id=outcome.first_token_id,
         first_logprob=outcome.first_logprob,
-        block_hashes=outcome.block_hashes,
         has_tail=outcome.has_tail,
         tail_id=outcome.tail_id if outcome.has_tail else "",
         num_cached_tokens=outcome.num_cached_tokens,

@@ -46,9 +46,11 @@ def publish_prompt_kv(
     kv: torch.Tensor,
     first_block: int,
     with_tail: bool,
+    prompt_hash: BlockHash,
 ) -> None:
     """Puts the prompt's full blocks from `first_block` on, and its partial last
-    block as the request's tail when `with_tail`. Raises StoreUnavailableError."""
+    block as the request's tail when `with_tail`, bound to `prompt_hash` (the
+    whole prompt's, `kvstore.hashing.hash_prompt`). Raises StoreUnavailableError."""
     block_size = store.spec.block_size
     blocks = [
         (block_hashes[i], kv[:, :, i * block_size : (i + 1) * block_size].contiguous())
@@ -58,4 +60,4 @@ def publish_prompt_kv(
         store.put(blocks)
     tail_start = len(block_hashes) * block_size
     if with_tail and tail_start < kv.shape[2]:
-        store.put_tail(request_id, kv[:, :, tail_start:].contiguous())
+        store.put_tail(request_id, kv[:, :, tail_start:].contiguous(), prompt_hash)

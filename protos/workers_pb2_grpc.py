@@ -58,7 +58,7 @@ class PrefillWorkerServicer:
 
     def Prefill(self, request, context):
         """Unary: a prompt is prefilled in one go (chunked inside the worker); the answer
-        is small (the first token and block hashes), because the KV itself goes
+        is small (the first token and where the tail is), because the KV itself goes
         through the KV store rather than this call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

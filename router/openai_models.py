@@ -5,7 +5,7 @@ field) and converted here, once, into the `GenerateRequest` the gRPC API takes, 
 both APIs run the same request path and the same validation. Fields the API has
 and kvrelay does not serve are refused when set to anything but their default;
 fields it does not know are ignored, as OpenAI's own server ignores them. Beyond
-OpenAI's fields, `top_k`, `ignore_eos`, `stop_token_ids` and (chat)
+OpenAI's fields, `top_k`, `ignore_eos`, `stop_token_ids`, `cache_salt` and (chat)
 `add_generation_prompt` are taken, as vLLM takes them.
 
 Responses are built with only the fields set that OpenAI sends (dumped with
@@ -56,6 +56,8 @@ class _GenerationRequest(BaseModel):
     frequency_penalty: float = 0.0
     ignore_eos: bool = False
     stop_token_ids: list[int] = Field(default_factory=list)
+    cache_salt: str | None = None
+    """The prefix cache's scope (`GenerateRequest.cache_salt`); the router checks it."""
 
     @property
     def include_usage(self) -> bool:
@@ -114,11 +116,19 @@ class CompletionRequest(_GenerationRequest):
     def to_generate_request(self, request_id: str) -> pb.GenerateRequest:
         sampling = self.sampling(self.max_tokens, logprobs=self.logprobs is not None)
         if isinstance(self.prompt, str):
-            return pb.GenerateRequest(request_id=request_id, prompt=self.prompt, sampling=sampling)
+            return pb.GenerateRequest(
+                request_id=request_id,
+                prompt=self.prompt,
+                sampling=sampling,
+                cache_salt=self.cache_salt,
+            )
         if any(t < 0 for t in self.prompt):
             raise UnsupportedField("prompt", "prompt has a negative token id")
         return pb.GenerateRequest(
-            request_id=request_id, prompt_token_ids=self.prompt, sampling=sampling
+            request_id=request_id,
+            prompt_token_ids=self.prompt,
+            sampling=sampling,
+            cache_salt=self.cache_salt,
         )
 
 
@@ -171,6 +181,7 @@ class ChatCompletionRequest(_GenerationRequest):
             messages=[pb.ChatMessage(role=m.role, content=m.text()) for m in self.messages],
             add_generation_prompt=self.add_generation_prompt,
             sampling=self.sampling(max_tokens, logprobs=self.logprobs),
+            cache_salt=self.cache_salt,
         )
 
 

@@ -1,7 +1,7 @@
 """One request's trip through the cluster, as the router runs it.
 
 `RequestRelay.generate` is the request path of docs/architecture.md, top to bottom:
-admit, prepare (validate, tokenize, hash), prefill on a prefill worker unless the
+admit, prepare (validate, tokenize, hash; in a thread), prefill on a prefill worker unless the
 decode worker will, pick the decode worker that holds most of the prompt, then one
 emit loop turns the request's stream of token chunks (the prefill worker's token
 first, then the decode worker's) into responses. Cancelling the caller's task
@@ -11,6 +11,7 @@ decode worker took.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
@@ -91,9 +92,12 @@ class RequestRelay:
         request: pb.GenerateRequest,
         time_remaining: float | None,
         parent: Context | None = None,
+        *,
+        key_salt: str | None = None,
     ) -> AsyncIterator[pb.GenerateResponse]:
         """The whole request. Raises InvalidRequest or RelayError before the first
-        message, RelayError after it."""
+        message, RelayError after it. `key_salt`: the caller's own prefix-cache scope,
+        for a router that derives one per API key (`router.request.prepare`)."""
         timer = TokenTimer(self.metrics)
         # Every request has a deadline: the client's, or the router's request timeout.
         timeout_s = self.calls.failover.request_timeout_s
@@ -104,7 +108,7 @@ class RequestRelay:
         span = tracer.start_span(names.SPAN_GENERATE, context=parent, kind=trace.SpanKind.SERVER)
         try:
             with self._admitted():
-                req = self._prepare(request)
+                req = await self._prepare(request, key_salt)
                 _set_request_attributes(
                     span, self.cluster.model_name, req, is_chat=bool(request.messages)
                 )
@@ -180,14 +184,29 @@ class RequestRelay:
             self.stats.num_inflight -= 1
             self.stats.num_finished += 1
 
-    def _prepare(self, request: pb.GenerateRequest) -> PreparedRequest:
+    async def _prepare(self, request: pb.GenerateRequest, key_salt: str | None) -> PreparedRequest:
+        """`prepare` in a thread: rendering a chat template and tokenizing a long prompt
+        take up to a second of CPU, which on the event loop would stall every other
+        stream (the tokenizer releases the GIL, `model.tokenizer.HFTokenizer`). The
+        thread cannot be stopped, so a cancelled request waits for it before it gives
+        its admission slot back: tokenizations never outnumber `max_inflight`."""
         model = self.cluster.model
         if model is None or not self.cluster.workers(Role.DECODE):
             raise RelayError(
                 grpc.StatusCode.UNAVAILABLE,
                 "no decode worker is registered yet; start one (`kvrelay serve decode`) and retry",
             )
-        return prepare(request, self.limits, model, self.tokenizer, self.chat)
+        work = asyncio.ensure_future(
+            asyncio.to_thread(
+                prepare, request, self.limits, model, self.tokenizer, self.chat, key_salt=key_salt
+            )
+        )
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await work  # nobody wants its result or its error any more
+            raise
 
     def _snapshot(self) -> Snapshot:
         return dataclasses.replace(

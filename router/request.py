@@ -4,16 +4,18 @@ The order is the request path's: the router's own limits on the request's shape
 and sampling, then the prompt as token ids (tokenized when it is text; `messages` are first
 rendered with the model's chat template, `router.chat_prompt`), then the
 model's rule for prompts (`model.prompt_limits.check_prompt`), then the hash chain
-of its full blocks, seeded with the cluster's KV fingerprint.
+of its full blocks, seeded with the cluster's KV fingerprint and the request's
+cache salt (`kvstore.hashing.chain_seed`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import uuid
 from dataclasses import dataclass
 
-from kvstore.hashing import BlockHash, hash_token_blocks
+from kvstore.hashing import BlockHash, check_cache_salt, hash_token_blocks
 from model.prompt_limits import InvalidPrompt, check_prompt
 from model.sampling_params import SamplingParams
 from model.tokenizer import Tokenizer
@@ -42,6 +44,9 @@ class PreparedRequest:
     engine requests, aborts) derives from it."""
     prompt_token_ids: list[int]
     sampling: SamplingParams
+    cache_salt: str | None
+    """The salt the block hashes are seeded with, sent on to every worker: the
+    request's own, scoped under the caller's key salt when there is one."""
     block_hashes: list[BlockHash]
 
 
@@ -51,15 +56,26 @@ def prepare(
     model: ClusterModel,
     tokenizer: Tokenizer | None,
     chat: ChatPrompts | None = None,
+    *,
+    key_salt: str | None = None,
 ) -> PreparedRequest:
     """Raises InvalidRequest, whose message names the field and says what to change.
-    `chat` renders `messages` (None: the model has no chat template)."""
+    `chat` renders `messages` (None: the model has no chat template). `key_salt` is
+    a salt the router holds for the caller (the hook for a salt per API key): the
+    request's cache_salt is then scoped under it (`scoped_cache_salt`)."""
     validate_prompt_shape(request, limits)
     if len(request.request_id.encode()) > MAX_REQUEST_ID_BYTES:
         raise InvalidRequest(
             f"request_id is {len(request.request_id.encode())} bytes; the limit is "
             f"{MAX_REQUEST_ID_BYTES}"
         )
+    cache_salt = request.cache_salt if request.HasField("cache_salt") else None
+    try:
+        check_cache_salt(cache_salt)
+    except ValueError as err:
+        raise InvalidRequest(str(err)) from None
+    if key_salt is not None:
+        cache_salt = scoped_cache_salt(key_salt, cache_salt)
     sampling = validate_sampling(request.sampling, limits)
     if request.prompt_token_ids:
         token_ids, field = list(request.prompt_token_ids), "prompt_token_ids"
@@ -101,5 +117,19 @@ def prepare(
         internal_id=uuid.uuid4().hex,
         prompt_token_ids=token_ids,
         sampling=sampling,
-        block_hashes=hash_token_blocks(token_ids, model.block_size, model.kv_fingerprint),
+        cache_salt=cache_salt,
+        block_hashes=hash_token_blocks(
+            token_ids, model.block_size, model.kv_fingerprint, cache_salt
+        ),
     )
+
+
+def scoped_cache_salt(key_salt: str, cache_salt: str | None) -> str:
+    """One salt for a caller's key and its request's salt (or none): a hex digest of
+    both, so two keys never share a block whatever salts their clients send, and a
+    client cannot pick a salt that lands in another key's scope. 64 characters,
+    within the salt limit the workers check."""
+    digest = hashlib.blake2b(key_salt.encode("utf-8"), digest_size=32, person=b"kvrelay-keysalt")
+    # A marker byte keeps "no salt" apart from every salt.
+    digest.update(b"\x00" if cache_salt is None else b"\x01" + cache_salt.encode("utf-8"))
+    return digest.hexdigest()

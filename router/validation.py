@@ -32,11 +32,25 @@ class RequestLimits:
     """Most entries in `sampling.stop`."""
     max_stop_bytes: int = 256
     """Longest stop string, in UTF-8 bytes."""
+    max_stop_token_ids: int = 64
+    """Most entries in `sampling.stop_token_ids` (each worker checks every sampled
+    token against them)."""
     max_request_bytes: int = 1024 * 1024
     """Largest serialized request."""
+    max_prompt_bytes: int = 256 * 1024
+    """Longest prompt text, in UTF-8 bytes: `prompt`, or every message's role and
+    content together. Checked before tokenizing, so a text no context could hold
+    costs no tokenizer pass; 256 KiB is about 64k tokens at 4 bytes a token."""
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens", "max_stop_strings", "max_stop_bytes", "max_request_bytes"):
+        for name in (
+            "max_tokens",
+            "max_stop_strings",
+            "max_stop_bytes",
+            "max_stop_token_ids",
+            "max_request_bytes",
+            "max_prompt_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"RequestLimits.{name} must be >= 1")
 
@@ -64,16 +78,31 @@ def validate_sampling(sampling: pb.SamplingParams, limits: RequestLimits) -> Sam
                 f"sampling.stop[{i}] is {len(stop.encode())} bytes; the limit is "
                 f"{limits.max_stop_bytes}"
             )
+    if len(params.stop_token_ids) > limits.max_stop_token_ids:
+        raise InvalidRequest(
+            f"sampling.stop_token_ids has {len(params.stop_token_ids)} ids; at most "
+            f"{limits.max_stop_token_ids} are allowed"
+        )
     return params
 
 
 def validate_prompt_shape(request: pb.GenerateRequest, limits: RequestLimits) -> None:
-    """Checks size, that exactly one of prompt / prompt_token_ids / messages is set,
-    and that every message has a role."""
+    """Checks size (of the request, and of the prompt's text), that exactly one of
+    prompt / prompt_token_ids / messages is set, and that every message has a role.
+    Cheap, and run before anything is rendered or tokenized."""
     size = request.ByteSize()
     if size > limits.max_request_bytes:
         raise InvalidRequest(
             f"request is {size} bytes; the limit is {limits.max_request_bytes}; send a shorter prompt"
+        )
+    num_text_bytes = len(request.prompt.encode()) + sum(
+        len(m.role.encode()) + len(m.content.encode()) for m in request.messages
+    )
+    if num_text_bytes > limits.max_prompt_bytes:
+        field = "messages hold" if request.messages else "prompt is"
+        raise InvalidRequest(
+            f"{field} {num_text_bytes} bytes of text; the limit is {limits.max_prompt_bytes} "
+            "(checked before tokenizing); send a shorter prompt"
         )
     given = [
         name

@@ -185,6 +185,7 @@ class WorkerCalls:
                         request_id=attempt_id,
                         prompt_token_ids=req.prompt_token_ids,
                         sampling=sampling_to_proto(req.sampling),
+                        cache_salt=req.cache_salt,
                     ),
                     self._call_timeout(deadline),
                 )
@@ -221,6 +222,7 @@ class WorkerCalls:
                 sampling=sampling_to_proto(req.sampling),
                 prefill=prefilled.result if prefilled is not None and not is_resume else None,
                 generated_token_ids=generated if is_resume else (),
+                cache_salt=req.cache_salt,
             )
             num_sent = len(generated)
             try:

@@ -49,8 +49,22 @@ MUTATIONS = [
     (
         "decode: tail deleted once read",
         "decode_worker/kv_fetch.py",
-        "            with TailLease(functools.partial(store.delete_tail, tail_id), tail_id):\n                tail = store.get_tail(tail_id)",
-        "            tail = store.get_tail(tail_id)",
+        "            with TailLease(functools.partial(store.delete_tail, tail_id), tail_id):\n                tail = store.get_tail(tail_id, prompt_hash)",
+        "            tail = store.get_tail(tail_id, prompt_hash)",
+        "tests/decode_worker/test_decode_flow.py",
+    ),
+    (
+        "decode: a tail is read for its own prompt only",
+        "kvstore/memory_store.py",
+        "        if stored is None or stored[0] != prompt_hash:",
+        "        if stored is None:",
+        "tests/decode_worker/test_decode_flow.py",
+    ),
+    (
+        "decode: the prompt is hashed with its cache salt",
+        "decode_worker/admission.py",
+        "hash_token_blocks(tokens, spec.block_size, spec.fingerprint, call.cache_salt)",
+        "hash_token_blocks(tokens, spec.block_size, spec.fingerprint)",
         "tests/decode_worker/test_decode_flow.py",
     ),
     (

@@ -40,6 +40,7 @@ TORCH_FREE = (
     "model.chat_template",
     "model.gguf",
     "model.sources",
+    "model.weight_files",
     "model.runtime",
     "kvstore.hashing",
     "kvstore.tail_lease",

@@ -156,19 +156,20 @@ class RayStore(KVStore):
             self._forget(list(bad))
         return blocks
 
-    def put_tail(self, request_id: str, kv: torch.Tensor) -> None:
+    def put_tail(self, request_id: str, kv: torch.Tensor, prompt_hash: BlockHash) -> None:
         self.spec.check_payload(kv, is_tail=True)
-        ref = self._put_object(pack_blocks(self._codec, [(tail_key(request_id), kv)]))
+        key = tail_key(request_id, prompt_hash)
+        ref = self._put_object(pack_blocks(self._codec, [(key, kv)]))
         self._call("put_tail", request_id, [ref], self.tail_ttl_s)
         self._stats.add(bytes_in=kv.nbytes)
 
-    def get_tail(self, request_id: str) -> torch.Tensor | None:
+    def get_tail(self, request_id: str, prompt_hash: BlockHash) -> torch.Tensor | None:
         boxed_ref = self._call("get_tail", request_id)
         stored = None if boxed_ref is None else self._fetch(boxed_ref)[0]
         if stored is None:
             self._stats.add(misses=1)
             return None
-        return self._decode(stored, 0, tail_key(request_id), None, is_tail=True)
+        return self._decode(stored, 0, tail_key(request_id, prompt_hash), None, is_tail=True)
 
     def delete_tail(self, request_id: str) -> None:
         self._call("delete_tail", request_id)

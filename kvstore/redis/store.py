@@ -186,17 +186,17 @@ class RedisStore(KVStore):
         self._stats.add(hits=1, bytes_out=kv.nbytes)
         return kv
 
-    def put_tail(self, request_id: str, kv: torch.Tensor) -> None:
+    def put_tail(self, request_id: str, kv: torch.Tensor, prompt_hash: BlockHash) -> None:
         self.spec.check_payload(kv, is_tail=True)
-        value = ScatterValue(self._codec.encode(tail_key(request_id), kv))
+        value = ScatterValue(self._codec.encode(tail_key(request_id, prompt_hash), kv))
         with self._translate_errors():
             self._client.set(self.tail_key(request_id), value, ex=self.tail_ttl_s)
         self._stats.add(bytes_in=kv.nbytes)
 
-    def get_tail(self, request_id: str) -> torch.Tensor | None:
+    def get_tail(self, request_id: str, prompt_hash: BlockHash) -> torch.Tensor | None:
         with self._translate_errors():
             value = self._client.get(self.tail_key(request_id))
-        return self._decode(value, tail_key(request_id), is_tail=True, out=None)
+        return self._decode(value, tail_key(request_id, prompt_hash), is_tail=True, out=None)
 
     def delete_tail(self, request_id: str) -> None:
         with self._translate_errors():

@@ -6,13 +6,18 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
+import redis
 import torch
 from transformers import AutoModelForCausalLM
 
+from kvstore.hashing import hash_token_blocks
+from kvstore.spec import BlockSpec
 from model.generation import generate
 from model.loader import load_model
 from model.sampling_params import SamplingParams
+from model.sources import config_for_model, model_identity
 from protos import generator_pb2 as pb
 
 pytestmark = pytest.mark.slow
@@ -271,6 +276,52 @@ def test_every_service_exports_prometheus_metrics(cluster):
     )
     assert generated >= 4
     assert 'model_name="' in router
+
+
+def test_a_cache_salt_shares_blocks_and_cache_hits_only_within_itself(
+    cluster, cluster_model, cluster_redis
+):
+    # The fingerprint the workers registered (float32 on CPU, blocks of 16), which
+    # covers the checkpoint's bytes: the test hashes as every service does.
+    spec = BlockSpec.for_model(
+        model_identity(str(cluster_model)), config_for_model(str(cluster_model)), torch.float32
+    )
+    raw = redis.Redis.from_url(cluster_redis)
+    prefix = f"kvrelay:{spec.fingerprint.hex()}:b:"
+
+    def stored_blocks() -> set[bytes]:
+        return set(raw.scan_iter(match=f"{prefix}*", count=1000))
+
+    prompt = random_prompt(70, seed=7070)  # 4 full blocks and a tail: prefilled remotely
+    sampling = pb.SamplingParams(max_tokens=2, ignore_eos=True)
+    added, cached = {}, {}
+    for name, salt in (
+        ("a", "tenant-a"),
+        ("b", "tenant-b"),
+        ("none", None),
+        ("a again", "tenant-a"),
+    ):
+        before = stored_blocks()
+        fields = {} if salt is None else {"cache_salt": salt}
+        responses = cluster.generate(prompt_token_ids=prompt, sampling=sampling, **fields)
+        cached[name] = responses[-1].usage.cached_prompt_tokens
+        added[name] = stored_blocks() - before
+        if salt is not None:
+            expected = {
+                f"{prefix}{h.hex()}".encode()
+                for h in hash_token_blocks(prompt, spec.block_size, spec.fingerprint, salt)
+            }
+            assert expected <= stored_blocks(), f"{name}: its blocks are not under its hashes"
+    assert cached == {"a": 0, "b": 0, "none": 0, "a again": 64}
+    assert [len(added[name]) for name in ("a", "b", "none", "a again")] == [4, 4, 4, 0]
+    assert added["a"].isdisjoint(added["b"]) and added["none"].isdisjoint(added["a"] | added["b"])
+
+
+def test_a_cache_salt_over_256_bytes_is_invalid_argument(cluster):
+    with pytest.raises(grpc.RpcError) as err:
+        cluster.generate(prompt_token_ids=[5, 6, 7], cache_salt="x" * 257)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("cache_salt is 257 bytes; the limit is 256")
 
 
 def test_concurrent_prompts_sharing_a_prefix_compute_it_once(cluster):

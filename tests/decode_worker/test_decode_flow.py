@@ -25,6 +25,7 @@ from kvstore.memory_store import MemoryStore
 from kvstore.spec import BlockSpec
 from model.generation import generate
 from model.loader import LoadedModel, load_model
+from model.prompt_limits import InvalidPrompt
 from model.sampling_params import FinishReason, SamplingParams
 from prefill_worker.engine import PrefillEngine
 from prefill_worker.prefill_flow import PrefillFlow
@@ -78,10 +79,17 @@ class Worker:
         admission = DecodeAdmission(loop, store, tiny.config, tiny.device, tiny.dtype, metrics)
         self.decode = DecodeFlow(loop, admission, metrics)
 
-    async def call(self, request_id: str, prompt: list[int]) -> DecodeCall:
-        out = await self.prefill.run(request_id, prompt, GREEDY)
+    async def call(
+        self, request_id: str, prompt: list[int], cache_salt: str | None = None
+    ) -> DecodeCall:
+        out = await self.prefill.run(request_id, prompt, GREEDY, cache_salt)
         return DecodeCall(
-            request_id, prompt, GREEDY, [out.first_token_id], PrefillHandoff(out.tail_id)
+            request_id,
+            prompt,
+            GREEDY,
+            [out.first_token_id],
+            PrefillHandoff(out.tail_id),
+            cache_salt=cache_salt,
         )
 
     async def generate(self, call: DecodeCall) -> tuple[list[int], list]:
@@ -96,11 +104,17 @@ def worker(tiny, spec, prefill_engine, loop) -> Worker:
 
 
 def hashes_of(call: DecodeCall) -> list[bytes]:
-    """The prompt's full blocks, hashed as every worker of the test hashes them."""
+    """The prompt's full blocks, hashed as every worker of the test hashes them
+    (with the call's cache salt)."""
     fingerprint = BlockSpec.for_model(
         "dummy:tiny", load_model("dummy:tiny").config, torch.float32, BLOCK_SIZE
     ).fingerprint
-    return hash_token_blocks(call.prompt_token_ids, BLOCK_SIZE, fingerprint)
+    return hash_token_blocks(call.prompt_token_ids, BLOCK_SIZE, fingerprint, call.cache_salt)
+
+
+def found_at_admission(batches: list) -> tuple[int, int]:
+    """(prompt blocks resident in the pool, blocks fetched) when the request was admitted."""
+    return batches[0].num_resident_blocks, batches[0].num_fetched_blocks
 
 
 def expected(tiny: LoadedModel, prompt: list[int]) -> list[int]:
@@ -158,6 +172,114 @@ def test_some_resident_fetches_the_rest(tiny, worker) -> None:
     assert (batches[0].num_resident_blocks, batches[0].num_fetched_blocks) == (1, 2)
     assert worker.pool.cached_block(hashes_of(call)[0]) == 0  # shared with `a`
     assert worker.pool.num_used_blocks == 0
+
+
+def test_a_salted_prompt_shares_blocks_only_within_its_salt(tiny, worker) -> None:
+    async def scenario():
+        a = await worker.call("a", PROMPT, "tenant-a")
+        a_batches = (await worker.generate(a))[1]
+        b = await worker.call("b", PROMPT, "tenant-b")
+        b_batches = (await worker.generate(b))[1]
+        again = await worker.call("c", PROMPT, "tenant-a")
+        return (a, a_batches), (b, b_batches), (again, (await worker.generate(again))[1])
+
+    (a, a_batches), (b, b_batches), (again, again_batches) = asyncio.run(scenario())
+    assert found_at_admission(a_batches) == (0, 3)
+    # tenant-b finds nothing of tenant-a's, resident or stored: it fetches what its
+    # own prefill stored (2 blocks and the tail) into blocks of its own.
+    assert found_at_admission(b_batches) == (0, 3)
+    assert found_at_admission(again_batches) == (2, 1)  # tenant-a's blocks, resident since `a`
+    assert [worker.pool.cached_block(h) for h in hashes_of(a)] == [0, 1]
+    assert [worker.pool.cached_block(h) for h in hashes_of(b)] == [4, 5]
+    assert hashes_of(again) == hashes_of(a)
+    assert set(hashes_of(a)).isdisjoint(hashes_of(b))
+    assert worker.store.num_blocks() == 4  # two per salt, none unsalted
+    assert worker.store.lookup(hashes_of(DecodeCall("x", PROMPT, GREEDY))) == 0
+    for call, batches in ((a, a_batches), (b, b_batches), (again, again_batches)):
+        tokens = [t for batch in batches for t in batch.token_ids]
+        assert [call.generated_token_ids[0], *tokens] == expected(tiny, PROMPT)
+    assert worker.pool.num_used_blocks == 0 and worker.store.num_tails() == 0
+
+
+def test_the_blocks_a_salted_request_computes_are_published_under_its_salt(
+    tiny, spec, worker
+) -> None:
+    store = MemoryStore(spec)
+    publisher = BlockPublisher(store)
+    config = EngineConfig(num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE)
+    loop = EngineLoop(DecodeEngine(tiny, config, spec.fingerprint, publisher.submit))
+    loop.start()
+    try:
+        decoder = Worker(tiny, store, worker.prefill.engine, loop)
+        call = DecodeCall("a", PROMPT, GREEDY, cache_salt="tenant-a")  # prefilled here
+        tokens, _ = asyncio.run(decoder.generate(call))
+        assert publisher.flush(10)
+    finally:
+        loop.stop()
+        publisher.stop()
+    assert tokens == expected(tiny, PROMPT)
+    # 10 prompt + 6 generated tokens; the last is never fed back: 3 full blocks.
+    sequence = [*PROMPT, *tokens]
+    salted = hash_token_blocks(sequence, BLOCK_SIZE, spec.fingerprint, "tenant-a")
+    assert store.lookup(salted) == 3 and store.num_blocks() == 3
+    assert store.lookup(hash_token_blocks(sequence, BLOCK_SIZE, spec.fingerprint)) == 0
+
+
+# A worker trusts no caller: it fetches and files K/V only under hashes it computes
+# from the tokens it is given, and checks every token id against the vocabulary.
+
+
+def test_a_caller_naming_another_prompts_tail_cannot_file_it_under_its_prompt(tiny, worker) -> None:
+    # `forged` shares `PROMPT`'s full blocks but not its tail: a caller that names
+    # PROMPT's tail for it would, if the tail were taken, have the K/V of tokens
+    # [18, 19] filed (and reused, and published) under forged's hash chain.
+    forged = [*PROMPT[:8], 50, 51]
+
+    async def scenario():
+        victim = await worker.call("a", PROMPT)  # stores 2 blocks and the tail "a"
+        first_token = expected(tiny, forged)[0]
+        call = DecodeCall("x", forged, GREEDY, [first_token], victim.prefill)
+        return call, await worker.generate(call)
+
+    call, (tokens, batches) = asyncio.run(scenario())
+    assert [call.generated_token_ids[0], *tokens] == expected(tiny, forged)
+    # The 2 shared blocks were fetched by forged's own hashes; the tail was refused
+    # (a counted corrupt miss, deleted all the same) and tokens 8, 9 computed here.
+    assert found_at_admission(batches) == (0, 2)
+    assert batches[0].num_reused_tokens == 8
+    assert worker.store.stats().corrupt_blocks == 1 and worker.store.num_tails() == 0
+    # What the pool filed: forged's blocks 0, 1 (fetched) and 2 (tokens 8..11: 50, 51
+    # and two generated, all computed here), under forged's chain only.
+    sequence = [*forged, call.generated_token_ids[0], *tokens]
+    chain = hash_token_blocks(sequence, BLOCK_SIZE, worker.store.spec.fingerprint)
+    assert [worker.pool.cached_block(h) for h in chain[:3]] == [0, 1, 2]
+    assert worker.pool.num_used_blocks == 0
+
+
+def test_a_prefilled_call_with_a_first_token_outside_the_vocabulary_is_refused(
+    tiny, worker
+) -> None:
+    vocab_size = tiny.config.vocab_size
+    call = DecodeCall("x", PROMPT, GREEDY, [vocab_size], PrefillHandoff(""))
+    with pytest.raises(InvalidPrompt, match=rf"^prefill\.first_token_id is {vocab_size}; token"):
+        asyncio.run(worker.generate(call))
+    assert worker.pool.num_used_blocks == 0 and worker.loop.stats().num_waiting == 0
+
+
+@pytest.mark.parametrize(
+    ("prompt", "generated", "message"),
+    [
+        ([*PROMPT[:3], 1000, *PROMPT[4:]], [], r"^prompt_token_ids\[3\] is 1000; token"),
+        (PROMPT, [65, 2**31], r"^generated_token_ids\[1\] is 2147483648; token"),
+    ],
+    ids=["prompt", "resumed"],
+)
+def test_token_ids_outside_the_vocabulary_are_refused_naming_the_field(
+    worker, prompt, generated, message
+) -> None:
+    with pytest.raises(InvalidPrompt, match=message):
+        asyncio.run(worker.generate(DecodeCall("x", prompt, GREEDY, generated)))
+    assert worker.pool.num_used_blocks == 0 and worker.loop.stats().num_waiting == 0
 
 
 def test_a_block_evicted_from_the_store_between_lookup_and_get_is_computed(

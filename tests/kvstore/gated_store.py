@@ -43,13 +43,13 @@ class GatedStore(MemoryStore):
         self._pass("put")
         super().put(blocks)
 
-    def put_tail(self, request_id, kv):
+    def put_tail(self, request_id, kv, prompt_hash):
         self._pass("put_tail")
-        super().put_tail(request_id, kv)
+        super().put_tail(request_id, kv, prompt_hash)
 
-    def get_tail(self, request_id):
+    def get_tail(self, request_id, prompt_hash):
         self._pass("get_tail")
-        return super().get_tail(request_id)
+        return super().get_tail(request_id, prompt_hash)
 
     def _pass(self, call: str) -> None:
         self.calls.append(call)

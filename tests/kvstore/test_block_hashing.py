@@ -9,7 +9,13 @@ import sys
 import pytest
 import torch
 
-from kvstore.hashing import hash_block, hash_token_blocks
+from kvstore.hashing import (
+    MAX_CACHE_SALT_BYTES,
+    chain_seed,
+    hash_block,
+    hash_prompt,
+    hash_token_blocks,
+)
 from kvstore.spec import BlockSpec
 
 SPEC_135M = BlockSpec("dummy:135m", num_layers=30, num_kv_heads=3, head_dim=64)
@@ -20,6 +26,13 @@ FINGERPRINT_135M = "3e8474dd895c6457de040cd0038a489a"
 HASHES_135M_0_TO_39 = [
     "48555048f4ef229eabd4bb720f2835c3",
     "b0ca572e92bcb7e83c7d1846d5a30a3d",
+]
+
+
+SALTED_SEED_135M = "b13b2b1c55499671583a30664c625ae1"
+SALTED_HASHES_135M_0_TO_39 = [
+    "68ae6cbcdd88382a25fa2901d0113576",
+    "5e55034994a828a53206550c345ae0ac",
 ]
 
 
@@ -91,6 +104,57 @@ def test_other_models_never_share_hashes(other: BlockSpec) -> None:
     assert set(hash_token_blocks(tokens, 16, other.fingerprint)).isdisjoint(
         hash_token_blocks(tokens, 16, SPEC_135M.fingerprint)
     )
+
+
+def test_a_salted_chain_is_fixed() -> None:
+    # As the fingerprint: a changed salted seed would orphan every tenant's blocks.
+    seed = chain_seed(SPEC_135M.fingerprint, "tenant-a")
+    assert seed.hex() == SALTED_SEED_135M
+    hashes = hash_token_blocks(list(range(40)), 16, SPEC_135M.fingerprint, "tenant-a")
+    assert hashes == hash_token_blocks(list(range(40)), 16, seed)
+    assert [h.hex() for h in hashes] == SALTED_HASHES_135M_0_TO_39
+
+
+def test_no_salt_is_the_fingerprint_itself() -> None:
+    # Unsalted requests keep the blocks stored before salts existed.
+    assert chain_seed(SPEC_135M.fingerprint, None) == SPEC_135M.fingerprint
+    assert hash_token_blocks(list(range(40)), 16, SPEC_135M.fingerprint, None) == [
+        bytes.fromhex(h) for h in HASHES_135M_0_TO_39
+    ]
+
+
+def test_different_salts_share_no_block_with_each_other_or_with_no_salt() -> None:
+    tokens = list(range(16 * 8))
+    chains = [
+        hash_token_blocks(tokens, 16, SPEC_135M.fingerprint, salt)
+        for salt in (None, "a", "b", "ab", "a" * MAX_CACHE_SALT_BYTES)
+    ]
+    every_hash = [h for chain in chains for h in chain]
+    assert len(every_hash) == 5 * 8
+    assert len(set(every_hash)) == len(every_hash)
+    # The same salt always gives the same chain.
+    assert hash_token_blocks(tokens, 16, SPEC_135M.fingerprint, "a") == chains[1]
+
+
+def test_an_empty_or_too_long_salt_is_refused_naming_it() -> None:
+    with pytest.raises(ValueError, match=r"^cache_salt is empty"):
+        chain_seed(SPEC_135M.fingerprint, "")
+    too_long = "é" * (MAX_CACHE_SALT_BYTES // 2 + 1)  # counted in UTF-8 bytes
+    with pytest.raises(ValueError, match=f"^cache_salt is {MAX_CACHE_SALT_BYTES + 2} bytes"):
+        hash_token_blocks(list(range(16)), 16, SPEC_135M.fingerprint, too_long)
+
+
+def test_a_prompt_hash_names_every_token_the_tail_included() -> None:
+    fingerprint = SPEC_135M.fingerprint
+    full = hash_token_blocks(list(range(40)), 16, fingerprint)
+    # 40 tokens: 2 full blocks and a tail of 8, chained on the last full block.
+    assert hash_prompt(list(range(40)), 16, fingerprint) == hash_block(full[1], range(32, 40))
+    assert hash_prompt(list(range(32)), 16, fingerprint) == full[1]  # no tail
+    assert hash_prompt([5, 6], 16, fingerprint) == hash_block(fingerprint, [5, 6])
+    prompts = [list(range(40)), [*range(39), 99], [*range(39)], [99, *range(1, 40)]]
+    hashes = {hash_prompt(p, 16, fingerprint) for p in prompts}
+    hashes |= {hash_prompt(list(range(40)), 16, fingerprint, salt) for salt in ("a", "b")}
+    assert len(hashes) == 6
 
 
 def test_bad_arguments_are_rejected() -> None:

@@ -25,6 +25,8 @@ from kvstore.store import StoreUnavailableError
 pytestmark = pytest.mark.redis
 
 HASHES = hash_token_blocks(list(range(40)), TINY_SPEC.block_size, TINY_SPEC.fingerprint)
+PROMPT = HASHES[-1]
+"""The prompt hash the test's tails are bound to (any 16 bytes would do)."""
 TIMEOUT_S = 0.5
 
 
@@ -48,7 +50,7 @@ def fail_fast_calls(store: RedisStore) -> list[Callable[[], object]]:
         lambda: store.lookup(HASHES[:2]),
         lambda: store.put([(HASHES[3], make_block(3))]),
         lambda: store.get(HASHES[:2]),
-        lambda: store.get_tail("req"),
+        lambda: store.get_tail("req", PROMPT),
     ]
 
 
@@ -133,7 +135,7 @@ def test_corrupt_values_are_counted_misses(shared_redis: RedisServer, corruption
         bytes_out=TINY_SPEC.nbytes,
     )
     raw.set(store.tail_key("req-x"), CORRUPTIONS[corruption](good))
-    assert store.get_tail("req-x") is None
+    assert store.get_tail("req-x", PROMPT) is None
     assert store.stats().corrupt_blocks == 3
     store.close()
 
@@ -141,12 +143,12 @@ def test_corrupt_values_are_counted_misses(shared_redis: RedisServer, corruption
 def test_tail_stored_for_another_request_is_rejected(shared_redis: RedisServer) -> None:
     raw = redis.Redis(port=shared_redis.port)
     store = RedisStore(shared_redis.url, TINY_SPEC)
-    store.put_tail("req-a", make_block(1, num_tokens=2))
+    store.put_tail("req-a", make_block(1, num_tokens=2), PROMPT)
     raw.set(store.tail_key("req-b"), raw.get(store.tail_key("req-a")))
-    assert store.get_tail("req-b") is None
+    assert store.get_tail("req-b", PROMPT) is None
     assert store.stats().corrupt_blocks == 1
     assert BlockCodec(TINY_SPEC).decode(
-        raw.get(store.tail_key("req-a")), tail_key("req-a"), is_tail=True
+        raw.get(store.tail_key("req-a")), tail_key("req-a", PROMPT), is_tail=True
     ).shape == (2, 2, 2, 1, 4)
     store.delete_tail("req-a")
     raw.delete(store.tail_key("req-b"))
@@ -158,7 +160,7 @@ def test_every_key_has_a_ttl(shared_redis: RedisServer) -> None:
     raw.flushall()
     store = RedisStore(shared_redis.url, TINY_SPEC, block_ttl_s=300, tail_ttl_s=30)
     store.put([(HASHES[0], make_block(0))])
-    store.put_tail("req-ttl", make_block(0, num_tokens=1))
+    store.put_tail("req-ttl", make_block(0, num_tokens=1), PROMPT)
     assert 290 <= raw.ttl(store.block_key(HASHES[0])) <= 300
     assert 20 <= raw.ttl(store.tail_key("req-ttl")) <= 30
     raw.expire(store.block_key(HASHES[0]), 5)

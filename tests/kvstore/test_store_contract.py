@@ -19,12 +19,14 @@ import torch
 from tiny_blocks import TINY_SPEC, make_block
 
 from kvstore.factory import open_store
-from kvstore.hashing import hash_token_blocks
+from kvstore.hashing import hash_prompt, hash_token_blocks
 from kvstore.spec import BlockSpec
 from kvstore.stats import StoreStats
 from kvstore.store import KVStore
 
 HASHES = hash_token_blocks(list(range(80)), TINY_SPEC.block_size, TINY_SPEC.fingerprint)
+PROMPT = hash_prompt(list(range(7)), TINY_SPEC.block_size, TINY_SPEC.fingerprint)
+"""The prompt the test's tails end (any prompt hash would do)."""
 OTHER_SPEC = BlockSpec("test:other", num_layers=2, num_kv_heads=1, head_dim=4, block_size=4)
 
 OpenStore = Callable[..., KVStore]
@@ -151,28 +153,43 @@ def test_put_rejects_wrong_blocks_before_writing(store: KVStore) -> None:
 
 def test_tail_lifecycle(store: KVStore) -> None:
     baseline = store.num_tails()
-    assert store.get_tail("req-a") is None
-    store.put_tail("req-a", make_block(1, num_tokens=3))
-    store.put_tail("req-b", make_block(2, num_tokens=4))
-    store.put_tail("req-a", make_block(3, num_tokens=1))  # overwrite
-    tail = store.get_tail("req-a")
+    assert store.get_tail("req-a", PROMPT) is None
+    store.put_tail("req-a", make_block(1, num_tokens=3), PROMPT)
+    store.put_tail("req-b", make_block(2, num_tokens=4), PROMPT)
+    store.put_tail("req-a", make_block(3, num_tokens=1), PROMPT)  # overwrite
+    tail = store.get_tail("req-a", PROMPT)
     assert tail is not None and torch.equal(tail, make_block(3, num_tokens=1))
     assert store.num_tails() == baseline + 2
     store.delete_tail("req-a")
     store.delete_tail("req-a")  # a no-op
     store.delete_tail("req-b")
-    assert store.get_tail("req-a") is None
+    assert store.get_tail("req-a", PROMPT) is None
     assert store.num_tails() == baseline
     with pytest.raises(ValueError, match="shape"):
-        store.put_tail("req-c", torch.zeros(2, 2, 5, 1, 4))
+        store.put_tail("req-c", torch.zeros(2, 2, 5, 1, 4), PROMPT)
+
+
+def test_a_tail_read_for_another_prompt_is_a_corrupt_miss(store: KVStore) -> None:
+    # A caller naming another request's tail id (its own prompt) gets nothing.
+    other = hash_prompt([*range(6), 99], TINY_SPEC.block_size, TINY_SPEC.fingerprint)
+    salted = hash_prompt(list(range(7)), TINY_SPEC.block_size, TINY_SPEC.fingerprint, "s")
+    store.put_tail("req-p", make_block(1, num_tokens=3), PROMPT)
+    before = store.stats()
+    assert store.get_tail("req-p", other) is None
+    assert store.get_tail("req-p", salted) is None
+    after = store.stats()
+    assert (after.misses - before.misses, after.corrupt_blocks - before.corrupt_blocks) == (2, 2)
+    tail = store.get_tail("req-p", PROMPT)  # still there for its own prompt
+    assert tail is not None and torch.equal(tail, make_block(1, num_tokens=3))
+    store.delete_tail("req-p")
 
 
 def test_tails_expire_after_their_ttl(open_backend: OpenStore) -> None:
     store = open_backend(tail_ttl_s=1)
-    store.put_tail("req-ttl", make_block(1, num_tokens=2))
+    store.put_tail("req-ttl", make_block(1, num_tokens=2), PROMPT)
     assert store.num_tails() == 1
     time.sleep(1.2)
-    assert store.get_tail("req-ttl") is None
+    assert store.get_tail("req-ttl", PROMPT) is None
     assert store.num_tails() == 0
 
 

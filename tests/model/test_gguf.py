@@ -293,6 +293,13 @@ def test_a_different_file_has_a_different_identity(hf_checkpoint, tmp_path: Path
     assert config_for_model(str(first)) == config_for_model(str(second))
 
 
+def test_a_gguf_file_rewritten_in_place_has_a_new_identity(hf_checkpoint, tmp_path: Path) -> None:
+    path = write_llama_gguf(hf_checkpoint("llama_gqa"), tmp_path / "m.gguf", "F16")
+    before = model_identity(str(path))
+    write_llama_gguf(hf_checkpoint("llama_gqa", seed=1), path, "F16")
+    assert model_identity(str(path)) != before
+
+
 def test_a_directory_with_two_gguf_files_says_which_to_pass(tmp_path: Path) -> None:
     (tmp_path / "a.gguf").write_bytes(b"")
     (tmp_path / "b.gguf").write_bytes(b"")

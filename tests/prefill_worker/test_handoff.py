@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from kvstore.hashing import hash_token_blocks
+from kvstore.hashing import hash_prompt, hash_token_blocks
 from kvstore.memory_store import MemoryStore
 from kvstore.spec import BlockSpec
 from kvstore.store import StoreUnavailableError
@@ -18,6 +18,7 @@ from prefill_worker.handoff import TailHandoff
 SPEC = BlockSpec("test:handoff", num_layers=2, num_kv_heads=1, head_dim=4, block_size=4)
 PROMPT = list(range(6))  # one full block and a 2-token tail
 HASHES = hash_token_blocks(PROMPT, SPEC.block_size, SPEC.fingerprint)
+PROMPT_HASH = hash_prompt(PROMPT, SPEC.block_size, SPEC.fingerprint)
 
 
 class GatedStore(MemoryStore):
@@ -35,9 +36,9 @@ class GatedStore(MemoryStore):
         self._pass("put")
         super().put(blocks)
 
-    def put_tail(self, request_id: str, kv: torch.Tensor) -> None:
+    def put_tail(self, request_id: str, kv: torch.Tensor, prompt_hash: bytes) -> None:
         self._pass("put_tail")
-        super().put_tail(request_id, kv)
+        super().put_tail(request_id, kv, prompt_hash)
 
     def _pass(self, call: str) -> None:
         if call != self.gated:
@@ -58,7 +59,14 @@ def publish(store: GatedStore, *, is_cancelled: bool, with_tail: bool = True) ->
     async def scenario() -> TailHandoff:
         handoff = TailHandoff(store)
         task = asyncio.ensure_future(
-            handoff.publish("req", HASHES, prompt_kv(), first_block=0, with_tail=with_tail)
+            handoff.publish(
+                "req",
+                HASHES,
+                prompt_kv(),
+                first_block=0,
+                with_tail=with_tail,
+                prompt_hash=PROMPT_HASH,
+            )
         )
         assert await asyncio.to_thread(store.entered.wait, 10)
         if is_cancelled:
@@ -87,7 +95,7 @@ def test_a_caller_that_stays_finds_its_tail() -> None:
     store = GatedStore("put_tail")
     publish(store, is_cancelled=False)
     assert store.num_tails() == 1
-    assert store.get_tail("req") is not None
+    assert store.get_tail("req", PROMPT_HASH) is not None
 
 
 def test_without_a_tail_a_cancel_only_keeps_the_blocks() -> None:

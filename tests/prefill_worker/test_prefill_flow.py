@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from kvstore import StoreUnavailableError
-from kvstore.hashing import hash_token_blocks
+from kvstore.hashing import hash_prompt, hash_token_blocks
 from kvstore.memory_store import MemoryStore
 from kvstore.spec import BlockSpec
 from model.generation import generate
@@ -64,10 +64,11 @@ def test_a_miss_computes_everything_and_publishes_blocks_and_tail(tiny, engine) 
     hashes = hash_token_blocks(PROMPT, BLOCK_SIZE, store.spec.fingerprint)
     assert out.first_token_id == first_token(tiny, PROMPT)
     assert (out.num_cached_tokens, out.num_computed_tokens) == (0, 10)
-    assert out.block_hashes == hashes and len(hashes) == 2
+    assert len(hashes) == 2
     assert (out.has_tail, out.tail_id, out.finish_reason) == (True, "a", None)
     assert store.lookup(hashes) == 2 and store.num_blocks() == 2
-    assert store.get_tail("a").shape[2] == 2  # the tail holds the last 2 tokens
+    prompt_hash = hash_prompt(PROMPT, BLOCK_SIZE, store.spec.fingerprint)
+    assert store.get_tail("a", prompt_hash).shape[2] == 2  # the tail holds the last 2 tokens
     assert store.num_tails() == 1
     assert flow.inflight.num_blocks == 0
     assert engine.stats().num_computed_tokens_total == 10
@@ -105,6 +106,25 @@ def test_a_partial_hit_loads_the_shared_blocks_only(tiny, engine) -> None:
     assert out.first_token_id == first_token(tiny, other)
     assert (out.num_cached_tokens, out.num_computed_tokens) == (4, 6)
     assert store.num_blocks() == 3  # block 1 of `other` is new
+
+
+def test_a_salted_prompt_hits_only_the_blocks_of_its_own_salt(tiny, engine) -> None:
+    store = MemoryStore(spec_of(tiny))
+    flow = make_flow(engine, store)
+    fingerprint = store.spec.fingerprint
+    a = asyncio.run(flow.run("a", PROMPT, GREEDY, "tenant-a"))
+    b = asyncio.run(flow.run("b", PROMPT, GREEDY, "tenant-b"))
+    unsalted = run(flow, "c", PROMPT)
+    again = asyncio.run(flow.run("d", PROMPT, GREEDY, "tenant-a"))
+    assert [out.num_cached_tokens for out in (a, b, unsalted, again)] == [0, 0, 0, 8]
+    assert [out.num_computed_tokens for out in (a, b, unsalted, again)] == [10, 10, 10, 2]
+    assert {a.first_token_id, b.first_token_id, again.first_token_id} == {first_token(tiny, PROMPT)}
+    chains = [
+        hash_token_blocks(PROMPT, BLOCK_SIZE, fingerprint, salt)
+        for salt in ("tenant-a", "tenant-b", None)
+    ]
+    assert all(store.lookup(chain) == 2 for chain in chains)
+    assert store.num_blocks() == 6  # two per scope, shared by none
 
 
 def test_a_waiter_on_an_in_flight_prefix_reuses_it_instead_of_computing_it(tiny, engine) -> None:

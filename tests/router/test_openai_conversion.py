@@ -99,9 +99,27 @@ def test_relay_statuses_map_to_http_statuses(code, status, type_):
 
 
 @pytest.mark.parametrize(
+    "body",
+    [
+        CompletionRequest(model="m", prompt="hi", cache_salt="tenant-a"),
+        CompletionRequest(model="m", prompt=[1, 2], cache_salt="tenant-a"),
+        ChatCompletionRequest(
+            model="m", messages=[{"role": "user", "content": "hi"}], cache_salt="tenant-a"
+        ),
+    ],
+    ids=["text", "token-ids", "chat"],
+)
+def test_the_cache_salt_is_passed_through(body):
+    assert body.to_generate_request("r").cache_salt == "tenant-a"
+    unsalted = body.model_copy(update={"cache_salt": None})
+    assert not unsalted.to_generate_request("r").HasField("cache_salt")
+
+
+@pytest.mark.parametrize(
     ("message", "param", "shown"),
     [
         ("sampling.max_tokens must be at least 1, got 0", "max_tokens", "max_tokens must be"),
+        ("cache_salt is 300 bytes; the limit is 256; send a shorter salt", "cache_salt", "cache_"),
         ("sampling.stop[1] is 300 bytes; the limit is 256", "stop", "stop[1] is 300"),
         ("prompt_token_ids[2] is 999; token ids must be in [0, 259)", "prompt", "prompt_token_ids"),
         ("messages: the chat template refused these messages: no", "messages", "messages:"),

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from model.sampling_params import SamplingParams
-from model.tokenizer import ByteTokenizer
+from model.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from protos import generator_pb2 as pb
 from protos import workers_pb2 as wpb
 from router.cluster import Cluster
@@ -129,6 +129,8 @@ async def make_relay(
     decode_ids: Sequence[str] = ("d0",),
     max_local_prefill_len: int = 0,
     failover: FailoverConfig | None = None,
+    tokenizer: Tokenizer | None = None,
+    limits: RequestLimits | None = None,
 ) -> RequestRelay:
     cluster = Cluster(MODEL, PrefixLoadPolicy(), connect=lambda address: FakeChannel())
     for role, ids in ((wpb.WORKER_ROLE_PREFILL, prefill_ids), (wpb.WORKER_ROLE_DECODE, decode_ids)):
@@ -147,7 +149,15 @@ async def make_relay(
                 )
             )
     metrics = ServiceMetrics(MODEL, "router")
-    return RequestRelay(cluster, workers, ByteTokenizer(), RequestLimits(), 8, metrics, failover)
+    return RequestRelay(
+        cluster,
+        workers,
+        tokenizer or ByteTokenizer(),
+        limits or RequestLimits(),
+        8,
+        metrics,
+        failover,
+    )
 
 
 def generate(
@@ -224,6 +234,38 @@ def test_a_request_id_over_128_bytes_is_invalid_argument() -> None:
     workers.prefills = {"p0": prefilled(ord("A"))}
     workers.decodes = {"d0": [decoded(b"B", pb.FINISH_REASON_LENGTH)]}
     assert text_of(generate(workers, request_id="é" * 64)) == "AB"  # 128 bytes
+
+
+def test_the_cache_salt_reaches_the_prefill_and_every_decode_call() -> None:
+    workers = ScriptedWorkers()
+    sent_to_prefill: list[wpb.PrefillRequest] = []
+
+    def answer(request: wpb.PrefillRequest) -> wpb.PrefillResult:
+        sent_to_prefill.append(request)
+        return prefilled(ord("A"))(request)
+
+    workers.prefills = {"p0": answer}
+    workers.decodes = {
+        "d0": [decoded(b"B"), gone("d0")],
+        "d1": [decoded(b"C", pb.FINISH_REASON_LENGTH)],
+    }
+
+    async def scenario():
+        relay = await make_relay(workers, decode_ids=("d0", "d1"))
+        request = pb.GenerateRequest(prompt_token_ids=PROMPT, cache_salt="tenant-a")
+        return [m async for m in relay.generate(request, time_remaining=None)]
+
+    assert text_of(asyncio.run(scenario())) == "ABC"
+    assert [r.cache_salt for r in sent_to_prefill] == ["tenant-a"]
+    assert [d.cache_salt for _, d in workers.decode_calls] == ["tenant-a", "tenant-a"]
+
+
+def test_without_a_cache_salt_no_worker_call_carries_one() -> None:
+    workers = ScriptedWorkers()
+    workers.prefills = {"p0": prefilled(ord("A"))}
+    workers.decodes = {"d0": [decoded(b"B", pb.FINISH_REASON_LENGTH)]}
+    assert text_of(generate(workers)) == "AB"
+    assert not workers.decode_calls[0][1].HasField("cache_salt")
 
 
 # Prefill: any failure of the worker is retried once on another, then the decode
@@ -678,3 +720,74 @@ def test_precedence_local_engine_a_stop_token_on_the_last_token() -> None:
     outputs = [out for _, out in generate_with_engine(tiny, [prompt], params)]
     assert [o.token_id for o in outputs] == greedy[0].token_ids
     assert outputs[-1].finish_reason.value == "stop"
+
+
+# Preparing a request (rendering, tokenizing) runs beside the event loop.
+
+LONG_TEXT = "The quick brown fox jumps over the lazy dog. " * 11_000  # 495 KB
+ROOMY = RequestLimits(max_request_bytes=1 << 21, max_prompt_bytes=1 << 21)
+
+
+def byte_level_bpe() -> HFTokenizer:
+    """A real `tokenizers` tokenizer (byte-level BPE without merges: a token per
+    byte), which takes about a second for LONG_TEXT."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    rust = RustTokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return HFTokenizer(rust, bos_token_id=None, eos_token_id=None)
+
+
+def test_the_event_loop_keeps_running_while_a_long_prompt_tokenizes() -> None:
+    async def scenario() -> tuple[float, float]:
+        relay = await make_relay(ScriptedWorkers(), tokenizer=byte_level_bpe(), limits=ROOMY)
+        gaps: list[float] = []
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while True:
+                await asyncio.sleep(0.005)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        ticking = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0.02)
+        started = time.perf_counter()
+        # 495,000 tokens: refused for the context, once tokenized.
+        with pytest.raises(InvalidRequest, match=r"^prompt has 495000 tokens"):
+            async for _ in relay.generate(pb.GenerateRequest(prompt=LONG_TEXT), None):
+                pass
+        took = time.perf_counter() - started
+        await asyncio.sleep(0.02)  # the ticker records the gap it is in
+        ticking.cancel()
+        return took, max(gaps)
+
+    took, longest_gap = asyncio.run(scenario())
+    assert took > 0.2, f"tokenizing took {took:.2f} s, too little to tell"
+    # On the loop (or holding the GIL) the ticker would stall for all of it.
+    assert longest_gap < took / 4, f"the loop stalled {longest_gap:.3f} s of {took:.3f} s"
+
+
+def test_a_request_cancelled_while_it_tokenizes_holds_its_slot_until_the_thread_ends() -> None:
+    async def scenario() -> None:
+        relay = await make_relay(ScriptedWorkers(), tokenizer=byte_level_bpe(), limits=ROOMY)
+
+        async def run() -> None:
+            async for _ in relay.generate(pb.GenerateRequest(prompt=LONG_TEXT), None):
+                pass
+
+        task = asyncio.ensure_future(run())
+        await asyncio.sleep(0.05)
+        assert relay.stats.num_inflight == 1
+        task.cancel()
+        await asyncio.sleep(0.05)
+        # The thread cannot be stopped: the slot stays taken until it ends.
+        assert not task.done() and relay.stats.num_inflight == 1
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert relay.stats.num_inflight == 0
+
+    asyncio.run(scenario())

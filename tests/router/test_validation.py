@@ -11,7 +11,9 @@ from router.validation import (
     validate_sampling,
 )
 
-LIMITS = RequestLimits(max_tokens=100, max_request_bytes=10_000)
+LIMITS = RequestLimits(
+    max_tokens=100, max_stop_token_ids=4, max_request_bytes=10_000, max_prompt_bytes=5_000
+)
 MODEL = {"vocab_size": 300, "max_context_len": 64}
 
 
@@ -51,6 +53,10 @@ def test_defaults_are_filled():
             "sampling.stop[1] is 258 bytes; the limit is 256",
         ),
         (pb.SamplingParams(stop=[""]), "sampling.stop[0] is empty"),
+        (
+            pb.SamplingParams(stop_token_ids=[1, 2, 3, 4, 5]),
+            "sampling.stop_token_ids has 5 ids; at most 4 are allowed",
+        ),
     ],
     ids=lambda v: "" if isinstance(v, str) else str(v).replace("\n", " ").strip(),
 )
@@ -61,8 +67,11 @@ def test_sampling_refusals_name_the_field(params, message):
 
 
 def test_valid_edges_pass():
-    params = pb.SamplingParams(max_tokens=100, top_p=1.0, top_k=0, stop=["x"] * 16)
+    params = pb.SamplingParams(
+        max_tokens=100, top_p=1.0, top_k=0, stop=["x"] * 16, stop_token_ids=[1, 2, 3, 4]
+    )
     assert validate_sampling(params, LIMITS).max_tokens == 100
+    validate_prompt_shape(pb.GenerateRequest(prompt="é" * 2_500), LIMITS)  # 5,000 bytes
 
 
 @pytest.mark.parametrize(
@@ -92,6 +101,19 @@ def test_valid_edges_pass():
         ),
         (pb.GenerateRequest(prompt="x" * 20_000), "request is 2000"),
         (
+            pb.GenerateRequest(prompt="é" * 2_501),
+            "prompt is 5002 bytes of text; the limit is 5000 (checked before tokenizing)",
+        ),
+        (
+            pb.GenerateRequest(
+                messages=[
+                    pb.ChatMessage(role="system", content="x" * 2_500),
+                    pb.ChatMessage(role="user", content="y" * 2_500),
+                ]
+            ),
+            "messages hold 5010 bytes of text; the limit is 5000",
+        ),
+        (
             pb.GenerateRequest(prompt="hi", add_generation_prompt=False),
             "add_generation_prompt applies to messages only",
         ),
@@ -107,6 +129,8 @@ def test_valid_edges_pass():
         "ids-and-messages",
         "all-three",
         "too-big",
+        "prompt-text-too-long",
+        "messages-text-too-long",
         "add-generation-prompt-without-messages",
         "no-role",
     ],
