@@ -92,6 +92,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="router: keys the public API requires, one per line (or set KVRELAY_API_KEYS); "
         "callers send `authorization: Bearer KEY`",
     )
+    security.add_argument(
+        "--salt-per-key",
+        action="store_true",
+        help="router: each API key gets a prefix cache of its own (no block, hit or "
+        "cached_prompt_tokens is shared between keys)",
+    )
     parser.add_argument(
         "--kv-store",
         default="redis://127.0.0.1:6379",
@@ -267,25 +273,24 @@ async def _start_router(args: argparse.Namespace, address: str, tls):
             token_timeout_s=args.token_timeout,
             max_migrations=args.max_migrations,
         )
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    return await start_router(
-        RouterConfig(
+        config = RouterConfig(
             model=args.model,
             address=address,
             internal_address=internal,
             tls=tls,
             public_tls=public_tls,
             api_keys=api_keys,
+            salt_per_key=args.salt_per_key,
             max_inflight=args.max_inflight,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
             failover=failover,
             http_port=http_port_flag(args.http_port),
             served_model_name=args.served_model_name,
-        ),
-        tokenizer_for_model(args.model),
-    )
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return await start_router(config, tokenizer_for_model(args.model))
 
 
 def http_port_flag(value: int) -> int | None:

@@ -58,6 +58,15 @@ class ApiKeys:
     def is_required(self) -> bool:
         return bool(self._digests)
 
+    def salt_of(self, authorization: str | None) -> str | None:
+        """The prefix-cache scope of the key in `authorization` (`--salt-per-key`):
+        its digest, so requests under different keys never share a block; None
+        without a key."""
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            return None
+        return _digest(key.strip()).hex()
+
     def allows(self, authorization: str | None) -> bool:
         """Whether an `authorization` header value (`Bearer KEY`) carries a valid key;
         always True when no keys are set."""

@@ -136,11 +136,16 @@ def build_app(
     served_model_name: str,
     is_serving: Callable[[], bool],
     api_keys: ApiKeys | None = None,
+    salt_per_key: bool = False,
 ) -> FastAPI:
     """The API's routes; `is_serving` answers `/health` (RouterHealth's rule). With
     `api_keys`, every `/v1` route needs `Authorization: Bearer KEY` (401 before any
-    work without one); `/health` stays open."""
+    work without one); `/health` stays open. `salt_per_key` scopes each key's
+    prefix cache to itself, as on the gRPC API."""
     keys = api_keys or ApiKeys()
+
+    def key_salt(http: Request) -> str | None:
+        return keys.salt_of(http.headers.get("authorization")) if salt_per_key else None
 
     async def require_key(request: Request) -> None:
         if not keys.allows(request.headers.get("authorization")):
@@ -192,15 +197,15 @@ def build_app(
     async def completions(body: CompletionRequest, http: Request) -> Response:
         meta, request = _start(body, "cmpl")
         meta = _with(meta, want_logprobs=body.logprobs is not None)
-        return await _answer(
-            relay, http, request, meta, body.stream, completion_events, completion_body
-        )
+        responses = relay.generate(request, None, key_salt=key_salt(http))
+        return await _answer(http, responses, meta, body.stream, completion_events, completion_body)
 
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(body: ChatCompletionRequest, http: Request) -> Response:
         meta, request = _start(body, "chatcmpl")
         meta = _with(meta, want_logprobs=body.logprobs)
-        return await _answer(relay, http, request, meta, body.stream, chat_events, chat_body)
+        responses = relay.generate(request, None, key_salt=key_salt(http))
+        return await _answer(http, responses, meta, body.stream, chat_events, chat_body)
 
     def _start(
         body: CompletionRequest | ChatCompletionRequest, prefix: str
@@ -233,8 +238,7 @@ def _with(meta: ResponseMeta, want_logprobs: bool) -> ResponseMeta:
     )
 
 
-async def _answer(relay, http: Request, request, meta, stream, events, body) -> Response:
-    responses = relay.generate(request, None)
+async def _answer(http: Request, responses, meta, stream, events, body) -> Response:
     if not stream:
         try:
             answer = await _collect_while_connected(http, responses)

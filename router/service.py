@@ -67,6 +67,9 @@ class RouterConfig:
     """TLS for the public port (gRPC and HTTP); None: plaintext."""
     api_keys: ApiKeys = field(default_factory=ApiKeys)
     """Keys the public API requires; none: it is open."""
+    salt_per_key: bool = False
+    """Each API key gets a prefix cache of its own (`--salt-per-key`): its digest
+    scopes every request's block hashes, with the request's `cache_salt`."""
     limits: RequestLimits = field(default_factory=RequestLimits)
     """What requests may ask for."""
     max_inflight: int = 256
@@ -91,6 +94,8 @@ class RouterConfig:
             raise ValueError("max_inflight must be >= 1")
         if self.worker_expiry_s <= 0:
             raise ValueError("worker_expiry_s must be > 0")
+        if self.salt_per_key and not self.api_keys.is_required:
+            raise ValueError("--salt-per-key needs API keys (--api-keys-file or KVRELAY_API_KEYS)")
 
     @property
     def registry_address(self) -> str:
@@ -101,17 +106,21 @@ class RouterConfig:
 
 
 class GeneratorServicer(pb_grpc.GeneratorServicer):
-    def __init__(self, relay: RequestRelay, api_keys: ApiKeys) -> None:
+    def __init__(self, relay: RequestRelay, api_keys: ApiKeys, salt_per_key: bool = False) -> None:
         self.relay = relay
         self.api_keys = api_keys
+        self.salt_per_key = salt_per_key
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        metadata = dict(context.invocation_metadata() or ())
-        if not self.api_keys.allows(metadata.get("authorization")):
+        authorization = dict(context.invocation_metadata() or ()).get("authorization")
+        if not self.api_keys.allows(authorization):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSAL)
-        responses = self.relay.generate(request, context.time_remaining(), caller_context(context))
+        key_salt = self.api_keys.salt_of(authorization) if self.salt_per_key else None
+        responses = self.relay.generate(
+            request, context.time_remaining(), caller_context(context), key_salt=key_salt
+        )
         try:
             async for response in responses:
                 yield response
@@ -289,7 +298,7 @@ async def start_router(config: RouterConfig, tokenizer: Tokenizer | None) -> Rou
             [
                 ServiceBinding(
                     pb_grpc.add_GeneratorServicer_to_server,
-                    GeneratorServicer(relay, config.api_keys),
+                    GeneratorServicer(relay, config.api_keys, config.salt_per_key),
                     "kvrelay.v1.Generator",
                 )
             ],
@@ -319,7 +328,11 @@ async def start_router(config: RouterConfig, tokenizer: Tokenizer | None) -> Rou
     http = None
     if config.http_port is not None:
         app = build_app(
-            relay, config.served_model_name or config.model, health.is_serving, config.api_keys
+            relay,
+            config.served_model_name or config.model,
+            health.is_serving,
+            config.api_keys,
+            config.salt_per_key,
         )
         try:
             http = HttpServer(app, host, config.http_port, config.public_tls)

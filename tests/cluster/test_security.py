@@ -68,7 +68,7 @@ def secure_cluster(
         tmp_path_factory.mktemp("secure-logs"),
         num_prefill=1,
         num_decode=1,
-        router_args=("--api-keys-file", str(keys)),
+        router_args=("--api-keys-file", str(keys), "--salt-per-key"),
         worker_args=("--kv-secret-file", str(secret)),
         tls_dir=tls_dir,
     )
@@ -195,6 +195,21 @@ def test_the_right_key_gets_tokens_and_health_needs_none(secure_cluster: LocalCl
     assert '"completion_tokens": 4' in result.stdout
 
 
+def test_each_key_has_a_prefix_cache_of_its_own(secure_cluster: LocalCluster) -> None:
+    """--salt-per-key: a prompt sent again under the same key hits the cache; under
+    another key it shares nothing, and cached_prompt_tokens says 0."""
+    prompt = [(i * 11 + 5) % 250 + 3 for i in range(48)]  # three full blocks
+
+    def cached(key: str) -> int:
+        request = pb.GenerateRequest(prompt_token_ids=prompt, sampling=SAMPLING)
+        responses = secure_cluster.generator.Generate(request, metadata=bearer(key), timeout=30)
+        return list(responses)[-1].usage.cached_prompt_tokens
+
+    assert cached(API_KEY) == 0
+    assert cached(API_KEY) >= 32
+    assert cached("sk-another-key") == 0
+
+
 def test_the_http_api_needs_the_key_too(secure_cluster: LocalCluster) -> None:
     import urllib.request
 
@@ -230,13 +245,17 @@ def test_blocks_planted_in_redis_without_the_secret_are_misses_and_the_answer_is
     from model.loader import load_model
     from model.sampling_params import SamplingParams
     from model.sources import model_identity
+    from router.api_keys import ApiKeys
+    from router.request import scoped_cache_salt
 
     prompt = [(i * 7 + 3) % 200 + 3 for i in range(40)]  # two full blocks and a tail
     loaded = load_model(secure_cluster.model, dtype=torch.float32)
     spec = BlockSpec.for_model(model_identity(secure_cluster.model), loaded.config, torch.float32)
     planter = RedisStore(secure_cluster.store_url, spec)  # no secret
     assert not planter.is_authenticated
-    hashes = hash_token_blocks(prompt, spec.block_size, spec.fingerprint)
+    # The router scopes the key's requests (--salt-per-key): the planter aims there.
+    salt = scoped_cache_salt(ApiKeys([API_KEY]).salt_of(f"Bearer {API_KEY}"), None)
+    hashes = hash_token_blocks(prompt, spec.block_size, spec.fingerprint, salt)
     planter.put([(h, torch.full(spec.shape, 7.0)) for h in hashes])
     planter.close()
 
