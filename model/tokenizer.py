@@ -38,7 +38,8 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """Token ids of `text`, with the BOS id first when `add_bos` and the tokenizer has one."""
+        """Token ids of `text`, with the BOS id first when `add_bos` and the model's
+        prompts start with one (the tokenizer has a BOS and adds it)."""
 
     @abstractmethod
     def decode(self, token_ids: Sequence[int]) -> str:
@@ -81,10 +82,20 @@ class ByteTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """A `tokenizer.json` run by the `tokenizers` library (no `transformers`, no remote code)."""
+    """A `tokenizer.json` run by the `tokenizers` library (no `transformers`, no remote code).
+
+    `adds_bos` false: the model was trained without a BOS before its text (a GGUF
+    file's `add_bos_token`), so `encode` never adds one; `bos_token_id` is still
+    the BOS chat templates write.
+    """
 
     def __init__(
-        self, path: str | Path, bos_token_id: int | None, eos_token_id: int | None
+        self,
+        path: str | Path,
+        bos_token_id: int | None,
+        eos_token_id: int | None,
+        *,
+        adds_bos: bool = True,
     ) -> None:
         from tokenizers import Tokenizer as _RustTokenizer
 
@@ -97,6 +108,7 @@ class HFTokenizer(Tokenizer):
                 raise ModelLoadError(f"cannot read tokenizer {path}: {exc}") from None
         self._bos_token_id = bos_token_id
         self._eos_token_id = eos_token_id
+        self._adds_bos = adds_bos
 
     @property
     def vocab_size(self) -> int:
@@ -117,7 +129,7 @@ class HFTokenizer(Tokenizer):
         # call, so a long prompt tokenized in a thread (as the router does) leaves the
         # event loop running; encode holds the GIL for the whole text (~1.5 s a MB).
         ids = self._tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
-        if add_bos and self._bos_token_id is not None:
+        if add_bos and self._adds_bos and self._bos_token_id is not None:
             return [self._bos_token_id, *ids]
         return ids
 
@@ -189,14 +201,17 @@ def tokenizer_for_model(spec: str) -> Tokenizer | None:
     `tokenizer.json` for a HF directory (None when it has none: such a model takes
     token ids only)."""
     from model.config import load_config
-    from model.gguf import gguf_config, gguf_rust_tokenizer, is_gguf_spec
+    from model.gguf import gguf_config, is_gguf_spec
+    from model.gguf_tokenizer import gguf_adds_bos, gguf_rust_tokenizer
 
     if spec.startswith("dummy:"):
         return ByteTokenizer()
     if is_gguf_spec(spec):
         config = gguf_config(spec)
         eos = config.eos_token_ids[0] if config.eos_token_ids else None
-        return HFTokenizer(gguf_rust_tokenizer(spec), config.bos_token_id, eos)
+        return HFTokenizer(
+            gguf_rust_tokenizer(spec), config.bos_token_id, eos, adds_bos=gguf_adds_bos(spec)
+        )
     config = load_config(Path(spec))
     eos = config.eos_token_ids[0] if config.eos_token_ids else None
     return load_tokenizer(spec, config.bos_token_id, eos)

