@@ -77,11 +77,13 @@ def test_bfloat16_round_trip() -> None:
 
 def test_tail_round_trip() -> None:
     tail = make_block(5, num_tokens=3)
-    key = tail_key("req-1")
+    key = tail_key("req-1", HASH_B)  # bound to the prompt HASH_B names
     data = CODEC.encode_bytes(key, tail)
     assert torch.equal(CODEC.decode(data, key, is_tail=True), tail)
     with pytest.raises(BlockCodecError, match="shape"):
         CODEC.decode(data, key)  # a tail is not a full block
+    with pytest.raises(BlockCodecError):
+        CODEC.decode(data, tail_key("req-1", HASH_A), is_tail=True)  # another prompt's
 
 
 def test_encode_rejects_wrong_shape_or_dtype() -> None:
@@ -150,7 +152,7 @@ def test_verify_in_place_rejects_what_decode_rejects(corruption: str) -> None:
 def test_verify_returns_the_payload_shape() -> None:
     header, payload = CODEC.encode(HASH_A, make_block(4))
     assert CODEC.verify(header, payload, HASH_A) == TINY_SPEC.shape
-    key = tail_key("req-v")
+    key = tail_key("req-v", HASH_B)
     header, payload = CODEC.encode(key, make_block(4, num_tokens=3))
     assert CODEC.verify(header, payload, key, is_tail=True) == (2, 2, 3, 1, 4)
     with pytest.raises(BlockCodecError, match="shape"):
@@ -169,7 +171,7 @@ def test_an_authenticated_block_round_trips_and_its_tail_too() -> None:
     assert len(data) == HEADER_LEN + TINY_SPEC.nbytes
     assert torch.equal(MAC_CODEC.decode(data, HASH_A), block)
     tail = make_block(5)[:, :, :2].contiguous()
-    key = tail_key("r.p1")
+    key = tail_key("r.p1", HASH_B)
     assert torch.equal(MAC_CODEC.decode(MAC_CODEC.encode_bytes(key, tail), key, is_tail=True), tail)
 
 
