@@ -170,7 +170,8 @@ def test_the_router_is_not_serving_until_a_decode_worker_registers(make_cluster)
     cluster = make_cluster(num_prefill=1, num_decode=1, gated=("decode-0",))
     assert set(cluster.workers()) == {"prefill-0"}
     assert cluster.health() == NOT_SERVING
-    assert cluster.health("kvrelay.v1.Registry") == SERVING  # workers can still join
+    # Workers can still join: the Registry, on the internal port, serves.
+    assert cluster.health("kvrelay.v1.Registry", cluster.internal_target) == SERVING
     with pytest.raises(grpc.RpcError) as err:
         cluster.generate(prompt_token_ids=prompt(150), sampling=greedy(2))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
