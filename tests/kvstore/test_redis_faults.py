@@ -248,11 +248,12 @@ def test_an_acl_user_from_the_url_can_do_everything_the_store_does_and_no_more(
         store.put([(HASHES[0], make_block(0)), (HASHES[1], make_block(1))])
         assert store.lookup(HASHES[:3]) == 2
         assert torch.equal(store.get(HASHES[:1])[0], make_block(0))
-        store.put_tail("r1", make_block(2))
+        tail = make_block(2, num_tokens=2)
+        store.put_tail("r1", tail, PROMPT)
         assert store.num_tails() == 1
-        assert torch.equal(store.get_tail("r1"), make_block(2))
+        assert torch.equal(store.get_tail("r1", PROMPT), tail)
         store.delete_tail("r1")
-        assert store.get_tail("r1") is None
+        assert store.get_tail("r1", PROMPT) is None
         assert store.stats().errors == 0
         store.close()
         # The user may not touch keys outside kvrelay's prefix.
