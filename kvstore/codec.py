@@ -7,7 +7,7 @@ Header (little-endian, 80 bytes so the payload that follows stays aligned):
 
 The check depends on the cluster's KV secret:
 
-- without one (version 1): xxh3_64 of the payload, then 4 zero bytes. It catches
+- without one (version 1): xxh3_64 of the payload, then 4 zero bytes (checked). It catches
   corruption, not forgery: anyone who can write to the store can plant K/V.
 - with one (version 2): HMAC-SHA256 keyed by the secret over the first 68 header
   bytes and the payload, truncated to 96 bits (as HMAC-SHA-1-96 and others are).
@@ -51,10 +51,11 @@ MAC_CODEC_VERSION = 2
 MIN_SECRET_BYTES = 16
 _MAC_BYTES = 12
 
-_HEADER = struct.Struct("<4sHBB5I16s16sQQ4x")
+_HEADER = struct.Struct("<4sHBB5I16s16sQQ4s")
 HEADER_LEN = _HEADER.size
 assert HEADER_LEN == 80, HEADER_LEN
 _MAC_START = HEADER_LEN - _MAC_BYTES  # the bytes the MAC covers come first
+_PADDING = bytes(4)
 
 Buffer = bytes | bytearray | memoryview
 
@@ -112,6 +113,7 @@ class BlockCodec:
             key,
             payload.nbytes,
             0 if self._secret is not None else xxhash.xxh3_64_intdigest(payload),
+            _PADDING,
         )
         if self._secret is not None:
             header = header[:_MAC_START] + self._mac(header, payload)
@@ -216,9 +218,8 @@ class BlockCodec:
             raise BlockCodecError(f"header is not a byte buffer: {exc}") from exc
         if header_len != HEADER_LEN:
             raise BlockCodecError(f"header is {header_len} bytes, not {HEADER_LEN}")
-        magic, version, dtype_code, ndim, *shape_list, fingerprint, stored_key, _, checksum = (
-            _HEADER.unpack(header)
-        )
+        (magic, version, dtype_code, ndim, *shape_list, fingerprint, stored_key, payload_len,
+         checksum, padding) = _HEADER.unpack(header)  # fmt: skip
         shape = tuple(shape_list)
         if magic != MAGIC:
             raise BlockCodecError(f"bad magic {magic!r}")
@@ -244,4 +245,8 @@ class BlockCodec:
         )
         if ndim != 5 or not is_valid_len or shape != self.spec.tail_shape(num_tokens):
             raise BlockCodecError(f"shape {shape} does not match {self.spec}")
+        if payload_len != num_tokens * self._bytes_per_token:
+            raise BlockCodecError(f"header says {payload_len} payload bytes, its shape {shape}")
+        if self._secret is None and padding != _PADDING:
+            raise BlockCodecError("header padding is not zero")
         return shape, checksum

@@ -110,6 +110,9 @@ CORRUPTIONS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "other_fingerprint": (_patch(28, bytes(16)), "fingerprint"),
     "other_hash": (_patch(44, HASH_B), "another hash"),
     "bad_checksum_field": (_patch(68, bytes(8)), "checksum"),
+    # Found by tests/fuzz/fuzz_block_codec.py: fields no check read.
+    "bad_payload_len": (_patch(60, struct.pack("<Q", 255)), "header says 255 payload bytes"),
+    "nonzero_padding": (_patch(76, b"\x01"), "padding"),
     "flipped_payload_byte": (lambda data: data[:-1] + bytes([data[-1] ^ 1]), "checksum"),
     "garbage": (lambda data: bytes(range(256)) * 2, "magic"),
 }
