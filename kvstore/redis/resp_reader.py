@@ -54,15 +54,13 @@ class RespReader:
         """
         line = self._read_line()
         kind, body = line[:1], line[1:]
-        if kind == b"$" and body.lstrip(b"-").isdigit():
-            value_len = int(body)
-            if value_len == -1:
-                return None
-            if value_len >= 0:
-                return value_len
-        elif kind == b"_" and not body:
+        if kind == b"$" and body == b"-1":
             return None
-        elif kind == b"-":
+        if kind == b"$" and _is_length(body):
+            return int(body)
+        if kind == b"_" and not body:
+            return None
+        if kind == b"-":
             raise redis.ResponseError(body.decode("utf-8", errors="replace"))
         raise redis.InvalidResponse(f"expected a bulk string reply, got {line[:40]!r}")
 
@@ -113,3 +111,9 @@ class RespReader:
         if num_received == 0:
             raise redis.ConnectionError("Redis closed the connection in the middle of a reply")
         self._end += num_received
+
+
+def _is_length(text: bytes) -> bool:
+    """Whether `text` is a length as Redis writes one: ASCII digits, no sign, no
+    spaces, no leading zero (hiredis refuses those too)."""
+    return text.isdigit() and (text == b"0" or not text.startswith(b"0"))

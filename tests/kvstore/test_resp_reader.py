@@ -88,8 +88,16 @@ def test_error_reply_raises_with_the_server_message(
 
 @pytest.mark.parametrize(
     "reply",
-    [b"+OK\r\n", b":1\r\n", b"*2\r\n", b"$-2\r\n", b"$abc\r\n", b"$\r\n", b"_x\r\n"],
-    ids=["simple", "integer", "array", "negative_len", "letters", "no_len", "bad_null"],
+    [
+        *(b"+OK\r\n", b":1\r\n", b"*2\r\n", b"$-2\r\n", b"$abc\r\n", b"$\r\n", b"_x\r\n"),
+        # Found by tests/fuzz/fuzz_resp_reader.py: `int()` took the first, hiredis
+        # refuses the others.
+        *(b"$--1\r\n", b"$-0\r\n", b"$+5\r\n", b"$05\r\n", b"$ 5\r\n"),
+    ],
+    ids=[
+        *("simple", "integer", "array", "negative_len", "letters", "no_len", "bad_null"),
+        *("double_minus", "minus_zero", "plus_sign", "leading_zero", "space"),
+    ],
 )
 def test_replies_other_than_bulk_strings_are_invalid(
     sockets: tuple[socket.socket, socket.socket], reply: bytes
