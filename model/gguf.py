@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model.errors import ModelLoadError
+from model.gguf_layout import check_gguf_layout
 from model.weight_files import file_digest
 
 if TYPE_CHECKING:
@@ -112,9 +113,10 @@ def _reader(path: str):
         import gguf
     except ImportError:
         raise ModelLoadError("GGUF models need the gguf package: pip install gguf") from None
+    check_gguf_layout(Path(path))  # bounds every loop of the reader
     try:
         return gguf.GGUFReader(path)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, KeyError, IndexError) as err:  # bad types, duplicate keys
         raise ModelLoadError(f"cannot read GGUF file {path}: {err}") from None
 
 
@@ -127,7 +129,12 @@ class GGUFMetadata:
 
     def get(self, key: str, default: Any = None) -> Any:
         field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
+        if field is None:
+            return default
+        try:
+            return field.contents()
+        except (ValueError, TypeError, IndexError) as err:  # e.g. a string not UTF-8
+            raise ModelLoadError(f"GGUF file {self.path.name} has a bad {key!r}: {err}") from None
 
     def require(self, key: str) -> Any:
         value = self.get(key)
@@ -138,9 +145,19 @@ class GGUFMetadata:
 
 def gguf_config(spec: str) -> ModelConfig:
     """The model's config from the file's metadata."""
+    meta = GGUFMetadata(gguf_path(spec))
+    try:
+        return _config_from_metadata(meta)
+    except ModelLoadError:
+        raise
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError) as err:
+        # A value of the wrong type or range: a list where a count belongs, a NaN.
+        raise ModelLoadError(f"GGUF file {meta.path.name} has a bad value: {err}") from None
+
+
+def _config_from_metadata(meta: GGUFMetadata) -> ModelConfig:
     from model.config import ModelConfig, RopeScaling
 
-    meta = GGUFMetadata(gguf_path(spec))
     arch = meta.require("general.architecture")
     if arch not in _ARCHITECTURES:
         supported = ", ".join(_ARCHITECTURES)
@@ -201,9 +218,9 @@ def load_gguf_tensors(
     dtype: torch.dtype,
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """Every tensor of the file under its HF name, dequantized to `dtype`. Raises
-    ModelLoadError naming any tensor of an unsupported type, unknown name or wrong
-    shape."""
+    """Every tensor of the file under its HF name, dequantized to `dtype`: exactly
+    those of `expected_shapes`. Raises ModelLoadError naming any tensor of an
+    unsupported type, unknown name or wrong shape, or one that is missing."""
     import gguf
     import torch
 
@@ -222,18 +239,25 @@ def load_gguf_tensors(
             if tensor.name == "rope_freqs.weight":  # llama3 scaling, recomputed here
                 continue
             raise ModelLoadError(f"GGUF tensor {tensor.name} has no place in the model")
+        expected = expected_shapes.get(name)
+        if expected is None or name in tensors:
+            raise ModelLoadError(
+                f"GGUF tensor {tensor.name} has no place in a model of this config"
+            )
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        if values.shape != tuple(expected):
+            raise ModelLoadError(
+                f"GGUF tensor {tensor.name} has shape {values.shape}, the config "
+                f"implies {tuple(expected)}"
+            )
         weight = torch.from_numpy(values.copy())
         if unpermute is not None and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_heads if "q_proj" in name else config.num_kv_heads
-            weight = unpermute(weight, heads)
-        expected = expected_shapes.get(name)
-        if expected is not None and tuple(weight.shape) != tuple(expected):
-            raise ModelLoadError(
-                f"GGUF tensor {tensor.name} has shape {tuple(weight.shape)}, the config "
-                f"implies {tuple(expected)}"
-            )
+            weight = unpermute(weight, heads)  # its shape checked above: whole heads
         tensors[name] = weight.to(device=device, dtype=dtype)
+    missing = [name for name in expected_shapes if name not in tensors]
+    if missing:
+        raise ModelLoadError(f"GGUF file {meta.path.name} lacks the tensor {missing[0]}")
     return tensors
 
 

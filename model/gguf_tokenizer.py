@@ -39,15 +39,26 @@ def gguf_rust_tokenizer(spec: str):
     """A `tokenizers.Tokenizer` from the file's metadata. Its control tokens (and
     the BOS/EOS/UNK/pad tokens) are added as special tokens and its user-defined
     ones as plain added tokens, so text never splits either and decoding keeps
-    only the latter. Raises ModelLoadError for a tokenizer kind not built here."""
-    from tokenizers import AddedToken
-
+    only the latter. Raises ModelLoadError for a tokenizer kind not built here, or
+    metadata it cannot be built from."""
     meta = GGUFMetadata(gguf_path(spec))
     kind = meta.require("tokenizer.ggml.model")
     build = _BUILDERS.get(kind)
     if build is None:
         supported = ", ".join(repr(k) for k in _BUILDERS)
         raise ModelLoadError(f"GGUF tokenizer model {kind!r} is not supported (only {supported})")
+    try:
+        return _build(meta, build)
+    except ModelLoadError:
+        raise
+    except Exception as err:  # `tokenizers` raises bare Exception
+        # Lists of the wrong type or length, merges of unknown tokens.
+        raise ModelLoadError(f"GGUF file {meta.path.name} has a bad tokenizer: {err}") from None
+
+
+def _build(meta: GGUFMetadata, build):
+    from tokenizers import AddedToken
+
     tokens = list(meta.require("tokenizer.ggml.tokens"))
     types = list(meta.get("tokenizer.ggml.token_type", [_NORMAL] * len(tokens)))
     tokenizer = build(meta, tokens)

@@ -40,6 +40,7 @@ TORCH_FREE = (
     "model.chat_template",
     "model.gguf",
     "model.gguf_tokenizer",
+    "model.gguf_layout",
     "model.sources",
     "model.weight_files",
     "model.runtime",

@@ -212,3 +212,60 @@ def write_tokenizer_gguf(out: Path, vocab: GGUFVocab) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+TINY_VOCAB = ("a", "b", "ab", "<s>", "</s>", "Ġ", "Ġa", "c")
+TINY_LLAMA_TENSORS = {
+    "token_embd.weight": (len(TINY_VOCAB), 4),
+    "output_norm.weight": (4,),
+    "blk.0.attn_norm.weight": (4,),
+    "blk.0.ffn_norm.weight": (4,),
+    "blk.0.attn_q.weight": (4, 4),
+    "blk.0.attn_k.weight": (2, 4),
+    "blk.0.attn_v.weight": (2, 4),
+    "blk.0.attn_output.weight": (4, 4),
+    "blk.0.ffn_gate.weight": (8, 4),
+    "blk.0.ffn_up.weight": (8, 4),
+    "blk.0.ffn_down.weight": (4, 8),
+}
+"""A whole Llama (1 layer, hidden 4, 2 heads of 2, 1 KV head, tied embeddings)."""
+
+
+def write_tiny_llama_gguf(
+    path: Path, *, skip_tensors: tuple[str, ...] = (), block_count: int | list[int] = 1
+) -> bytes:
+    """A complete 2 KB Llama GGUF (byte-level BPE vocabulary, chat template, F32
+    norms, F16 matrices, random weights) with `gguf.GGUFWriter`; returns its bytes.
+    A list `block_count` is written as an array (a value of the wrong type)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    if isinstance(block_count, list):
+        writer.add_array("llama.block_count", block_count)
+    else:
+        writer.add_block_count(block_count)
+    writer.add_context_length(64)
+    writer.add_embedding_length(4)
+    writer.add_feed_forward_length(8)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(1)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(TINY_VOCAB))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(list(TINY_VOCAB))
+    writer.add_token_types([1, 1, 1, 3, 3, 1, 1, 1])
+    writer.add_token_merges(["a b", "Ġ a"])
+    writer.add_bos_token_id(3)
+    writer.add_eos_token_id(4)
+    writer.add_chat_template("{% for m in messages %}{{ m.content }}{% endfor %}")
+    rng = np.random.default_rng(0)
+    for name, shape in TINY_LLAMA_TENSORS.items():
+        if name in skip_tensors:
+            continue
+        values = rng.standard_normal(shape).astype(np.float32)
+        writer.add_tensor(name, values if len(shape) == 1 else values.astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path.read_bytes()
