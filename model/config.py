@@ -20,6 +20,8 @@ from model.errors import ModelLoadError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+MAX_LAYERS = 1024
+"""More layers than any model has (Llama 3.1 405B: 126); a bound on what a config may claim."""
 
 
 @dataclass(frozen=True)
@@ -98,13 +100,15 @@ class ModelConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ModelLoadError(f"config {name} must be > 0, got {getattr(self, name)}")
+        if self.num_layers > MAX_LAYERS:  # it sizes the tensor list before any file is read
+            raise ModelLoadError(f"config num_layers is {self.num_layers}; at most {MAX_LAYERS}")
         if self.num_heads % self.num_kv_heads != 0:
             raise ModelLoadError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
         if self.head_dim % 2 != 0:
             raise ModelLoadError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
+        if not (self.rms_norm_eps > 0 and self.rope_theta > 0):  # NaN too
             raise ModelLoadError("config rms_norm_eps and rope_theta must be > 0")
         for token_id in (*self.eos_token_ids, self.bos_token_id):
             if token_id is not None and not 0 <= token_id < self.vocab_size:
@@ -120,7 +124,7 @@ class ModelConfig:
     def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
         """Parse a HF `config.json` dict; raises `ModelLoadError` for what is unsupported."""
         architectures = hf.get("architectures") or []
-        if len(architectures) != 1:
+        if not (isinstance(architectures, list) and len(architectures) == 1):
             raise ModelLoadError(
                 f"config.json must name exactly one architecture, got {architectures}"
             )
@@ -156,7 +160,7 @@ class ModelConfig:
             )
         except KeyError as exc:
             raise ModelLoadError(f"config.json is missing {exc.args[0]!r}") from None
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError, ZeroDivisionError) as exc:
             raise ModelLoadError(f"config.json has a bad value: {exc}") from None
 
 

@@ -33,11 +33,7 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     """The safetensors files of `model_dir`: the shards its index names, or the single file."""
     index_path = model_dir / SHARD_INDEX_NAME
     if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
-            raise ModelLoadError(f"bad shard index {index_path}: {exc!r}") from None
-        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        files = [model_dir / name for name in _shard_names(index_path)]
     elif (model_dir / SINGLE_FILE_NAME).is_file():
         files = [model_dir / SINGLE_FILE_NAME]
     else:
@@ -48,6 +44,29 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
         if not path.is_file():
             raise ModelLoadError(f"missing weight file {path}")
     return files
+
+
+def _shard_names(index_path: Path) -> list[str]:
+    """The shard files an index names: plain `*.safetensors` names in its directory,
+    never a path that leads out of it."""
+    try:
+        weight_map = json.loads(index_path.read_bytes())["weight_map"]
+    except (OSError, KeyError, TypeError, ValueError) as exc:  # ValueError: bad JSON or UTF-8
+        raise ModelLoadError(f"bad shard index {index_path}: {exc!r}") from None
+    if not isinstance(weight_map, dict):
+        raise ModelLoadError(f"bad shard index {index_path}: weight_map is not an object")
+    for name in weight_map.values():
+        if not (
+            isinstance(name, str)
+            and name.endswith(".safetensors")
+            and Path(name).name == name
+            and "\\" not in name
+        ):
+            raise ModelLoadError(
+                f"shard index {index_path} names {name!r}: a shard must be a "
+                "*.safetensors file in the same directory"
+            )
+    return sorted(set(weight_map.values()))
 
 
 def files_digest(paths: Sequence[Path]) -> str:

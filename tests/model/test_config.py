@@ -76,6 +76,13 @@ def test_generation_config_adds_eos_ids(tmp_path) -> None:
         ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
         ({"num_key_value_heads": 3}, "multiple of num_kv_heads"),
         ({"vocab_size": None}, "bad value"),
+        # Found by tests/fuzz/fuzz_checkpoint.py: a ZeroDivisionError, an
+        # OverflowError, NaNs that passed `<= 0`, a tensor list sized by a claim.
+        ({"num_attention_heads": 0}, "bad value"),
+        ({"vocab_size": float("inf")}, "bad value"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps and rope_theta must be > 0"),
+        ({"num_hidden_layers": 10**9}, "num_layers is 1000000000; at most 1024"),
+        ({"architectures": 8}, "must name exactly one architecture"),
     ],
 )
 def test_unsupported_configs_raise_one_line(change, needle) -> None:

@@ -4,6 +4,7 @@ the blocks the old weights computed), and one whose bytes are unchanged keeps it
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -86,3 +87,18 @@ def test_a_directory_without_weights_is_refused(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match=r"no \*\.safetensors weights"):
         model_identity(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "shard",
+    ["../outside.safetensors", "/tmp/outside.safetensors", "sub/a.safetensors", "a.bin", 7],
+)
+def test_a_shard_index_naming_a_file_outside_the_directory_is_refused(
+    model_dir: Path, shard: object
+) -> None:
+    """Found by tests/fuzz/fuzz_checkpoint.py: an index could name any file."""
+    (model_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": shard}})
+    )
+    with pytest.raises(ModelLoadError, match=r"a shard must be a \*\.safetensors file in the same"):
+        model_identity(str(model_dir))
