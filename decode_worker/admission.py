@@ -85,6 +85,23 @@ class Admission:
     """Blocks (and the tail) fetched from the store."""
 
 
+def check_call(call: DecodeCall, model: ModelConfig) -> None:
+    """Raises InvalidPrompt unless every token id the caller sent is in the
+    vocabulary and the prompt and its answer fit the model's context."""
+    check_prompt(
+        call.prompt_token_ids,
+        call.sampling.max_tokens,
+        vocab_size=model.vocab_size,
+        max_context_len=model.max_position_embeddings,
+    )
+    if call.prefill is not None:
+        # The prefill worker's token, the one output token so far.
+        (first_token_id,) = call.generated_token_ids
+        check_token_id(first_token_id, model.vocab_size, "prefill.first_token_id")
+    else:
+        check_token_ids(call.generated_token_ids, model.vocab_size, "generated_token_ids")
+
+
 class DecodeAdmission:
     """Builds engine requests for one engine loop and store; event-loop only."""
 
@@ -108,19 +125,8 @@ class DecodeAdmission:
         """Raises InvalidPrompt. Cancelling it while the store is read leaves nothing
         behind: the fetch thread finishes (and deletes the tail) on its own, and the
         engine never heard of the request."""
+        check_call(call, self.model)
         tokens = [*call.prompt_token_ids, *call.generated_token_ids]
-        check_prompt(
-            call.prompt_token_ids,
-            call.sampling.max_tokens,
-            vocab_size=self.model.vocab_size,
-            max_context_len=self.model.max_position_embeddings,
-        )
-        if call.prefill is not None:
-            # The prefill worker's token, the one output token so far.
-            (first_token_id,) = call.generated_token_ids
-            check_token_id(first_token_id, self.model.vocab_size, "prefill.first_token_id")
-        else:
-            check_token_ids(call.generated_token_ids, self.model.vocab_size, "generated_token_ids")
         spec = self.store.spec
         # Blocks that can be reused: all full ones but the one holding the last token.
         num_reusable = (len(tokens) - 1) // spec.block_size

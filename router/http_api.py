@@ -166,7 +166,9 @@ def build_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0]
+        # A union reports one error per branch: the deepest is the branch the body
+        # chose (`[1, 2**40]` is a list with one bad id, not a bad string).
+        first = max(err.errors(), key=lambda error: len(error.get("loc", ())))
         loc = [str(part) for part in first.get("loc", ()) if part != "body"]
         # A union's branch name (`str`, `list[int]`) is not a field.
         param = ".".join(p for p in loc if not p.startswith(("str", "list", "int")))

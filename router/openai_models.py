@@ -15,7 +15,7 @@ chunk's delta carries only what is new.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,6 +30,13 @@ class UnsupportedField(ValueError):
         self.param = param
 
 
+# Numbers bound for proto fields, within their types: pydantic refuses the rest
+# with a 400 naming the field, before any proto is built.
+TokenId = Annotated[int, Field(ge=0, lt=1 << 32)]
+MaxTokens = Annotated[int, Field(lt=1 << 32)]
+"""Below 1 passes on as 0, so that the router's own message names it."""
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
     """Send one more chunk before `[DONE]`, with the usage and no choices."""
@@ -41,11 +48,11 @@ class _GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    max_tokens: int | None = None
+    max_tokens: MaxTokens | None = None
     temperature: float | None = None
     """Unset means 1, OpenAI's default; 0 is greedy."""
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: int | None = Field(default=None, ge=-1, lt=1 << 31)
     """-1 or 0: off."""
     seed: int | None = Field(default=None, ge=0, lt=1 << 64)
     stop: str | list[str] | None = None
@@ -55,7 +62,7 @@ class _GenerationRequest(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False
-    stop_token_ids: list[int] = Field(default_factory=list)
+    stop_token_ids: list[TokenId] = Field(default_factory=list)
     cache_salt: str | None = None
     """The prefix cache's scope (`GenerateRequest.cache_salt`); the router checks it."""
 
@@ -96,7 +103,7 @@ class _GenerationRequest(BaseModel):
 class CompletionRequest(_GenerationRequest):
     """`POST /v1/completions`."""
 
-    prompt: str | list[int]
+    prompt: str | list[TokenId]
     """Text, or token ids of the served model's tokenizer; one prompt per request."""
     logprobs: int | None = Field(default=None, ge=0, le=5)
     """Set (any value): the log-probability of each sampled token."""
@@ -122,8 +129,6 @@ class CompletionRequest(_GenerationRequest):
                 sampling=sampling,
                 cache_salt=self.cache_salt,
             )
-        if any(t < 0 for t in self.prompt):
-            raise UnsupportedField("prompt", "prompt has a negative token id")
         return pb.GenerateRequest(
             request_id=request_id,
             prompt_token_ids=self.prompt,
@@ -154,7 +159,7 @@ class ChatCompletionRequest(_GenerationRequest):
     """`POST /v1/chat/completions`."""
 
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: MaxTokens | None = None
     """Wins over the deprecated max_tokens."""
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)

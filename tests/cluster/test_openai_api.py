@@ -246,9 +246,13 @@ def test_logprobs_are_the_grpc_logprobs(cluster: LocalCluster, client) -> None:
         ({"top_p": 0}, "top_p", "top_p must be in (0, 1]"),
         ({"n": 2}, "n", "n is 2; this server generates one choice"),
         ({"prompt": ""}, "prompt", "prompt is empty"),
-        ({"prompt": [[1, 2], [3]]}, "prompt", "prompt"),
+        ({"prompt": [[1, 2], [3]]}, "prompt.0", "valid integer"),
         ({"stop": [""]}, "stop", "stop[0] is empty"),
         ({"seed": -1}, "seed", "greater than or equal to 0"),
+        # Found by tests/fuzz/fuzz_requests.py: past a uint32, once a 500.
+        ({"max_tokens": 1 << 40}, "max_tokens", "less than 4294967296"),
+        ({"prompt": [1, 1 << 40]}, "prompt.1", "less than 4294967296"),
+        ({"extra_body": {"stop_token_ids": [1 << 33]}}, "stop_token_ids.0", "less than"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
