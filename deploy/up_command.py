@@ -16,6 +16,7 @@ status`) lives in a private temporary directory removed at shutdown.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shutil
@@ -160,19 +161,30 @@ def run(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace, config) -> int:
     import dataclasses
 
-    is_local = args.address is None
-    if is_local:
-        _enable_ray_token_auth()
-    import ray
-
-    from deploy import local_processes
+    if args.address is None:
+        _enable_ray_token_auth()  # before Ray is imported (by the launcher)
     from deploy.ray_launcher import RayDeployment
     from rpc.tls import ClusterTLS
 
-    tls_dir = _make_cluster_tls()
-    config = dataclasses.replace(config, tls=ClusterTLS.from_dir(tls_dir))
-    deployment = RayDeployment(config)
-    dashboard = _start_dashboard() if args.dashboard else None
+    # What start-up makes is removed whatever stops it: a dashboard that fails to
+    # start, or a Ctrl-C before the services run, must not leave the CA behind.
+    with contextlib.ExitStack() as cleanup:
+        tls_dir = _make_cluster_tls()
+        cleanup.callback(shutil.rmtree, tls_dir, ignore_errors=True)
+        config = dataclasses.replace(config, tls=ClusterTLS.from_dir(tls_dir))
+        deployment = RayDeployment(config)
+        dashboard = _start_dashboard(cleanup) if args.dashboard else None
+        return _serve(args, config, deployment, dashboard, tls_dir)
+
+
+def _serve(args: argparse.Namespace, config, deployment, dashboard, tls_dir: str) -> int:
+    """Starts (or joins) Ray and the services, serves until a shutdown is asked for,
+    then stops everything it started, whatever interrupted it."""
+    import ray
+
+    from deploy import local_processes
+
+    is_local = args.address is None
     # Every process the local Ray instance started, refreshed while serving (Ray
     # restarts workers): what the shutdown must leave dead.
     spawned: dict[int, str] = {}
@@ -232,8 +244,6 @@ def _up(args: argparse.Namespace, config) -> int:
             _say(f"killed what Ray left running: {', '.join(sorted(leftovers))}")
         if dashboard is not None:
             dashboard.stop()
-            shutil.rmtree(dashboard.config.workdir, ignore_errors=True)
-        shutil.rmtree(tls_dir, ignore_errors=True)
         _say("stopped")
 
 
@@ -261,9 +271,9 @@ def _make_cluster_tls() -> str:
     return directory
 
 
-def _start_dashboard():
+def _start_dashboard(cleanup: contextlib.ExitStack):
     """Starts Phoenix and points this process's OTEL_* settings at it, before Ray
-    starts, so every actor inherits them."""
+    starts, so every actor inherits them. Its directory goes with `cleanup`."""
     import tempfile
     from pathlib import Path
 
@@ -271,6 +281,7 @@ def _start_dashboard():
 
     _say("starting the Phoenix trace dashboard...")
     workdir = Path(tempfile.mkdtemp(prefix="kvrelay-phoenix-"))
+    cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
     dashboard = start_dashboard(DashboardConfig(workdir=workdir))
     os.environ.update(dashboard.otel_env())
     _say(f"dashboard ready: {dashboard.url}")
