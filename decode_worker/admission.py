@@ -110,14 +110,12 @@ class DecodeAdmission:
         loop: EngineLoop,
         store: KVStore,
         model: ModelConfig,
-        device: torch.device,
         dtype: torch.dtype,
         metrics: ServiceMetrics,
     ) -> None:
         self.loop = loop
         self.store = store
         self.model = model
-        self.device = device
         self.dtype = dtype
         self.metrics = metrics
 

@@ -218,7 +218,7 @@ async def start_decode_worker(config: DecodeConfig) -> DecodeWorker:
     loop = EngineLoop(engine)
     loop.start()
     metrics = ServiceMetrics(config.runtime.model, "decode")
-    admission = DecodeAdmission(loop, store, loaded.config, loaded.device, loaded.dtype, metrics)
+    admission = DecodeAdmission(loop, store, loaded.config, loaded.dtype, metrics)
     flow = DecodeFlow(loop, admission, metrics, config.limits.max_queued)
     servicer = DecodeServicer("", flow, store, metrics, publisher)
     hosted = await serve_worker(
