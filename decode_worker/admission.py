@@ -110,13 +110,11 @@ class DecodeAdmission:
         loop: EngineLoop,
         store: KVStore,
         model: ModelConfig,
-        dtype: torch.dtype,
         metrics: ServiceMetrics,
     ) -> None:
         self.loop = loop
         self.store = store
         self.model = model
-        self.dtype = dtype
         self.metrics = metrics
 
     async def admit(self, call: DecodeCall, parent: Context | None = None) -> Admission:
@@ -148,9 +146,10 @@ class DecodeAdmission:
             call.prompt_token_ids,
             call.sampling,
             output_token_ids=call.generated_token_ids,
-            # Kept in host memory until admission copies them into the pool (which
-            # converts): a waiting request holds no device memory outside its budget.
-            provided_kv=[t.to(dtype=self.dtype) for t in provided],
+            # Kept in host memory until admission copies them into the pool, as
+            # they are (the store's rows are the pool's): a waiting request holds no
+            # device memory outside its budget.
+            provided_kv=provided,
             provided_start_block=num_resident,
             cache_salt=call.cache_salt,
         )

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 from decode_worker.config import EngineConfig
 from decode_worker.engine import DecodeEngine, EngineRequest, TokenOutput
+from kvstore.kv_format import AUTO
 from kvstore.spec import BlockSpec
 from model.loader import LoadedModel
 from model.sampling_params import SamplingParams
@@ -19,19 +20,25 @@ _ENGINE = EngineConfig()
 
 
 def generate_with_engine(
-    loaded: LoadedModel, prompts: list[list[int]], params: SamplingParams
+    loaded: LoadedModel,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    kv_cache_dtype: str = AUTO,
 ) -> Iterator[tuple[int, TokenOutput]]:
     """(prompt index, token) in the order the engine samples them; all prompts are queued
-    at once and run as one continuous batch. Raises `RequestTooLargeError` when a
-    prompt plus `params.max_tokens` cannot fit in the KV pool."""
+    at once and run as one continuous batch, their K/V stored as `kv_cache_dtype`.
+    Raises `RequestTooLargeError` when a prompt plus `params.max_tokens` cannot fit in
+    the KV pool."""
     block_size = _ENGINE.block_size
-    spec = BlockSpec.for_model(model_identity(loaded.name), loaded.config, loaded.dtype, block_size)
+    spec = BlockSpec.for_model(
+        model_identity(loaded.name), loaded.config, loaded.dtype, block_size, kv_cache_dtype
+    )
     # A pool just big enough for every prompt at its longest, all at once, so a short
     # command does not zero 512 MiB first; never more than the engine's default bytes.
     num_needed_blocks = sum(-(-(len(p) + params.max_tokens) // block_size) for p in prompts)
     num_blocks = min(num_needed_blocks, _ENGINE.kv_cache_bytes // spec.nbytes)
     config = dataclasses.replace(_ENGINE, num_blocks=max(num_blocks, 1))
-    engine = DecodeEngine(loaded, config, spec.fingerprint)
+    engine = DecodeEngine(loaded, config, spec.fingerprint, kv_cache_dtype=kv_cache_dtype)
     for i, prompt in enumerate(prompts):
         engine.add_request(EngineRequest(str(i), prompt, params))
     return _drain(engine)

@@ -11,13 +11,15 @@ Allocation takes uncached free blocks first (oldest-freed first), and only then 
 the least-recently-freed cached block, dropping its hash. All block ids are usable; the
 pool reserves none (block tables are padded with 0, which the kernels never read).
 
-Tensor layout: one `[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`
+Tensor layout: one `[num_layers, 2, num_blocks, block_size, num_kv_heads, row_width]`
 tensor. Layer-major so that each layer's K and V caches are contiguous
-`[num_blocks, block_size, num_kv_heads, head_dim]` views, which is what the attention op
+`[num_blocks, block_size, num_kv_heads, row_width]` views, which is what the attention op
 and `write_kv_cache` read and write every step of every layer. Copying one block in or
-out (`[num_layers, 2, block_size, num_kv_heads, head_dim]`, the KV store's payload)
+out (`[num_layers, 2, block_size, num_kv_heads, row_width]`, the KV store's payload)
 becomes a strided copy of `2 * num_layers` runs, which happens once per block, not per
-step.
+step. A row is `head_dim` elements of the model's dtype, or with an 8-bit KV cache
+dtype `head_dim + 2` bytes, values then scale (`kvstore.kv_quant`): the same bytes as
+in the store, so fetched blocks are copied in without converting.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from kvstore.hashing import DEFAULT_BLOCK_SIZE
+from kvstore.kv_format import AUTO
+from kvstore.kv_quant import KVCacheFormat
 
 BlockHash = bytes
 
@@ -52,7 +56,9 @@ class BlockPoolConfig:
     head_dim: int = 64
     """Elements per head vector."""
     dtype: torch.dtype = torch.float32
-    """Cache element type (the model's activation dtype)."""
+    """The model's activation dtype (the cache's element type with `auto`)."""
+    kv_cache_dtype: str = AUTO
+    """How rows are stored: `auto`, `int8` or `fp8_e4m3` (`kvstore.kv_format`)."""
     device: str = "cpu"
     """Where the cache tensor lives."""
 
@@ -63,11 +69,22 @@ class BlockPoolConfig:
                 raise ValueError(f"BlockPoolConfig.{name} must be a positive int, got {value!r}")
         if not self.dtype.is_floating_point:
             raise ValueError(f"BlockPoolConfig.dtype must be a floating type, got {self.dtype}")
+        KVCacheFormat(self.kv_cache_dtype, self.dtype)  # raises for an unknown name
+
+    @property
+    def kv_format(self) -> KVCacheFormat:
+        return KVCacheFormat(self.kv_cache_dtype, self.dtype)
 
     @property
     def block_payload_shape(self) -> tuple[int, int, int, int, int]:
         """Shape of one block's K and V for every layer, as the KV store keeps it."""
-        return (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
+        row_width = self.kv_format.row_width(self.head_dim)
+        return (self.num_layers, 2, self.block_size, self.num_kv_heads, row_width)
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Pool bytes one block takes, scales included."""
+        return torch.Size(self.block_payload_shape).numel() * self.kv_format.storage_dtype.itemsize
 
 
 class BlockPool:
@@ -76,14 +93,11 @@ class BlockPool:
 
     def __init__(self, config: BlockPoolConfig) -> None:
         self.config = config
+        self.kv_format = config.kv_format
+        layers, kv, block_size, heads, row_width = config.block_payload_shape
         self.kv = torch.zeros(
-            config.num_layers,
-            2,
-            config.num_blocks,
-            config.block_size,
-            config.num_kv_heads,
-            config.head_dim,
-            dtype=config.dtype,
+            (layers, kv, config.num_blocks, block_size, heads, row_width),
+            dtype=self.kv_format.storage_dtype,
             device=config.device,
         )
         self._ref_counts = [0] * config.num_blocks
@@ -199,15 +213,15 @@ class BlockPool:
         return block_ids
 
     def key_cache(self, layer_idx: int) -> torch.Tensor:
-        """Layer `layer_idx`'s K cache, a contiguous view [num_blocks, block_size, kvh, d]."""
+        """Layer `layer_idx`'s K cache, a contiguous view [num_blocks, block_size, kvh, row]."""
         return self.kv[layer_idx, 0]
 
     def value_cache(self, layer_idx: int) -> torch.Tensor:
-        """Layer `layer_idx`'s V cache, a contiguous view [num_blocks, block_size, kvh, d]."""
+        """Layer `layer_idx`'s V cache, a contiguous view [num_blocks, block_size, kvh, row]."""
         return self.kv[layer_idx, 1]
 
     def write_block(self, block_id: int, payload: torch.Tensor) -> None:
-        """Copy a store payload `[num_layers, 2, n, kvh, d]` into the first n slots of
+        """Copy a store payload `[num_layers, 2, n, kvh, row]` into the first n slots of
         `block_id`: n is block_size for a full block, fewer for a prompt's tail."""
         layers, kv, _, heads, dim = self.config.block_payload_shape
         num_tokens = payload.shape[2] if payload.dim() == 5 else 0
@@ -219,18 +233,16 @@ class BlockPool:
                 f"block payload shape {list(payload.shape)} != "
                 f"{list(self.config.block_payload_shape)} (or fewer tokens)"
             )
-        if payload.dtype != self.config.dtype:
-            raise ValueError(
-                f"block payload dtype {payload.dtype} != pool dtype {self.config.dtype}"
-            )
+        if payload.dtype != self.kv.dtype:
+            raise ValueError(f"block payload dtype {payload.dtype} != pool dtype {self.kv.dtype}")
         self.kv[:, :, block_id, :num_tokens].copy_(payload)
 
     def read_block(self, block_id: int) -> torch.Tensor:
-        """A contiguous copy of `block_id` as a store payload `[num_layers, 2, bs, kvh, d]`."""
+        """A contiguous copy of `block_id` as a store payload `[num_layers, 2, bs, kvh, row]`."""
         return self.kv[:, :, block_id].contiguous()
 
     def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
-        """One CPU copy of several blocks, `[num_layers, 2, n, bs, kvh, d]`: a single
+        """One CPU copy of several blocks, `[num_layers, 2, n, bs, kvh, row]`: a single
         gather (and, on a GPU, one transfer) however many blocks are read."""
         index = torch.tensor(block_ids, dtype=torch.long, device=self.kv.device)
         return self.kv.index_select(2, index).to("cpu")

@@ -22,6 +22,7 @@ from decode_worker.model_runner import ModelRunner
 from decode_worker.scheduler import Scheduler
 from decode_worker.sequence import SequenceRequest, SequenceStatus
 from kvstore.hashing import BlockHash, chain_seed, hash_block
+from kvstore.kv_format import AUTO
 from model.loader import LoadedModel
 from model.sampling import sample
 from model.sampling_params import FinishReason, SamplingParams, stop_token_set
@@ -91,6 +92,12 @@ class DecodeStats:
     """Blocks in the KV pool."""
     num_used_blocks: int
     """Blocks held by requests."""
+    kv_pool_tokens: int
+    """Tokens the pool holds in all: `num_blocks` x block size."""
+    kv_pool_bytes: int
+    """The pool's bytes, scales included."""
+    kv_cache_dtype: str
+    """How the pool stores K/V (`auto`, `int8`, `fp8_e4m3`)."""
     kv_usage: float
     """`num_used_blocks / num_blocks`."""
     num_computed_tokens_total: int
@@ -124,6 +131,7 @@ class DecodeEngine:
         config: EngineConfig,
         fingerprint: bytes,
         publish: PublishBlocks | None = None,
+        kv_cache_dtype: str = AUTO,
     ) -> None:
         model_config = loaded.config
         pool_config = BlockPoolConfig(
@@ -133,13 +141,12 @@ class DecodeEngine:
             num_kv_heads=model_config.num_kv_heads,
             head_dim=model_config.head_dim,
             dtype=loaded.dtype,
+            kv_cache_dtype=kv_cache_dtype,
             device=str(loaded.device),
         )
         if config.num_blocks is None:
-            bytes_per_block = torch.Size(pool_config.block_payload_shape).numel() * (
-                torch.empty((), dtype=loaded.dtype).element_size()
-            )
-            num_blocks = max(config.kv_cache_bytes // bytes_per_block, 1)
+            # The same bytes hold 2x the tokens of bf16 (4x of fp32) with an 8-bit format.
+            num_blocks = max(config.kv_cache_bytes // pool_config.bytes_per_block, 1)
             pool_config = BlockPoolConfig(**{**pool_config.__dict__, "num_blocks": num_blocks})
         self.loaded = loaded
         self.config = config
@@ -190,7 +197,8 @@ class DecodeEngine:
         for i, kv in enumerate(provided_kv):
             is_last = i == len(provided_kv) - 1
             num_tokens = kv.shape[2] if kv.dim() == 5 else -1
-            expected = (config.num_layers, 2, num_tokens, config.num_kv_heads, config.head_dim)
+            row_width = self.pool.kv_format.row_width(config.head_dim)
+            expected = (config.num_layers, 2, num_tokens, config.num_kv_heads, row_width)
             if (
                 tuple(kv.shape) != expected
                 or not 0 < num_tokens <= block_size
@@ -199,11 +207,11 @@ class DecodeEngine:
                 raise ValueError(
                     f"provided K/V block {i} has shape {tuple(kv.shape)}; expected "
                     f"[{config.num_layers}, 2, {block_size}, {config.num_kv_heads}, "
-                    f"{config.head_dim}] (the last may hold fewer tokens)"
+                    f"{row_width}] (the last may hold fewer tokens)"
                 )
-            if kv.dtype != self.pool.config.dtype:
+            if kv.dtype != self.pool.kv.dtype:
                 raise ValueError(
-                    f"provided K/V block {i} is {kv.dtype}; the pool holds {self.pool.config.dtype}"
+                    f"provided K/V block {i} is {kv.dtype}; the pool holds {self.pool.kv.dtype}"
                 )
 
     def abort(self, request_id: str) -> bool:
@@ -231,6 +239,9 @@ class DecodeEngine:
             num_running=self.scheduler.num_running,
             num_blocks=self.pool.num_blocks,
             num_used_blocks=self.pool.num_used_blocks,
+            kv_pool_tokens=self.pool.num_blocks * self.pool.block_size,
+            kv_pool_bytes=self.pool.num_blocks * self.pool.config.bytes_per_block,
+            kv_cache_dtype=self.pool.config.kv_cache_dtype,
             kv_usage=self.pool.usage(),
             num_computed_tokens_total=counters.num_computed_tokens_total,
             num_generated_tokens_total=counters.num_generated_tokens_total,

@@ -3,7 +3,7 @@
 The step's tokens are flattened decodes first, then prefill chunks. Every layer
 writes the step's K/V into the pool by slot mapping; decodes attend with the
 paged-attention op, prefill chunks with causal attention over their blocks
-gathered from the pool.
+gathered from the pool (dequantized there, with an 8-bit KV cache dtype).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from decode_worker.kernels.paged_attention import (
     paged_attention_torch,
 )
 from decode_worker.scheduler_output import ScheduledSequence, SchedulerOutput
+from kvstore.kv_quant import KVCacheFormat
 from model.attention import AttentionBackend
 from model.loader import LoadedModel
 
@@ -43,6 +44,8 @@ class PagedAttentionBackend(AttentionBackend):
         device: torch.device,
     ) -> None:
         self.pool = pool
+        self.kv_format = pool.kv_format
+        self.kv_cache_dtype = pool.kv_format.name
         self.num_decode_tokens = len(decodes)
         self.prefills = list(prefills)
         # Triton kernels on CUDA, the torch paths (which take the prebuilt layout) on CPU.
@@ -84,27 +87,34 @@ class PagedAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         key_cache = self.pool.key_cache(layer_idx)
         value_cache = self.pool.value_cache(layer_idx)
-        n = self.num_decode_tokens
+        n, kv_cache_dtype = self.num_decode_tokens, self.kv_cache_dtype
         if self._num_checked_layers == 0 or not self.is_torch_path:
-            write_kv_cache(key, value, key_cache, value_cache, self.slot_mapping)
+            write_kv_cache(
+                key, value, key_cache, value_cache, self.slot_mapping,
+                kv_cache_dtype=kv_cache_dtype,
+            )  # fmt: skip
             if n:
                 check_paged_attention_args(
-                    query[:n], key_cache, value_cache, self.block_tables, self.context_lens
-                )
+                    query[:n], key_cache, value_cache, self.block_tables, self.context_lens,
+                    kv_cache_dtype,
+                )  # fmt: skip
             self._num_checked_layers += 1
         else:
-            write_kv_cache_torch(key, value, key_cache, value_cache, self.slot_mapping)
+            write_kv_cache_torch(
+                key, value, key_cache, value_cache, self.slot_mapping, kv_cache_dtype
+            )
         outputs = []
         if n:
             if self.is_torch_path:
                 out = paged_attention_torch(
                     query[:n], key_cache, value_cache, self.block_tables, self.context_lens,
-                    scale, self.layout,
+                    scale, self.layout, kv_cache_dtype,
                 )  # fmt: skip
             else:
                 out = paged_attention(
-                    query[:n], key_cache, value_cache, self.block_tables, self.context_lens, scale
-                )
+                    query[:n], key_cache, value_cache, self.block_tables, self.context_lens,
+                    scale, kv_cache_dtype=kv_cache_dtype,
+                )  # fmt: skip
             outputs.append(out)
         start = n
         for chunk, blocks, mask in zip(
@@ -112,7 +122,11 @@ class PagedAttentionBackend(AttentionBackend):
         ):
             q = query[start : start + chunk.num_tokens]
             start += chunk.num_tokens
-            outputs.append(_chunk_attention(q, key_cache, value_cache, chunk, blocks, mask, scale))
+            outputs.append(
+                _chunk_attention(
+                    q, key_cache, value_cache, chunk, blocks, mask, scale, self.kv_format
+                )
+            )
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
@@ -130,12 +144,15 @@ def _chunk_attention(
     blocks: torch.Tensor,
     mask: torch.Tensor,
     scale: float,
+    kv_format: KVCacheFormat,
 ) -> torch.Tensor:
     """Causal attention of a prefill chunk over its sequence's `blocks` (the chunk's own
     K/V already written), q: [chunk_len, num_heads, d]."""
     context_len = chunk.context_len
     k = key_cache[blocks].flatten(0, 1)[:context_len]
     v = value_cache[blocks].flatten(0, 1)[:context_len]
+    if kv_format.is_quantized:
+        k, v = kv_format.dequantize(k, q.dtype), kv_format.dequantize(v, q.dtype)
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k = k.repeat_interleave(group, dim=1)

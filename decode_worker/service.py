@@ -82,6 +82,9 @@ class DecodeServicer(wgrpc.DecodeWorkerServicer):
             num_running=stats.num_running,
             num_blocks=stats.num_blocks,
             num_used_blocks=stats.num_used_blocks,
+            kv_cache_dtype=stats.kv_cache_dtype,
+            kv_pool_tokens=stats.kv_pool_tokens,
+            kv_pool_bytes=stats.kv_pool_bytes,
             num_computed_tokens_total=stats.num_computed_tokens_total,
             num_generated_tokens_total=stats.num_generated_tokens_total,
             num_finished_requests_total=stats.num_finished_requests_total,
@@ -204,8 +207,13 @@ class DecodeWorker:
 
 async def start_decode_worker(config: DecodeConfig) -> DecodeWorker:
     loaded = await asyncio.to_thread(config.runtime.load)
+    kv_cache_dtype = config.runtime.kv_cache_dtype
     spec = BlockSpec.for_model(
-        model_identity(config.runtime.model), loaded.config, loaded.dtype, config.engine.block_size
+        model_identity(config.runtime.model),
+        loaded.config,
+        loaded.dtype,
+        config.engine.block_size,
+        kv_cache_dtype,
     )
     store = await asyncio.to_thread(
         functools.partial(open_store, config.store_url, spec, secret=config.store_secret)
@@ -213,12 +221,16 @@ async def start_decode_worker(config: DecodeConfig) -> DecodeWorker:
     warn_if_unauthenticated(store, config.store_url)
     publisher = BlockPublisher(store) if config.publish_computed_blocks else None
     engine = DecodeEngine(
-        loaded, config.engine, spec.fingerprint, publisher.submit if publisher else None
+        loaded,
+        config.engine,
+        spec.fingerprint,
+        publisher.submit if publisher else None,
+        kv_cache_dtype,
     )
     loop = EngineLoop(engine)
     loop.start()
     metrics = ServiceMetrics(config.runtime.model, "decode")
-    admission = DecodeAdmission(loop, store, loaded.config, loaded.dtype, metrics)
+    admission = DecodeAdmission(loop, store, loaded.config, metrics)
     flow = DecodeFlow(loop, admission, metrics, config.limits.max_queued)
     servicer = DecodeServicer("", flow, store, metrics, publisher)
     hosted = await serve_worker(
@@ -230,6 +242,7 @@ async def start_decode_worker(config: DecodeConfig) -> DecodeWorker:
             role=wpb.WORKER_ROLE_DECODE,
             model=config.runtime.model,
             kv_fingerprint=spec.fingerprint,
+            kv_cache_dtype=kv_cache_dtype,
             block_size=spec.block_size,
             vocab_size=loaded.config.vocab_size,
             max_context_len=loaded.config.max_position_embeddings,

@@ -46,6 +46,8 @@ class ClusterStatus:
     """The router asked."""
     model: str
     """The model the router serves."""
+    kv_cache_dtype: str
+    """How the cluster stores K/V ("" before a worker registered)."""
     workers: tuple[WorkerStatus, ...]
     """Sorted by worker id."""
 
@@ -68,7 +70,12 @@ def fetch_cluster_status(
                 "(its internal port) and, on a cluster with TLS, --tls-dir"
             ) from None
     workers = [_worker_status(info, timeout_s, tls) for info in listed.workers]
-    return ClusterStatus(target, listed.model, tuple(sorted(workers, key=lambda w: w.worker_id)))
+    return ClusterStatus(
+        target,
+        listed.model,
+        listed.kv_cache_dtype,
+        tuple(sorted(workers, key=lambda w: w.worker_id)),
+    )
 
 
 def _worker_status(info: wpb.WorkerInfo, timeout_s: float, tls: ClusterTLS | None) -> WorkerStatus:
@@ -112,8 +119,11 @@ def status_to_json(status: ClusterStatus) -> dict:
         else:
             s = w.stats
             entry |= {
+                "kv_cache_dtype": s.kv_cache_dtype,
                 "num_blocks": s.num_blocks,
                 "num_used_blocks": s.num_used_blocks,
+                "kv_pool_tokens": s.kv_pool_tokens,
+                "kv_pool_bytes": s.kv_pool_bytes,
                 "num_computed_tokens_total": s.num_computed_tokens_total,
                 "num_cached_tokens_total": s.num_cached_tokens_total,
                 "num_generated_tokens_total": s.num_generated_tokens_total,
@@ -130,7 +140,12 @@ def status_to_json(status: ClusterStatus) -> dict:
                 },
             }
         workers.append(entry)
-    return {"target": status.target, "model": status.model, "workers": workers}
+    return {
+        "target": status.target,
+        "model": status.model,
+        "kv_cache_dtype": status.kv_cache_dtype,
+        "workers": workers,
+    }
 
 
 _COLUMNS = (
@@ -145,8 +160,9 @@ _COLUMNS = (
 
 
 def format_status_table(status: ClusterStatus) -> str:
-    """A fixed-width table, one row per worker; TOKENS are prompt tokens computed,
-    prompt tokens reused from cache, and tokens generated."""
+    """A fixed-width table, one row per worker; KV POOL is blocks used of all and the
+    tokens the pool holds; TOKENS are prompt tokens computed, prompt tokens reused
+    from cache, and tokens generated."""
     rows = [_COLUMNS]
     for w in status.workers:
         if w.stats is None:
@@ -154,7 +170,8 @@ def format_status_table(status: ClusterStatus) -> str:
             continue
         s = w.stats
         pool = (
-            f"{s.num_used_blocks}/{s.num_blocks} ({s.num_used_blocks / s.num_blocks:.0%})"
+            f"{s.num_used_blocks}/{s.num_blocks} ({s.num_used_blocks / s.num_blocks:.0%}) "
+            f"of {s.kv_pool_tokens:,} tokens in {s.kv_pool_bytes / 2**30:.2f} GiB"
             if s.num_blocks
             else "-"
         )
@@ -172,7 +189,9 @@ def format_status_table(status: ClusterStatus) -> str:
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS) - 1)]
     lines = [
-        f"router {status.target} serving {status.model}: {len(status.workers)} workers",
+        f"router {status.target} serving {status.model}"
+        + (f", KV cache {status.kv_cache_dtype}" if status.kv_cache_dtype else "")
+        + f": {len(status.workers)} workers",
         *(
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
             + "  "

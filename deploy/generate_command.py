@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from deploy.cli_errors import UsageError
+from deploy.worker_flags import add_kv_cache_dtype_flag
 from model.sampling_params import DEFAULT_MAX_TOKENS
 
 EPILOG = """\
@@ -67,6 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dtype", choices=DTYPES, default="auto", help="auto = float32 on CPU, bfloat16 on CUDA"
     )
     model.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    add_kv_cache_dtype_flag(model)
     prompts = parser.add_argument_group("prompts")
     prompts.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text")
     prompts.add_argument(
@@ -144,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         dtype=args.dtype,
         device=args.device,
+        kv_cache_dtype=args.kv_cache_dtype,
         text_prompts=text_prompts,
         token_id_prompts=token_id_prompts,
         conversations=conversations,

@@ -2,7 +2,8 @@
 
 Reads only the config (no weights, no torch): architecture, layers, heads, KV heads
 and head dim; the KV cache bytes per token, 2 × layers × kv_heads × head_dim ×
-dtype bytes, and per block; how many tokens a `--kv-cache-gb` pool holds.
+dtype bytes (with an 8-bit `--kv-cache-dtype`, (head_dim + 2 scale bytes) × 1 B), and
+per block; how many tokens a `--kv-cache-gb` pool holds.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import json
 
 from deploy.cli_errors import UsageError
 from kvstore.hashing import DEFAULT_BLOCK_SIZE
+from kvstore.kv_format import AUTO, KV_CACHE_DTYPES, is_quantized, row_width
 
 EPILOG = """\
 examples:
   kvrelay inspect smollm2:135m-instruct
   kvrelay inspect /models/Llama-3.1-8B --dtype bfloat16 --kv-cache-gb 40
   kvrelay inspect model.gguf --json
+  kvrelay inspect smollm2:135m-instruct --kv-cache-dtype int8
 
 The pool holds whole blocks only; a decode worker keeps a little of it free
 (a watermark) for running requests to grow into.
@@ -42,6 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="KV dtype (the run dtype: float32 on CPU, bfloat16 on CUDA; default %(default)s)",
     )
     parser.add_argument(
+        "--kv-cache-dtype",
+        default=AUTO,
+        choices=KV_CACHE_DTYPES,
+        help="how workers store K/V: auto (--dtype) or 8 bits plus a float16 scale per "
+        "token and head (default %(default)s)",
+    )
+    parser.add_argument(
         "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tokens per KV block"
     )
     parser.add_argument(
@@ -54,7 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def kv_arithmetic(model: str, dtype: str, block_size: int, kv_cache_gb: float) -> dict:
+def kv_arithmetic(
+    model: str, dtype: str, block_size: int, kv_cache_gb: float, kv_cache_dtype: str = AUTO
+) -> dict:
     """Everything `inspect` prints, as a dict. Raises UsageError for a bad model."""
     from model.errors import ModelLoadError
     from model.sources import config_for_model
@@ -65,8 +77,10 @@ def kv_arithmetic(model: str, dtype: str, block_size: int, kv_cache_gb: float) -
         config = config_for_model(model)
     except ModelLoadError as err:
         raise UsageError(str(err)) from None
-    bytes_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim
-    bytes_per_token *= DTYPE_BYTES[dtype]
+    rows_per_token = 2 * config.num_layers * config.num_kv_heads
+    element_bytes = 1 if is_quantized(kv_cache_dtype) else DTYPE_BYTES[dtype]
+    bytes_per_token = rows_per_token * row_width(kv_cache_dtype, config.head_dim) * element_bytes
+    full_precision_bytes = rows_per_token * config.head_dim * DTYPE_BYTES[dtype]
     bytes_per_block = bytes_per_token * block_size
     num_blocks = int(kv_cache_gb * 1024**3) // bytes_per_block
     return {
@@ -80,7 +94,9 @@ def kv_arithmetic(model: str, dtype: str, block_size: int, kv_cache_gb: float) -
         "vocab_size": config.vocab_size,
         "max_context_len": config.max_position_embeddings,
         "kv_dtype": dtype,
+        "kv_cache_dtype": kv_cache_dtype,
         "kv_bytes_per_token": bytes_per_token,
+        "kv_bytes_ratio": round(bytes_per_token / full_precision_bytes, 4),
         "block_size": block_size,
         "kv_bytes_per_block": bytes_per_block,
         "kv_cache_gb": kv_cache_gb,
@@ -90,7 +106,9 @@ def kv_arithmetic(model: str, dtype: str, block_size: int, kv_cache_gb: float) -
 
 
 def run(args: argparse.Namespace) -> int:
-    facts = kv_arithmetic(args.model, args.dtype, args.block_size, args.kv_cache_gb)
+    facts = kv_arithmetic(
+        args.model, args.dtype, args.block_size, args.kv_cache_gb, args.kv_cache_dtype
+    )
     if args.json:
         print(json.dumps(facts))
         return 0
@@ -101,10 +119,14 @@ def run(args: argparse.Namespace) -> int:
         f"head dim {f['head_dim']}, hidden {f['hidden_size']}, vocab {f['vocab_size']}, "
         f"context {f['max_context_len']}"
     )
+    if is_quantized(f["kv_cache_dtype"]):
+        row = f"({f['head_dim']} + 2 scale) x 1 B ({f['kv_cache_dtype']})"
+        ratio = f", {f['kv_bytes_ratio']:.3f}x of {f['kv_dtype']}"
+    else:
+        row, ratio = f"{f['head_dim']} x {DTYPE_BYTES[f['kv_dtype']]} B ({f['kv_dtype']})", ""
     print(
         f"  KV per token: 2 x {f['num_layers']} layers x {f['num_kv_heads']} KV heads x "
-        f"{f['head_dim']} x {DTYPE_BYTES[f['kv_dtype']]} B ({f['kv_dtype']}) = "
-        f"{f['kv_bytes_per_token']:,} B ({f['kv_bytes_per_token'] / 1024:.1f} KiB)"
+        f"{row} = {f['kv_bytes_per_token']:,} B ({f['kv_bytes_per_token'] / 1024:.1f} KiB{ratio})"
     )
     print(
         f"  KV per block of {f['block_size']} tokens: {f['kv_bytes_per_block']:,} B "

@@ -46,6 +46,8 @@ class LocalGenerateRequest:
     """One JSON object per prompt per line instead of plain text."""
     conversations: tuple[tuple[tuple[str, str], ...], ...] = ()
     """(role, content) turns, rendered with the model's chat template; run last."""
+    kv_cache_dtype: str = "auto"
+    """How the engine's pool stores K/V (`kvstore.kv_format`)."""
 
     def __post_init__(self) -> None:
         if not self.text_prompts and not self.token_id_prompts and not self.conversations:
@@ -75,7 +77,7 @@ def run_local_generate(request: LocalGenerateRequest, out: TextIO | None = None)
                 f"prompt {i} has token ids outside the vocab [0, {loaded.config.vocab_size})"
             )
     try:
-        outputs = generate_with_engine(loaded, prompts, request.params)
+        outputs = generate_with_engine(loaded, prompts, request.params, request.kv_cache_dtype)
     except RequestTooLargeError as exc:
         raise UsageError(str(exc)) from None
     if len(prompts) == 1 and not request.is_json:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvstore.hashing import DEFAULT_BLOCK_SIZE
+from kvstore.kv_format import AUTO, KV_CACHE_DTYPES
 from rpc.limits import WorkerLimits
 
 MIN_KV_SECRET_BYTES = 16  # kvstore.codec.MIN_SECRET_BYTES (which imports torch)
@@ -38,6 +39,8 @@ class WorkerOptions:
     device: str = "cpu"
     num_threads: int | None = None
     """torch threads; None: the cores the process may run on."""
+    kv_cache_dtype: str = AUTO
+    """How K/V is stored in pools, the store and on the wire; every worker must agree."""
     block_size: int = DEFAULT_BLOCK_SIZE
     """Tokens per KV block; every worker of a cluster must agree."""
     token_budget: int = 2048
@@ -92,6 +95,7 @@ def add_worker_flags(parser: argparse.ArgumentParser, *, with_placement: bool = 
         "--model", default="dummy:tiny", help="HF directory, GGUF file or preset (dummy:*)"
     )
     group.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    add_kv_cache_dtype_flag(group)
     if with_placement:
         group.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
         group.add_argument(
@@ -158,6 +162,19 @@ def add_worker_flags(parser: argparse.ArgumentParser, *, with_placement: bool = 
     )
 
 
+def add_kv_cache_dtype_flag(group: argparse._ActionsContainer) -> None:
+    """`--kv-cache-dtype`, shared with `kvrelay generate --local`."""
+    group.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default=AUTO,
+        help="how K/V is stored in the decode pool, the KV store and on the wire: auto (the "
+        "model's dtype), or 8 bits with a float16 scale per token and head, int8 (the "
+        "accurate one) or fp8_e4m3: about a quarter of float32's bytes, twice the pool "
+        "tokens of bfloat16; every worker of a cluster must use the same (default: %(default)s)",
+    )
+
+
 def worker_options(args: argparse.Namespace) -> WorkerOptions:
     """Raises ValueError (naming the flag) for values no worker accepts."""
     return WorkerOptions(
@@ -165,6 +182,7 @@ def worker_options(args: argparse.Namespace) -> WorkerOptions:
         dtype=None if args.dtype == "auto" else args.dtype,
         device=getattr(args, "device", "cpu"),
         num_threads=getattr(args, "threads", None),
+        kv_cache_dtype=args.kv_cache_dtype,
         block_size=args.block_size,
         token_budget=args.token_budget,
         kv_cache_gb=args.kv_cache_gb,
@@ -228,4 +246,10 @@ def decode_config(options: WorkerOptions, where: WorkerAddress, store_url: str) 
 def _runtime(options: WorkerOptions):
     from model.runtime import ModelRuntime
 
-    return ModelRuntime(options.model, options.dtype, options.device, options.num_threads)
+    return ModelRuntime(
+        options.model,
+        options.dtype,
+        options.device,
+        kv_cache_dtype=options.kv_cache_dtype,
+        num_threads=options.num_threads,
+    )

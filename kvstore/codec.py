@@ -1,22 +1,30 @@
 """The block codec: a fixed header, then the raw payload bytes.
 
-Header (little-endian, 80 bytes so the payload that follows stays aligned):
+Header (little-endian, 88 bytes so the payload that follows stays 8-byte aligned):
 
-    magic "KVRB" | version u16 | dtype u8 | ndim u8 (=5) | shape 5×u32 |
-    fingerprint 16B | key 16B | payload_len u64 | check 12B
+    magic "KVRB" | version u16 | dtype u8 | kv_format u8 | ndim u8 (=5) |
+    scale_bytes u8 | 2 zero bytes | shape 5×u32 | fingerprint 16B | key 16B |
+    payload_len u64 | 4 zero bytes | check 12B
+
+`dtype` is the model's dtype, `kv_format` the KV cache dtype's code
+(`kvstore.kv_format`: 0 for rows in `dtype`, else 8-bit rows) and `scale_bytes` the
+bytes each row's scale takes after its values (2 for 8-bit formats, 0 otherwise);
+the shape's last dimension is the row width, `head_dim + scale_bytes`. Every one is
+checked against the reader's spec, so a block is never read in another format.
 
 The check depends on the cluster's KV secret:
 
-- without one (version 1): xxh3_64 of the payload, then 4 zero bytes (checked). It catches
+- without one (version 3): xxh3_64 of the payload, then 4 zero bytes (checked). It catches
   corruption, not forgery: anyone who can write to the store can plant K/V.
-- with one (version 2): HMAC-SHA256 keyed by the secret over the first 68 header
+- with one (version 4): HMAC-SHA256 keyed by the secret over the first 76 header
   bytes and the payload, truncated to 96 bits (as HMAC-SHA-1-96 and others are).
   A block written by anyone without the secret fails it and is a counted miss,
   never fed to the model. SHA-256 runs at ~2 GB/s here (SHA extensions), keyed
   BLAKE2b at ~1 GB/s, so HMAC-SHA256 it is; xxh3 runs at ~60 GB/s.
 
 A reader only accepts its own version: an authenticated cluster refuses
-unauthenticated blocks, and the other way round.
+unauthenticated blocks, and the other way round. Versions 1 and 2 (an 80-byte
+header without the format fields) are no longer read.
 
 `key` is the block hash, or for a tail a digest of the request id and the hash
 of the prompt it ends (`kvstore.hashing.hash_prompt`), so a payload can never be
@@ -41,20 +49,22 @@ import torch
 import xxhash
 
 from kvstore.hashing import BLOCK_HASH_LEN, BlockHash
+from kvstore.kv_format import KV_FORMAT_CODES, SCALE_BYTES
 from kvstore.spec import DTYPE_CODES, BlockSpec
 
 MAGIC = b"KVRB"
-CODEC_VERSION = 1
+CODEC_VERSION = 3
 """Blocks checked by xxh3 (no secret)."""
-MAC_CODEC_VERSION = 2
+MAC_CODEC_VERSION = 4
 """Blocks authenticated by HMAC-SHA256 with the cluster's KV secret."""
 MIN_SECRET_BYTES = 16
 _MAC_BYTES = 12
 
-_HEADER = struct.Struct("<4sHBB5I16s16sQQ4s")
+_HEADER = struct.Struct("<4sHBBBB2s5I16s16sQ4sQ4s")
 HEADER_LEN = _HEADER.size
-assert HEADER_LEN == 80, HEADER_LEN
+assert HEADER_LEN == 88, HEADER_LEN
 _MAC_START = HEADER_LEN - _MAC_BYTES  # the bytes the MAC covers come first
+_RESERVED_SHORT, _RESERVED_LONG = bytes(2), bytes(4)
 _PADDING = bytes(4)
 
 Buffer = bytes | bytearray | memoryview
@@ -91,6 +101,8 @@ class BlockCodec:
         self._version = MAC_CODEC_VERSION if secret is not None else CODEC_VERSION
         self._fingerprint = spec.fingerprint
         self._dtype_code = DTYPE_CODES[spec.dtype]
+        self._kv_format_code = KV_FORMAT_CODES[spec.kv_cache_dtype]
+        self._scale_bytes = SCALE_BYTES if spec.kv_format.is_quantized else 0
         self._bytes_per_token = spec.bytes_per_token
 
     def encode(self, key: BlockHash, kv: torch.Tensor) -> tuple[bytes, memoryview]:
@@ -107,11 +119,15 @@ class BlockCodec:
             MAGIC,
             self._version,
             self._dtype_code,
+            self._kv_format_code,
             cpu_kv.dim(),
+            self._scale_bytes,
+            _RESERVED_SHORT,
             *cpu_kv.shape,
             self._fingerprint,
             key,
             payload.nbytes,
+            _RESERVED_LONG,
             0 if self._secret is not None else xxhash.xxh3_64_intdigest(payload),
             _PADDING,
         )
@@ -162,22 +178,24 @@ class BlockCodec:
         """Checks a header and its payload, then copies the payload out.
 
         Writes into `out` when given (it must have the payload's shape and the
-        spec's dtype; it may live on any device) and returns it; otherwise returns
+        spec's payload dtype; it may live on any device) and returns it; otherwise returns
         a new CPU tensor. Raises `BlockCodecError` on any mismatch, before
         anything is written to `out`.
         """
         shape = self.verify(header, payload, key, is_tail=is_tail)
         payload_bytes = np.frombuffer(payload, dtype=np.uint8)
         if out is None:
-            out = torch.empty(shape, dtype=self.spec.dtype)
-        elif tuple(out.shape) != shape or out.dtype != self.spec.dtype:
+            out = torch.empty(shape, dtype=self.spec.payload_dtype)
+        elif tuple(out.shape) != shape or out.dtype != self.spec.payload_dtype:
             raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, payload is {shape}")
         if out.device.type == "cpu":
             # One copy, also into a strided view (a block's slice of a prompt's K/V).
             torch_int, numpy_int = _INT_OF_SIZE[out.element_size()]
             np.copyto(out.view(torch_int).numpy(), payload_bytes.view(numpy_int).reshape(shape))
         else:
-            staged = torch.from_numpy(payload_bytes.copy()).view(self.spec.dtype).view(shape)
+            staged = (
+                torch.from_numpy(payload_bytes.copy()).view(self.spec.payload_dtype).view(shape)
+            )
             out.copy_(staged)
         return out
 
@@ -218,8 +236,9 @@ class BlockCodec:
             raise BlockCodecError(f"header is not a byte buffer: {exc}") from exc
         if header_len != HEADER_LEN:
             raise BlockCodecError(f"header is {header_len} bytes, not {HEADER_LEN}")
-        (magic, version, dtype_code, ndim, *shape_list, fingerprint, stored_key, payload_len,
-         checksum, padding) = _HEADER.unpack(header)  # fmt: skip
+        (magic, version, dtype_code, kv_format_code, ndim, scale_bytes, reserved_short,
+         *shape_list, fingerprint, stored_key, payload_len, reserved_long, checksum,
+         padding) = _HEADER.unpack(header)  # fmt: skip
         shape = tuple(shape_list)
         if magic != MAGIC:
             raise BlockCodecError(f"bad magic {magic!r}")
@@ -233,6 +252,13 @@ class BlockCodec:
             raise BlockCodecError(f"codec version {version}, reader speaks {self._version}")
         if dtype_code != self._dtype_code:
             raise BlockCodecError(f"dtype code {dtype_code}, expected {self._dtype_code}")
+        if kv_format_code != self._kv_format_code or scale_bytes != self._scale_bytes:
+            raise BlockCodecError(
+                f"KV format code {kv_format_code} with {scale_bytes} scale bytes, expected "
+                f"{self._kv_format_code} ({self.spec.kv_cache_dtype}) with {self._scale_bytes}"
+            )
+        if reserved_short != _RESERVED_SHORT or reserved_long != _RESERVED_LONG:
+            raise BlockCodecError("reserved header bytes are not zero")
         if fingerprint != self._fingerprint:
             raise BlockCodecError("block belongs to another model fingerprint")
         if stored_key != key:

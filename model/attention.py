@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,16 @@ class AttentionBackend(ABC):
         num_kv_heads, head_dim]. Returns [num_tokens, num_heads, head_dim]."""
 
 
+class StoredRows(Protocol):
+    """How K/V rows are stored (`kvstore.kv_quant.KVCacheFormat`, passed in by the
+    caller so that `model/` imports no store): `quantize` turns `[..., head_dim]`
+    rows into stored rows, `dequantize` turns them back."""
+
+    def quantize(self, rows: torch.Tensor) -> torch.Tensor: ...
+
+    def dequantize(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor: ...
+
+
 class ContiguousKVAttention(AttentionBackend):
     """Causal attention for sequences whose cached K/V is one contiguous tensor each.
 
@@ -54,12 +65,19 @@ class ContiguousKVAttention(AttentionBackend):
     The new K/V of every layer is recorded, so after the forward pass `new_kv(i)`
     hands back the sequence's contribution in the same layout, ready to be cut into
     blocks or appended to its prefix for the next chunk or decode step.
+
+    With `stored_rows` (an 8-bit KV cache), prefixes and `new_kv` hold stored rows,
+    and every token attends to the K/V it will be read back as: the step's rows are
+    quantized once, and attention reads them dequantized, exactly as the decode
+    pool's will. So a prompt computed in one chunk, in several, or from a stored
+    prefix gives the same tokens.
     """
 
     def __init__(
         self,
         new_lens: Sequence[int],
         prefix_kvs: Sequence[torch.Tensor | None] | None = None,
+        stored_rows: StoredRows | None = None,
     ) -> None:
         if any(n <= 0 for n in new_lens):
             raise ValueError(f"every sequence needs at least one new token, got {list(new_lens)}")
@@ -69,6 +87,7 @@ class ContiguousKVAttention(AttentionBackend):
         self.prefix_kvs: list[torch.Tensor | None] = (
             list(prefix_kvs) if prefix_kvs is not None else [None] * len(new_lens)
         )
+        self.stored_rows = stored_rows
         # _new_keys[seq_idx][layer_idx] is that layer's K for the sequence's new tokens.
         self._new_keys: list[list[torch.Tensor]] = [[] for _ in new_lens]
         self._new_values: list[list[torch.Tensor]] = [[] for _ in new_lens]
@@ -92,27 +111,37 @@ class ContiguousKVAttention(AttentionBackend):
         if query.shape[0] != self.num_tokens:
             raise ValueError(f"expected {self.num_tokens} tokens, got {query.shape[0]}")
         num_queries_per_kv = query.shape[1] // key.shape[1]
+        rows = self.stored_rows
+        stored_key = key if rows is None else rows.quantize(key)
+        stored_value = value if rows is None else rows.quantize(value)
+        if rows is not None:
+            key = rows.dequantize(stored_key, query.dtype)
+            value = rows.dequantize(stored_value, query.dtype)
         outputs = []
-        for seq_idx, (q, k, v) in enumerate(
+        for seq_idx, (q, k, v, stored_k, stored_v) in enumerate(
             zip(
-                query.split(self.new_lens),
-                key.split(self.new_lens),
-                value.split(self.new_lens),
+                *(t.split(self.new_lens) for t in (query, key, value, stored_key, stored_value)),
                 strict=True,
             )
         ):
             assert len(self._new_keys[seq_idx]) == layer_idx, "layers must be attended in order"
-            self._new_keys[seq_idx].append(k)
-            self._new_values[seq_idx].append(v)
+            self._new_keys[seq_idx].append(stored_k)
+            self._new_values[seq_idx].append(stored_v)
             prefix = self.prefix_kvs[seq_idx]
             if prefix is not None:
-                k = torch.cat((prefix[layer_idx, 0].to(k.dtype), k))
-                v = torch.cat((prefix[layer_idx, 1].to(v.dtype), v))
+                k = torch.cat((self._read(prefix[layer_idx, 0], k.dtype), k))
+                v = torch.cat((self._read(prefix[layer_idx, 1], v.dtype), v))
             outputs.append(_causal_attention(q, k, v, scale, num_queries_per_kv))
         return torch.cat(outputs)
 
+    def _read(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.stored_rows is None:
+            return stored.to(dtype)
+        return self.stored_rows.dequantize(stored, dtype)
+
     def new_kv(self, seq_idx: int) -> torch.Tensor:
-        """`[num_layers, 2, new_len, num_kv_heads, head_dim]`: what the forward pass added."""
+        """`[num_layers, 2, new_len, num_kv_heads, row_width]`: what the forward pass
+        added, as stored rows."""
         keys, values = self._new_keys[seq_idx], self._new_values[seq_idx]
         if not keys:
             raise RuntimeError("new_kv() before the model ran a forward pass with this backend")

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvstore.kv_format import AUTO
+from kvstore.kv_quant import KVCacheFormat
 from model.attention import ContiguousKVAttention
 from model.loader import LoadedModel
 from model.sampling import sample
@@ -37,7 +39,8 @@ class PrefillOutput:
     first_token_id: int
     first_logprob: float
     kv: torch.Tensor
-    """[num_layers, 2, prompt_len, num_kv_heads, head_dim]: the whole prompt's K/V."""
+    """[num_layers, 2, prompt_len, num_kv_heads, row_width]: the whole prompt's K/V,
+    as stored rows (`PrefillEngine.kv_format`)."""
 
 
 @dataclass
@@ -90,11 +93,14 @@ class PrefillStats:
 class PrefillEngine:
     """Runs `PrefillJob`s on a dedicated thread. `submit` and `cancel` are thread-safe."""
 
-    def __init__(self, loaded: LoadedModel, token_budget: int) -> None:
+    def __init__(self, loaded: LoadedModel, token_budget: int, kv_cache_dtype: str = AUTO) -> None:
         if token_budget < 1:
             raise ValueError("token_budget must be >= 1")
         self.loaded = loaded
         self.token_budget = token_budget
+        self.kv_format = KVCacheFormat(kv_cache_dtype, loaded.dtype)
+        """How the jobs' K/V is stored: an 8-bit format quantizes each row once, as
+        it is computed, so what is published is what attention read."""
         self.counters = PrefillCounters()
         self._inbox: queue.SimpleQueue[PrefillJob | None] = queue.SimpleQueue()
         self._running: list[PrefillJob] = []
@@ -109,9 +115,10 @@ class PrefillEngine:
     ) -> PrefillJob:
         """A job with its K/V buffer allocated, ready for cached blocks to be copied in."""
         config = self.loaded.config
+        row_width = self.kv_format.row_width(config.head_dim)
         kv = torch.empty(
-            (config.num_layers, 2, len(token_ids), config.num_kv_heads, config.head_dim),
-            dtype=self.loaded.dtype,
+            (config.num_layers, 2, len(token_ids), config.num_kv_heads, row_width),
+            dtype=self.kv_format.storage_dtype,
             device=self.loaded.device,
         )
         return PrefillJob(request_id, token_ids, sampling, kv)
@@ -220,6 +227,7 @@ class PrefillEngine:
                 job.kv[:, :, : job.num_computed_tokens] if job.num_computed_tokens else None
                 for job in batch
             ],
+            self.kv_format if self.kv_format.is_quantized else None,
         )
         hidden = self.loaded.model(input_ids, positions, attention)
         ends = torch.tensor(new_lens).cumsum(0) - 1

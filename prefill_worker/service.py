@@ -78,6 +78,7 @@ class PrefillServicer(wgrpc.PrefillWorkerServicer):
         return wpb.WorkerStats(
             worker_id=self.worker_id,
             role="prefill",
+            kv_cache_dtype=self.flow.engine.kv_format.name,
             num_waiting=stats.num_waiting,
             num_running=stats.num_running,
             num_computed_tokens_total=stats.num_computed_tokens_total,
@@ -158,14 +159,19 @@ class PrefillWorker:
 
 async def start_prefill_worker(config: PrefillConfig) -> PrefillWorker:
     loaded = await asyncio.to_thread(config.runtime.load)
+    kv_cache_dtype = config.runtime.kv_cache_dtype
     spec = BlockSpec.for_model(
-        model_identity(config.runtime.model), loaded.config, loaded.dtype, config.block_size
+        model_identity(config.runtime.model),
+        loaded.config,
+        loaded.dtype,
+        config.block_size,
+        kv_cache_dtype,
     )
     store = await asyncio.to_thread(
         functools.partial(open_store, config.store_url, spec, secret=config.store_secret)
     )
     warn_if_unauthenticated(store, config.store_url)
-    engine = PrefillEngine(loaded, config.token_budget)
+    engine = PrefillEngine(loaded, config.token_budget, kv_cache_dtype)
     engine.start()
     metrics = ServiceMetrics(config.runtime.model, "prefill")
     flow = PrefillFlow(
@@ -186,6 +192,7 @@ async def start_prefill_worker(config: PrefillConfig) -> PrefillWorker:
             role=wpb.WORKER_ROLE_PREFILL,
             model=config.runtime.model,
             kv_fingerprint=spec.fingerprint,
+            kv_cache_dtype=kv_cache_dtype,
             block_size=spec.block_size,
             vocab_size=loaded.config.vocab_size,
             max_context_len=loaded.config.max_position_embeddings,

@@ -116,7 +116,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "num_waiting", "num_running", "num_blocks", "num_used_blocks", "num_computed_tokens_total", "num_cached_tokens_total", "num_generated_tokens_total", "num_finished_requests_total", "num_preemptions_total", "store", "num_live_tails", "num_resumed_requests_total", "num_resumed_computed_tokens_total", "num_published_blocks_total")
+    __slots__ = ("worker_id", "role", "num_waiting", "num_running", "num_blocks", "num_used_blocks", "num_computed_tokens_total", "num_cached_tokens_total", "num_generated_tokens_total", "num_finished_requests_total", "num_preemptions_total", "store", "num_live_tails", "num_resumed_requests_total", "num_resumed_computed_tokens_total", "num_published_blocks_total", "kv_cache_dtype", "kv_pool_tokens", "kv_pool_bytes")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,9 @@ class WorkerStats(_message.Message):
     NUM_RESUMED_REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NUM_RESUMED_COMPUTED_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NUM_PUBLISHED_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KV_POOL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     num_waiting: int
@@ -149,7 +152,10 @@ class WorkerStats(_message.Message):
     num_resumed_requests_total: int
     num_resumed_computed_tokens_total: int
     num_published_blocks_total: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_used_blocks: _Optional[int] = ..., num_computed_tokens_total: _Optional[int] = ..., num_cached_tokens_total: _Optional[int] = ..., num_generated_tokens_total: _Optional[int] = ..., num_finished_requests_total: _Optional[int] = ..., num_preemptions_total: _Optional[int] = ..., store: _Optional[_Union[StoreStats, _Mapping]] = ..., num_live_tails: _Optional[int] = ..., num_resumed_requests_total: _Optional[int] = ..., num_resumed_computed_tokens_total: _Optional[int] = ..., num_published_blocks_total: _Optional[int] = ...) -> None: ...
+    kv_cache_dtype: str
+    kv_pool_tokens: int
+    kv_pool_bytes: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_used_blocks: _Optional[int] = ..., num_computed_tokens_total: _Optional[int] = ..., num_cached_tokens_total: _Optional[int] = ..., num_generated_tokens_total: _Optional[int] = ..., num_finished_requests_total: _Optional[int] = ..., num_preemptions_total: _Optional[int] = ..., store: _Optional[_Union[StoreStats, _Mapping]] = ..., num_live_tails: _Optional[int] = ..., num_resumed_requests_total: _Optional[int] = ..., num_resumed_computed_tokens_total: _Optional[int] = ..., num_published_blocks_total: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., kv_pool_tokens: _Optional[int] = ..., kv_pool_bytes: _Optional[int] = ...) -> None: ...
 
 class StoreStats(_message.Message):
     __slots__ = ("hits", "misses", "bytes_in", "bytes_out", "corrupt_blocks", "errors")
@@ -168,7 +174,7 @@ class StoreStats(_message.Message):
     def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., corrupt_blocks: _Optional[int] = ..., errors: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "model", "kv_fingerprint", "block_size", "vocab_size", "max_context_len", "max_local_prefill_len")
+    __slots__ = ("worker_id", "role", "address", "model", "kv_fingerprint", "block_size", "vocab_size", "max_context_len", "max_local_prefill_len", "kv_cache_dtype")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +184,7 @@ class RegisterRequest(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_LOCAL_PREFILL_LEN_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     address: str
@@ -187,7 +194,8 @@ class RegisterRequest(_message.Message):
     vocab_size: int
     max_context_len: int
     max_local_prefill_len: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., kv_fingerprint: _Optional[bytes] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_context_len: _Optional[int] = ..., max_local_prefill_len: _Optional[int] = ...) -> None: ...
+    kv_cache_dtype: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., kv_fingerprint: _Optional[bytes] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_context_len: _Optional[int] = ..., max_local_prefill_len: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("heartbeat_interval_s",)
@@ -258,9 +266,11 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_usage: _Optional[float] = ..., last_seen_s: _Optional[float] = ..., is_draining: _Optional[bool] = ..., is_stalled: _Optional[bool] = ..., is_store_unavailable: _Optional[bool] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
-    __slots__ = ("workers", "model")
+    __slots__ = ("workers", "model", "kv_cache_dtype")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     model: str
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
+    kv_cache_dtype: str
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., model: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...

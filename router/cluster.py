@@ -2,7 +2,7 @@
 model parameters every worker must agree on.
 
 The first worker to register fixes the cluster's model (name, KV fingerprint,
-block size, vocabulary, context length); a worker that disagrees is refused, so a
+KV cache dtype, block size, vocabulary, context length); a worker that disagrees is refused, so a
 mis-deployed worker can never receive a block it would misread.
 
 Membership changes never cut a call in flight. A worker that registers again at
@@ -47,6 +47,7 @@ class ClusterModel:
     block_size: int
     vocab_size: int
     max_context_len: int
+    kv_cache_dtype: str = "auto"
 
 
 class Cluster:
@@ -85,7 +86,14 @@ class Cluster:
             request.block_size,
             request.vocab_size,
             request.max_context_len,
+            request.kv_cache_dtype or "auto",
         )
+        if self.model is not None and offered.kv_cache_dtype != self.model.kv_cache_dtype:
+            raise RegistrationRefused(
+                f"worker stores K/V as {offered.kv_cache_dtype!r}, the cluster as "
+                f"{self.model.kv_cache_dtype!r}: start it with --kv-cache-dtype "
+                f"{self.model.kv_cache_dtype}, so that no block is read in another format"
+            )
         if self.model is not None and offered != self.model:
             raise RegistrationRefused(
                 f"worker's KV layout {offered} differs from the cluster's {self.model}; "

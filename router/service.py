@@ -158,6 +158,7 @@ class RegistryServicer(wgrpc.RegistryServicer):
         now = time.monotonic()
         return wpb.ListWorkersResponse(
             model=self.cluster.model_name,
+            kv_cache_dtype=self.cluster.model.kv_cache_dtype if self.cluster.model else "",
             workers=[
                 wpb.WorkerInfo(
                     worker_id=w.worker_id,

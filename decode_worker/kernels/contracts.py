@@ -18,6 +18,12 @@ Query head h attends with KV head `h // (num_heads // num_kv_heads)` (MHA, GQA, 
 KV-cache write: `key`, `value` `[num_tokens, num_kv_heads, head_dim]` go to slot
 `slot_mapping[i]` (`block_id * block_size + offset`, a flat token index into the
 cache); a negative slot means "do not store this token".
+
+With an 8-bit `kv_cache_dtype` (`int8`, `fp8_e4m3`) the caches are uint8
+`[num_blocks, block_size, num_kv_heads, head_dim + 2]`: each row holds its 8-bit
+values and then its float16 scale (`kvstore.kv_quant`). `write_kv_cache` quantizes
+the rows it writes; paged attention reads the values, applies the scales (to the
+scores for K, to the probabilities for V) and accumulates in float32.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+
+from kvstore.kv_format import KV_FORMAT_CODES, SCALE_BYTES, check_kv_cache_dtype
 
 Backend = Literal["triton", "torch"]
 """Which implementation runs an op; `None` where accepted picks Triton for CUDA tensors."""
@@ -34,6 +42,12 @@ CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 """Element types a slot mapping may hold."""
+
+KV_FORMAT_IDS = KV_FORMAT_CODES
+"""`kv_cache_dtype` by the number the Triton kernels take as a constexpr (0: rows in
+the model's dtype, 1: int8 rows, 2: fp8 e4m3 rows)."""
+ROW_SCALE_BYTES = SCALE_BYTES
+"""Bytes of a quantized row's scale, after its `head_dim` values."""
 
 
 def pick_backend(backend: Backend | None, tensor: torch.Tensor) -> Backend:
@@ -51,10 +65,12 @@ def check_paged_attention_args(
     value_cache: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
+    kv_cache_dtype: str = "auto",
 ) -> None:
     """Raise ValueError naming the first argument whose shape, dtype, device or strides
     do not match the layout in this module's docstring. Never reads tensor values, so
     it costs no device synchronization."""
+    check_kv_cache_dtype(kv_cache_dtype)
     if query.dim() != 3:
         raise ValueError(f"query must be [num_seqs, num_heads, head_dim], got {_shape(query)}")
     if key_cache.dim() != 4:
@@ -67,16 +83,14 @@ def check_paged_attention_args(
             f"value_cache shape {_shape(value_cache)} != key_cache shape {_shape(key_cache)}"
         )
     num_seqs, num_heads, head_dim = query.shape
-    _, _, num_kv_heads, cache_head_dim = key_cache.shape
-    if cache_head_dim != head_dim:
-        raise ValueError(f"query head_dim {head_dim} != cache head_dim {cache_head_dim}")
+    _, _, num_kv_heads, cache_row_width = key_cache.shape
+    _check_row_width(cache_row_width, head_dim, kv_cache_dtype, "query head_dim")
     if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}")
     if query.dtype not in CACHE_DTYPES:
         raise ValueError(f"query dtype must be one of {CACHE_DTYPES}, got {query.dtype}")
     for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
-        if cache.dtype != query.dtype:
-            raise ValueError(f"{name} dtype {cache.dtype} != query dtype {query.dtype}")
+        _check_cache_dtype(name, cache, query.dtype, kv_cache_dtype, "query")
     if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
         raise ValueError(
             f"block_tables must be [num_seqs={num_seqs}, max_blocks_per_seq], "
@@ -116,16 +130,19 @@ def check_write_kv_cache_args(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    kv_cache_dtype: str = "auto",
 ) -> None:
     """Raise ValueError naming the first argument that does not fit the layout above."""
+    check_kv_cache_dtype(kv_cache_dtype)
     if key.dim() != 3:
         raise ValueError(f"key must be [num_tokens, num_kv_heads, head_dim], got {list(key.shape)}")
     if value.shape != key.shape:
         raise ValueError(f"value shape {list(value.shape)} != key shape {list(key.shape)}")
-    if key_cache.dim() != 4 or key_cache.shape[2:] != key.shape[1:]:
+    row_width = key.shape[2] + (ROW_SCALE_BYTES if kv_cache_dtype != "auto" else 0)
+    if key_cache.dim() != 4 or tuple(key_cache.shape[2:]) != (key.shape[1], row_width):
         raise ValueError(
-            f"key_cache must be [num_blocks, block_size, {key.shape[1]}, {key.shape[2]}], "
-            f"got {list(key_cache.shape)}"
+            f"key_cache must be [num_blocks, block_size, {key.shape[1]}, {row_width}] "
+            f"for kv_cache_dtype {kv_cache_dtype}, got {list(key_cache.shape)}"
         )
     if value_cache.shape != key_cache.shape:
         raise ValueError(
@@ -137,9 +154,12 @@ def check_write_kv_cache_args(
         )
     if slot_mapping.dtype not in INDEX_DTYPES:
         raise ValueError(f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
-    for name, tensor in (("value", value), ("key_cache", key_cache), ("value_cache", value_cache)):
-        if tensor.dtype != key.dtype:
-            raise ValueError(f"{name} dtype {tensor.dtype} != key dtype {key.dtype}")
+    if value.dtype != key.dtype:
+        raise ValueError(f"value dtype {value.dtype} != key dtype {key.dtype}")
+    if key.dtype not in CACHE_DTYPES:
+        raise ValueError(f"key dtype must be one of {CACHE_DTYPES}, got {key.dtype}")
+    for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
+        _check_cache_dtype(name, cache, key.dtype, kv_cache_dtype, "key")
     for name, tensor in (
         ("value", value),
         ("key_cache", key_cache),
@@ -161,6 +181,29 @@ def check_write_kv_cache_args(
         max_slot = int(slot_mapping.max())
         if max_slot >= num_slots:
             raise ValueError(f"slot_mapping holds slot {max_slot}, the cache has {num_slots} slots")
+
+
+def _check_row_width(row_width: int, head_dim: int, kv_cache_dtype: str, what: str) -> None:
+    scale_bytes = ROW_SCALE_BYTES if kv_cache_dtype != "auto" else 0
+    if row_width != head_dim + scale_bytes:
+        if scale_bytes:
+            raise ValueError(
+                f"{kv_cache_dtype} cache rows must be {what} {head_dim} + {scale_bytes} scale "
+                f"bytes = {head_dim + scale_bytes}, got {row_width}"
+            )
+        raise ValueError(f"{what} {head_dim} != cache head_dim {row_width}")
+
+
+def _check_cache_dtype(
+    name: str, cache: torch.Tensor, dtype: torch.dtype, kv_cache_dtype: str, what: str
+) -> None:
+    if kv_cache_dtype == "auto":
+        if cache.dtype != dtype:
+            raise ValueError(f"{name} dtype {cache.dtype} != {what} dtype {dtype}")
+    elif cache.dtype != torch.uint8:
+        raise ValueError(
+            f"{name} must be uint8 rows for kv_cache_dtype {kv_cache_dtype}, got {cache.dtype}"
+        )
 
 
 def _shape(tensor: torch.Tensor) -> list[int]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from decode_worker.kernels.contracts import Backend, check_paged_attention_args, pick_backend
+from kvstore.kv_quant import KVCacheFormat
 
 
 def paged_attention(
@@ -24,22 +25,31 @@ def paged_attention(
     context_lens: torch.Tensor,
     scale: float,
     backend: Backend | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> torch.Tensor:
     """Attention of each sequence's query over its first `context_lens[s]` cached tokens.
 
-    `backend=None` picks Triton for CUDA tensors and torch otherwise. Raises ValueError
-    naming the offending argument when shapes, dtypes, devices or strides are wrong.
-    Returns a new `[num_seqs, num_heads, head_dim]` tensor in `query.dtype`.
+    `backend=None` picks Triton for CUDA tensors and torch otherwise. `kv_cache_dtype`
+    says how the caches hold rows (`auto`: the query's dtype; `int8`, `fp8_e4m3`:
+    8-bit rows with their scales). Raises ValueError naming the offending argument
+    when shapes, dtypes, devices or strides are wrong. Returns a new `[num_seqs,
+    num_heads, head_dim]` tensor in `query.dtype`.
     """
-    check_paged_attention_args(query, key_cache, value_cache, block_tables, context_lens)
+    check_paged_attention_args(
+        query, key_cache, value_cache, block_tables, context_lens, kv_cache_dtype
+    )
     if pick_backend(backend, query) == "torch":
         return paged_attention_torch(
-            query, key_cache, value_cache, block_tables, context_lens, scale
-        )
+            query, key_cache, value_cache, block_tables, context_lens, scale,
+            kv_cache_dtype=kv_cache_dtype,
+        )  # fmt: skip
     # Imported here so that a CPU-only install without Triton can still decode.
     from decode_worker.kernels.paged_attention_triton import paged_attention_triton
 
-    return paged_attention_triton(query, key_cache, value_cache, block_tables, context_lens, scale)
+    return paged_attention_triton(
+        query, key_cache, value_cache, block_tables, context_lens, scale,
+        kv_cache_dtype=kv_cache_dtype,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -89,41 +99,57 @@ def paged_attention_torch(
     context_lens: torch.Tensor,
     scale: float,
     layout: GatherLayout | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> torch.Tensor:
     """Batched torch path: gather every sequence's blocks into one padded
     `[num_seqs, max_context_len, num_kv_heads, head_dim]` tensor and run a masked batched
     matmul, so the cost is a handful of kernels per layer rather than a Python loop
     per sequence. `layout` is `gather_layout(block_tables, context_lens, block_size)`,
-    computed here when not given."""
+    computed here when not given.
+
+    8-bit rows are never dequantized as such: the values are widened to float32 by
+    the copy that lays them out for the matmul anyway, and the scales, one per token
+    and head, multiply the scores (K's) and the probabilities (V's), which are
+    `head_dim` times smaller than the K/V they stand for."""
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     if num_seqs == 0:
         return torch.empty_like(query)
     if layout is None:
         layout = gather_layout(block_tables, context_lens, block_size)
+    kv_format = KVCacheFormat(kv_cache_dtype, query.dtype)
     padded_len = layout.padded_len
     num_batches = num_seqs * num_kv_heads
 
-    def gather(cache: torch.Tensor) -> torch.Tensor:
+    def gather(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         # index_select copies whole blocks (one contiguous run each); the transpose then
         # makes [s * kvh, t, d] contiguous, because batched matmul on a permuted operand
         # falls off the BLAS path and was ~100x slower when measured. 3-D bmm rather
         # than 4-D matmul: measured ~25 % faster at 16 sequences (no broadcast reshapes).
         blocks = cache.index_select(0, layout.block_indices)
-        tokens = blocks.view(num_seqs, padded_len, num_kv_heads, head_dim)
-        tokens = tokens.transpose(1, 2).reshape(num_batches, padded_len, head_dim)
-        return tokens.float()  # float32 softmax statistics
+        tokens = blocks.view(num_seqs, padded_len, num_kv_heads, -1).transpose(1, 2)
+        if not kv_format.is_quantized:
+            return tokens.reshape(num_batches, padded_len, head_dim).float(), None
+        values, scales = kv_format.split(tokens)
+        widened = torch.empty((num_seqs, num_kv_heads, padded_len, head_dim), device=query.device)
+        widened.copy_(values)  # float32, as the softmax statistics
+        scales = scales.reshape(num_batches, 1, padded_len).float()
+        return widened.view(num_batches, padded_len, head_dim), scales
 
-    keys = gather(key_cache)
-    values = gather(value_cache)
+    keys, key_scales = gather(key_cache)
+    values, value_scales = gather(value_cache)
     group_size = num_heads // num_kv_heads
     queries = query.float().reshape(num_batches, group_size, head_dim) * scale
     scores = torch.bmm(queries, keys.transpose(1, 2))  # [s * kvh, group, t]
+    if key_scales is not None:
+        scores.mul_(key_scales)
     if layout.is_padding is not None:
         scores.view(num_seqs, num_kv_heads, group_size, padded_len).masked_fill_(
             layout.is_padding, float("-inf")
         )
     probs = torch.softmax(scores, dim=-1)
+    if value_scales is not None:
+        probs.mul_(value_scales)
     out = torch.bmm(probs, values)  # [s * kvh, group, d]
     return out.view(num_seqs, num_heads, head_dim).to(query.dtype)
 
@@ -135,9 +161,12 @@ def paged_attention_reference(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    kv_cache_dtype: str = "auto",
 ) -> torch.Tensor:
     """The slow, obviously-correct definition: for each sequence, copy its tokens out of
-    the cache one block at a time and run plain softmax attention per query head."""
+    the cache one block at a time, dequantize them (8-bit rows) and run plain softmax
+    attention per query head."""
+    kv_format = KVCacheFormat(kv_cache_dtype, torch.float32)
     num_seqs, num_heads = query.shape[:2]
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     group_size = num_heads // num_kv_heads
@@ -149,8 +178,8 @@ def paged_attention_reference(
             block = int(block_tables[seq, pos // block_size])
             keys.append(key_cache[block, pos % block_size])
             values.append(value_cache[block, pos % block_size])
-        k = torch.stack(keys).float()  # [context_len, kvh, d]
-        v = torch.stack(values).float()
+        k = kv_format.dequantize(torch.stack(keys), torch.float32)  # [context_len, kvh, d]
+        v = kv_format.dequantize(torch.stack(values), torch.float32)
         for head in range(num_heads):
             kv_head = head // group_size
             scores = (k[:, kv_head] @ query[seq, head].float()) * scale  # [context_len]

@@ -11,6 +11,11 @@ The context is therefore split into partitions of `partition_size` tokens:
 2. the reduce kernel, grid `(num_seqs, num_heads)`, rescales the partials to a common
    max and normalizes.
 
+With an 8-bit cache (`KV_FORMAT` 1: int8, 2: fp8 e4m3) each row is `HEAD_DIM` value
+bytes and then its float16 scale: the values are widened to float32 in registers, K's
+scales multiply the scores and V's the probabilities, so nothing is dequantized in
+memory and the bytes read per token are about a quarter of float32's.
+
 When one partition covers the whole context, the partition kernel normalizes and writes
 the output itself and the reduce pass is skipped. The number of partitions comes from
 `block_tables.shape[1]` (an upper bound), never from `context_lens` values, so launching
@@ -24,13 +29,35 @@ import torch
 import triton
 import triton.language as tl
 
-from decode_worker.kernels.contracts import check_paged_attention_args
+from decode_worker.kernels.contracts import KV_FORMAT_IDS, check_paged_attention_args
+
+_AUTO = tl.constexpr(KV_FORMAT_IDS["auto"])
+_INT8 = tl.constexpr(KV_FORMAT_IDS["int8"])
 
 # 512 tokens: long enough that a partition amortizes its partial write-out, short enough
 # that a batch of a few sequences at 4k+ context still yields hundreds of programs.
 DEFAULT_PARTITION_SIZE = 512
 # Below this many (sequence, KV head) programs a GPU has idle SMs; split the context.
 _MIN_PROGRAMS_WITHOUT_SPLIT = 256
+
+
+@triton.jit
+def _load_rows(row_ptrs, dims, is_valid, HEAD_DIM: tl.constexpr, KV_FORMAT: tl.constexpr):
+    """One block's rows `[BLOCK_SIZE, HEAD_DIM]` as float32, and their scales
+    `[BLOCK_SIZE]` (ones for rows in the model's dtype, which callers skip)."""
+    raw = tl.load(row_ptrs[:, None] + dims[None, :], mask=is_valid[:, None], other=0)
+    if KV_FORMAT == _AUTO:
+        values = raw.to(tl.float32)
+        scales = tl.full(is_valid.shape, 1.0, tl.float32)
+    else:
+        if KV_FORMAT == _INT8:
+            values = raw.to(tl.int8, bitcast=True).to(tl.float32)
+        else:
+            values = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        low = tl.load(row_ptrs + HEAD_DIM, mask=is_valid, other=0).to(tl.uint16)
+        high = tl.load(row_ptrs + HEAD_DIM + 1, mask=is_valid, other=0).to(tl.uint16)
+        scales = (low | (high << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+    return values, scales
 
 
 @triton.jit
@@ -63,6 +90,7 @@ def _paged_attention_partition_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCKS_PER_PARTITION: tl.constexpr,
     IS_SINGLE_PARTITION: tl.constexpr,
+    KV_FORMAT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -93,33 +121,38 @@ def _paged_attention_partition_kernel(
         physical_block = tl.load(block_tables_ptr + seq * stride_bt_seq + logical_block)
         physical_block = physical_block.to(tl.int64)  # block * stride overflows int32
         is_valid = logical_block * BLOCK_SIZE + tokens < context_len
-        k = tl.load(
+        k, k_scales = _load_rows(
             key_cache_ptr
             + physical_block * stride_k_block
-            + tokens[:, None] * stride_k_token
-            + kv_head * stride_k_head
-            + dims[None, :],
-            mask=is_valid[:, None],
-            other=0.0,
-        ).to(tl.float32)
+            + tokens * stride_k_token
+            + kv_head * stride_k_head,
+            dims,
+            is_valid,
+            HEAD_DIM,
+            KV_FORMAT,
+        )
         # Broadcast-multiply instead of tl.dot: the group and block dims can be below
         # tl.dot's 16 minimum, and decode is bound by reading K/V, not by FLOPs.
         scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [GROUP_PAD, BLOCK_SIZE]
+        if KV_FORMAT != _AUTO:
+            scores = scores * k_scales[None, :]
         scores = tl.where(is_valid[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         rescale = tl.exp(running_max - new_max)
         probs = tl.exp(scores - new_max[:, None])
         running_sum = running_sum * rescale + tl.sum(probs, axis=1)
-        v = tl.load(
+        v, v_scales = _load_rows(
             value_cache_ptr
             + physical_block * stride_v_block
-            + tokens[:, None] * stride_v_token
-            + kv_head * stride_v_head
-            + dims[None, :],
-            mask=is_valid[:, None],
-            other=0.0,
-        ).to(tl.float32)
-        acc = acc * rescale[:, None] + tl.sum(probs[:, :, None] * v[None, :, :], axis=1)
+            + tokens * stride_v_token
+            + kv_head * stride_v_head,
+            dims,
+            is_valid,
+            HEAD_DIM,
+            KV_FORMAT,
+        )
+        probs_v = probs * v_scales[None, :] if KV_FORMAT != _AUTO else probs
+        acc = acc * rescale[:, None] + tl.sum(probs_v[:, :, None] * v[None, :, :], axis=1)
         running_max = new_max
 
     if IS_SINGLE_PARTITION:
@@ -187,6 +220,7 @@ def paged_attention_triton(
     context_lens: torch.Tensor,
     scale: float,
     partition_size: int | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> torch.Tensor:
     """Launch the kernels; same contract as `decode_worker.kernels.paged_attention.paged_attention`.
 
@@ -194,7 +228,9 @@ def paged_attention_triton(
     the context is split only when (num_seqs * num_kv_heads) programs would leave the
     GPU idle. Raises ValueError for layouts the kernels cannot run.
     """
-    check_paged_attention_args(query, key_cache, value_cache, block_tables, context_lens)
+    check_paged_attention_args(
+        query, key_cache, value_cache, block_tables, context_lens, kv_cache_dtype
+    )
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     for name, size in (("head_dim", head_dim), ("block_size", block_size)):
@@ -261,6 +297,7 @@ def paged_attention_triton(
         BLOCK_SIZE=block_size,
         BLOCKS_PER_PARTITION=blocks_per_partition,
         IS_SINGLE_PARTITION=is_single_partition,
+        KV_FORMAT=KV_FORMAT_IDS[kv_cache_dtype],
         num_warps=num_warps,
     )
     if not is_single_partition:

@@ -136,7 +136,7 @@ class RedisStore(KVStore):
         scratch = (
             None
             if all(dest is None for dest in out)
-            else torch.empty(self.spec.shape, dtype=self.spec.dtype)
+            else torch.empty(self.spec.shape, dtype=self.spec.payload_dtype)
         )
         with self._translate_errors(), self._raw_connection() as connection:
             connection.send_packed_command(connection.pack_commands(commands))
@@ -170,7 +170,9 @@ class RedisStore(KVStore):
             return None
         header = bytearray(HEADER_LEN)
         reader.read_into(memoryview(header))
-        kv = torch.empty(self.spec.shape, dtype=self.spec.dtype) if dest is None else scratch
+        kv = (
+            torch.empty(self.spec.shape, dtype=self.spec.payload_dtype) if dest is None else scratch
+        )
         assert kv is not None, "get_into always passes a scratch tensor"
         payload = kv.view(torch.uint8).reshape(-1).numpy()
         reader.read_into(memoryview(payload))

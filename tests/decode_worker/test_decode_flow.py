@@ -76,7 +76,7 @@ class Worker:
         self.loop = loop
         self.pool = loop.engine.pool
         self.prefill = PrefillFlow(prefill_engine, store, tiny.config, metrics)
-        admission = DecodeAdmission(loop, store, tiny.config, tiny.dtype, metrics)
+        admission = DecodeAdmission(loop, store, tiny.config, metrics)
         self.decode = DecodeFlow(loop, admission, metrics)
 
     async def call(
@@ -433,7 +433,7 @@ def test_a_resumed_request_continues_from_the_blocks_the_failed_worker_published
 def test_past_max_queued_a_request_is_refused_before_any_work(tiny, spec, loop) -> None:
     store = GatedStore(spec, gated="get")  # holds the first request in its fetch
     metrics = ServiceMetrics("dummy:tiny", "decode")
-    admission = DecodeAdmission(loop, store, tiny.config, tiny.dtype, metrics)
+    admission = DecodeAdmission(loop, store, tiny.config, metrics)
     flow = DecodeFlow(loop, admission, metrics, max_queued=1)
 
     async def scenario():

@@ -108,3 +108,71 @@ def test_bad_arguments_raise_value_error_naming_them(backend: str) -> None:
     for message, args in bad:
         with pytest.raises(ValueError, match=message):
             write_kv_cache(*args, backend=backend)
+
+
+def quantized_caches(num_kv_heads: int, head_dim: int, block_size: int, num_blocks: int = 6):
+    shape = (num_blocks, block_size, num_kv_heads, head_dim + 2)
+    return torch.zeros(shape, dtype=torch.uint8, device=DEVICE), torch.zeros(
+        shape, dtype=torch.uint8, device=DEVICE
+    )
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_8bit_writes_match_the_reference_byte_for_byte(
+    case, backend: str, kv_cache_dtype: str
+) -> None:
+    key, value, _, _, slots = make_inputs(*case)
+    key = key * 5  # K spans a wider range than V in real models
+    num_kv_heads, head_dim, block_size, _ = case
+    expected_k, expected_v = quantized_caches(num_kv_heads, head_dim, block_size)
+    write_kv_cache_reference(key, value, expected_k, expected_v, slots, kv_cache_dtype)
+    key_cache, value_cache = quantized_caches(num_kv_heads, head_dim, block_size)
+    write_kv_cache(
+        key, value, key_cache, value_cache, slots, backend=backend, kv_cache_dtype=kv_cache_dtype
+    )
+    # The kernel rounds as torch does (to nearest, ties to even), so bytes are equal.
+    assert torch.equal(key_cache, expected_k), f"{case_id(case)} {backend} {kv_cache_dtype}: K"
+    assert torch.equal(value_cache, expected_v), f"{case_id(case)} {backend} {kv_cache_dtype}: V"
+    assert key_cache.any(), "nothing was written"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_8bit_rows_hold_their_values_then_a_float16_scale(backend: str) -> None:
+    # One row by hand: absmax 2.54 -> scale fp16(2.54 / 127) = 0.020004, values round(x /
+    # scale): 2.54 -> 127, -1.27 -> -63.49 -> -63, 0.01 -> 0.
+    row = torch.zeros(1, 1, 64)
+    row[0, 0, :3] = torch.tensor([2.54, -1.27, 0.01])
+    key_cache, value_cache = quantized_caches(1, 64, 16, num_blocks=1)
+    slots = torch.tensor([5], device=DEVICE)
+    write_kv_cache(
+        row.to(DEVICE), row.to(DEVICE), key_cache, value_cache, slots,
+        backend=backend, kv_cache_dtype="int8",
+    )  # fmt: skip
+    stored = key_cache[0, 5, 0].cpu()
+    scale = torch.tensor(2.54 / 127, dtype=torch.float16)
+    assert stored[64:].view(torch.float16).item() == scale.item()
+    expected = torch.round(row[0, 0, :3] / scale.float()).to(torch.int8)
+    assert stored[:3].view(torch.int8).tolist() == expected.tolist() == [127, -63, 0]
+    assert not stored[3:64].any()
+    assert not key_cache[0, :5].any() and not key_cache[0, 6:].any(), "wrote outside slot 5"
+
+
+def test_a_filling_block_keeps_the_bytes_of_the_tokens_already_in_it() -> None:
+    # Tokens written one step at a time, the last with a 100x larger range, leave the
+    # same bytes as all written at once: no row is ever re-quantized.
+    generator = torch.Generator().manual_seed(1)
+    key = torch.randn(16, 2, 64, generator=generator)
+    key[-1] *= 100
+    at_once_k, at_once_v = quantized_caches(2, 64, 16, num_blocks=1)
+    write_kv_cache(key, key, at_once_k, at_once_v, torch.arange(16), kv_cache_dtype="int8")
+    stepwise_k, stepwise_v = quantized_caches(2, 64, 16, num_blocks=1)
+    for token in range(16):
+        before = stepwise_k[0, :token].clone()
+        write_kv_cache(
+            key[token : token + 1], key[token : token + 1], stepwise_k, stepwise_v,
+            torch.tensor([token]), kv_cache_dtype="int8",
+        )  # fmt: skip
+        assert torch.equal(stepwise_k[0, :token], before), f"token {token} changed earlier rows"
+    assert torch.equal(stepwise_k, at_once_k)

@@ -13,6 +13,7 @@ from decode_worker.kernels.paged_attention import (
     paged_attention_reference,
     paged_attention_torch,
 )
+from kvstore.kv_quant import KVCacheFormat
 
 triton_module = pytest.importorskip("decode_worker.kernels.paged_attention_triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -248,3 +249,80 @@ def test_gather_layout_without_padding_has_no_mask() -> None:
     assert layout.padded_len == 16
     # The table's spare third column (-1) is never gathered.
     assert layout.block_indices.tolist() == block_tables[:, :2].reshape(-1).tolist()
+
+
+# 8-bit caches: head dims 64 and 128 (and 32), MHA, GQA and MQA, one partition and split.
+QUANTIZED_CASES = [CASES[1], CASES[3], CASES[4], CASES[6], CASES[7]]
+
+
+def make_quantized_inputs(case: Case, kv_cache_dtype: str, dtype: torch.dtype = torch.float32):
+    """`make_inputs`, with the caches quantized row by row as `write_kv_cache` stores
+    them; the reference dequantizes them before attending."""
+    query, key_cache, value_cache, block_tables, context_lens = make_inputs(case, dtype)
+    kv_format = KVCacheFormat(kv_cache_dtype, dtype)
+    # Larger K so that the scores, not only the values, feel the quantization.
+    key_cache = kv_format.quantize(key_cache * 4)
+    value_cache = kv_format.quantize(value_cache)
+    return query, key_cache, value_cache, block_tables, context_lens
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", QUANTIZED_CASES, ids=[c.id for c in QUANTIZED_CASES])
+def test_8bit_caches_match_the_reference_that_dequantizes_first(
+    case: Case, backend: str, kv_cache_dtype: str
+) -> None:
+    inputs = make_quantized_inputs(case, kv_cache_dtype)
+    scale = case.head_dim**-0.5
+    expected = paged_attention_reference(*inputs, scale, kv_cache_dtype=kv_cache_dtype)
+    if backend == "triton":
+        actual = triton_module.paged_attention_triton(
+            *inputs, scale, partition_size=case.partition_size, kv_cache_dtype=kv_cache_dtype
+        )
+    else:
+        actual = paged_attention(*inputs, scale, backend="torch", kv_cache_dtype=kv_cache_dtype)
+    # The same tolerance as full precision: only the order of float32 sums differs.
+    assert_close(actual, expected, f"{case.id}-{kv_cache_dtype}", atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8_e4m3"])
+def test_8bit_caches_stay_close_to_full_precision_attention(kv_cache_dtype: str) -> None:
+    # Not a kernel check (that is above) but a sanity bound on what 8 bits cost.
+    case = CASES[2]
+    query, key_cache, value_cache, tables, lens = make_inputs(case)
+    full = paged_attention_reference(query, key_cache, value_cache, tables, lens, 0.2)
+    kv_format = KVCacheFormat(kv_cache_dtype, torch.float32)
+    quantized = paged_attention(
+        query, kv_format.quantize(key_cache), kv_format.quantize(value_cache), tables, lens, 0.2,
+        kv_cache_dtype=kv_cache_dtype,
+    )  # fmt: skip
+    error = (quantized - full).abs().max().item()
+    assert 0 < error < (0.02 if kv_cache_dtype == "int8" else 0.1), error
+
+
+def test_8bit_half_precision_queries() -> None:
+    case = CASES[6]
+    inputs = make_quantized_inputs(case, "int8", dtype=torch.bfloat16)
+    expected = paged_attention_reference(*inputs, 0.2, kv_cache_dtype="int8")
+    for backend in ("torch", "triton"):
+        actual = paged_attention(*inputs, 0.2, backend=backend, kv_cache_dtype="int8")
+        assert actual.dtype == torch.bfloat16
+        assert_close(actual, expected, f"{case.id}-bf16-{backend}", atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"cache_dtype": torch.float32}, "must be uint8 rows for kv_cache_dtype int8"),
+        ({"row_width": 64}, "int8 cache rows must be query head_dim 64 \\+ 2 scale bytes = 66"),
+    ],
+    ids=["full-precision-cache", "rows-without-scales"],
+)
+def test_8bit_cache_arguments_are_checked(change: dict, message: str) -> None:
+    query = torch.randn(2, 4, 64)
+    shape = (4, 16, 2, change.get("row_width", 66))
+    cache = torch.zeros(shape, dtype=change.get("cache_dtype", torch.uint8))
+    tables = torch.zeros(2, 1, dtype=torch.int32)
+    lens = torch.ones(2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=message):
+        paged_attention(query, cache, cache.clone(), tables, lens, 0.1, kv_cache_dtype="int8")

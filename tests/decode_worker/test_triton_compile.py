@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-NUM_KERNEL_VARIANTS = 9
+NUM_KERNEL_VARIANTS = 15
 
 
 @pytest.mark.slow
@@ -53,13 +53,17 @@ def compile_to_cubin(kernel, pointer_types: dict[str, str], constexprs: dict[str
     return triton.compile(source, target=hopper, options={"num_warps": 4}).asm
 
 
-def compile_partition_kernel(is_single_partition: bool, dtype: str) -> None:
+def compile_partition_kernel(
+    is_single_partition: bool, dtype: str, kv_cache_dtype: str = "auto"
+) -> None:
     from decode_worker.kernels import paged_attention_triton
+    from decode_worker.kernels.contracts import KV_FORMAT_IDS
 
+    cache_type = f"*{dtype}" if kv_cache_dtype == "auto" else "*u8"
     pointer_types = {
         "query_ptr": f"*{dtype}",
-        "key_cache_ptr": f"*{dtype}",
-        "value_cache_ptr": f"*{dtype}",
+        "key_cache_ptr": cache_type,
+        "value_cache_ptr": cache_type,
         "block_tables_ptr": "*i32",
         "context_lens_ptr": "*i32",
         "out_ptr": f"*{dtype}",
@@ -75,12 +79,13 @@ def compile_partition_kernel(is_single_partition: bool, dtype: str) -> None:
         "BLOCK_SIZE": 16,
         "BLOCKS_PER_PARTITION": 32,
         "IS_SINGLE_PARTITION": is_single_partition,
+        "KV_FORMAT": KV_FORMAT_IDS[kv_cache_dtype],
     }
     asm = compile_to_cubin(
         paged_attention_triton._paged_attention_partition_kernel, pointer_types, constexprs
     )
-    assert asm["cubin"], f"no cubin for {dtype} single={is_single_partition}"
-    print(f"partition-{dtype}-{'single' if is_single_partition else 'split'}")
+    assert asm["cubin"], f"no cubin for {dtype} {kv_cache_dtype} single={is_single_partition}"
+    print(f"partition-{dtype}-{kv_cache_dtype}-{'single' if is_single_partition else 'split'}")
 
 
 def compile_reduce_kernel() -> None:
@@ -117,10 +122,41 @@ def compile_write_kernel(slot_type: str) -> None:
     print(f"write-{slot_type[1:]}")
 
 
+def compile_quantized_write_kernel(kv_cache_dtype: str) -> None:
+    from decode_worker.kernels import kv_cache_write_triton
+    from decode_worker.kernels.contracts import KV_FORMAT_IDS
+
+    pointer_types = {
+        "key_ptr": "*bf16",
+        "value_ptr": "*bf16",
+        "key_cache_ptr": "*u8",
+        "value_cache_ptr": "*u8",
+        "slot_mapping_ptr": "*i64",
+    }
+    constexprs = {
+        "NUM_KV_HEADS": 8,
+        "HEADS_PAD": 8,
+        "HEAD_DIM": 128,
+        "DIM_PAD": 128,
+        "ROW_WIDTH": 130,
+        "QMAX": 127.0 if kv_cache_dtype == "int8" else 448.0,
+        "KV_FORMAT": KV_FORMAT_IDS[kv_cache_dtype],
+    }
+    asm = compile_to_cubin(
+        kv_cache_write_triton._write_quantized_kv_cache_kernel, pointer_types, constexprs
+    )
+    assert asm["cubin"]
+    print(f"write-{kv_cache_dtype}")
+
+
 if __name__ == "__main__":
     for single in (True, False):
         for dtype in ("fp16", "bf16", "fp32"):
             compile_partition_kernel(single, dtype)
+        for kv_cache_dtype in ("int8", "fp8_e4m3"):
+            compile_partition_kernel(single, "bf16", kv_cache_dtype)
     compile_reduce_kernel()
     compile_write_kernel("*i32")
     compile_write_kernel("*i64")
+    for kv_cache_dtype in ("int8", "fp8_e4m3"):
+        compile_quantized_write_kernel(kv_cache_dtype)

@@ -168,8 +168,8 @@ def test_roles_run_on_three_nodes_and_match_transformers_greedy(
     assert main(status_args) == 0
     table = capsys.readouterr().out.splitlines()
     assert (
-        table[0]
-        == f"router {deployment.internal_endpoint} serving {deployment.config.model}: 2 workers"
+        table[0] == f"router {deployment.internal_endpoint} serving {deployment.config.model}, "
+        "KV cache auto: 2 workers"
     )
     header = "WORKER ROLE ADDRESS WAIT/RUN KV POOL STORE HIT/MISS/BAD TOKENS C/R/G"
     assert table[1].split() == header.split()

@@ -24,6 +24,9 @@ DECODE_STATS = wpb.WorkerStats(
     num_running=3,
     num_blocks=64,
     num_used_blocks=16,
+    kv_cache_dtype="int8",
+    kv_pool_tokens=1024,
+    kv_pool_bytes=3 * 2**29,
     num_computed_tokens_total=40,
     num_cached_tokens_total=32,
     num_generated_tokens_total=41,
@@ -33,6 +36,7 @@ DECODE_STATS = wpb.WorkerStats(
 STATUS = ClusterStatus(
     target="head:50051",
     model="dummy:tiny",
+    kv_cache_dtype="int8",
     workers=(
         WorkerStatus("decode-0", "decode", "10.0.0.2:4000", 1, 3, 0.25, DECODE_STATS),
         WorkerStatus("prefill-0", "prefill", "10.0.0.3:4001", 0, 0, 0.0, None, "UNAVAILABLE: gone"),
@@ -42,11 +46,13 @@ STATUS = ClusterStatus(
 
 def test_status_table_has_one_row_per_worker() -> None:
     assert format_status_table(STATUS).splitlines() == [
-        "router head:50051 serving dummy:tiny: 2 workers",
-        "WORKER     ROLE     ADDRESS        WAIT/RUN  KV POOL      STORE HIT/MISS/BAD  TOKENS C/R/G",
-        "decode-0   decode   10.0.0.2:4000  1/3       16/64 (25%)  5/2/1               40/32/41",
-        "prefill-0  prefill  10.0.0.3:4001  -         -            -                   "
-        "unreachable: UNAVAILABLE: gone",
+        "router head:50051 serving dummy:tiny, KV cache int8: 2 workers",
+        "WORKER     ROLE     ADDRESS        WAIT/RUN  KV POOL                                  "
+        "STORE HIT/MISS/BAD  TOKENS C/R/G",
+        "decode-0   decode   10.0.0.2:4000  1/3       16/64 (25%) of 1,024 tokens in 1.50 GiB  "
+        "5/2/1               40/32/41",
+        "prefill-0  prefill  10.0.0.3:4001  -         -                                        "
+        "-                   unreachable: UNAVAILABLE: gone",
     ]
 
 
@@ -54,6 +60,8 @@ def test_status_json_keeps_counters_and_errors() -> None:
     document = status_to_json(STATUS)
     decode, prefill = document["workers"]
     assert (document["target"], document["model"]) == ("head:50051", "dummy:tiny")
+    assert document["kv_cache_dtype"] == decode["kv_cache_dtype"] == "int8"
+    assert (decode["kv_pool_tokens"], decode["kv_pool_bytes"]) == (1024, 3 * 2**29)
     assert decode["store"] == {
         "hits": 5,
         "misses": 2,

@@ -24,7 +24,7 @@ def encoded(seed: int = 1) -> bytes:
 def test_round_trip_is_exact() -> None:
     block = make_block(7)
     data = CODEC.encode_bytes(HASH_A, block)
-    assert len(data) == HEADER_LEN + TINY_SPEC.nbytes == 80 + 256
+    assert len(data) == HEADER_LEN + TINY_SPEC.nbytes == 88 + 256
     assert data[:4] == b"KVRB"
     assert torch.equal(CODEC.decode(data, HASH_A), block)
 
@@ -105,14 +105,18 @@ CORRUPTIONS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "bad_magic": (_patch(0, b"XXXX"), "magic"),
     "bad_version": (_patch(4, struct.pack("<H", 9)), "version"),
     "bad_dtype": (_patch(6, bytes([2])), "dtype"),
-    "bad_ndim": (_patch(7, bytes([4])), "shape"),
-    "bad_shape": (_patch(8 + 4 * 3, struct.pack("<I", 2)), "shape"),
-    "other_fingerprint": (_patch(28, bytes(16)), "fingerprint"),
-    "other_hash": (_patch(44, HASH_B), "another hash"),
-    "bad_checksum_field": (_patch(68, bytes(8)), "checksum"),
+    "other_kv_format": (_patch(7, bytes([1])), "KV format code 1"),
+    "bad_ndim": (_patch(8, bytes([4])), "shape"),
+    "scale_bytes_on_full_precision_rows": (_patch(9, bytes([2])), "with 2 scale bytes"),
+    "nonzero_reserved_short": (_patch(10, b"\x01"), "reserved"),
+    "bad_shape": (_patch(12 + 4 * 3, struct.pack("<I", 2)), "shape"),
+    "other_fingerprint": (_patch(32, bytes(16)), "fingerprint"),
+    "other_hash": (_patch(48, HASH_B), "another hash"),
+    "nonzero_reserved_long": (_patch(72, b"\x01"), "reserved"),
+    "bad_checksum_field": (_patch(76, bytes(8)), "checksum"),
     # Found by tests/fuzz/fuzz_block_codec.py: fields no check read.
-    "bad_payload_len": (_patch(60, struct.pack("<Q", 255)), "header says 255 payload bytes"),
-    "nonzero_padding": (_patch(76, b"\x01"), "padding"),
+    "bad_payload_len": (_patch(64, struct.pack("<Q", 255)), "header says 255 payload bytes"),
+    "nonzero_padding": (_patch(84, b"\x01"), "padding"),
     "flipped_payload_byte": (lambda data: data[:-1] + bytes([data[-1] ^ 1]), "checksum"),
     "garbage": (lambda data: bytes(range(256)) * 2, "magic"),
 }
@@ -189,7 +193,9 @@ def test_a_block_forged_with_another_secret_is_refused() -> None:
         MAC_CODEC.decode(forged, HASH_A)
 
 
-@pytest.mark.parametrize("offset", [5, 40, HEADER_LEN + 3], ids=["shape", "key", "payload"])
+@pytest.mark.parametrize(
+    "offset", [7, 13, 50, HEADER_LEN + 3], ids=["kv_format", "shape", "key", "payload"]
+)
 def test_the_mac_covers_header_and_payload(offset: int) -> None:
     data = bytearray(MAC_CODEC.encode_bytes(HASH_A, make_block(2)))
     data[offset] ^= 0x01
