@@ -10,7 +10,7 @@ import pytest
 
 from protos import workers_pb2 as wpb
 from router import cluster as cluster_module
-from router.cluster import Cluster
+from router.cluster import Cluster, RegistrationRefused
 from router.registry import Role, WorkerRegistry
 from router.routing import PrefixLoadPolicy
 
@@ -151,3 +151,26 @@ def test_draining_is_for_good_and_a_stall_lasts_while_reported(clock):
         assert not entry.is_routable and cluster.workers(Role.DECODE) == []
 
     asyncio.run(scenario())
+
+
+def test_a_worker_storing_kv_in_another_format_is_refused_by_name(clock):
+    async def scenario():
+        cluster, _ = make_cluster(clock)
+        first = registration("d0", "h:1")
+        first.kv_cache_dtype = "int8"
+        await cluster.register(first)
+        other = registration("p0", "h:2")  # "" is auto: the model's dtype
+        with pytest.raises(RegistrationRefused) as refused:
+            await cluster.register(other)
+        same = registration("p1", "h:3")
+        same.kv_cache_dtype = "int8"
+        await cluster.register(same)
+        return cluster, str(refused.value)
+
+    cluster, message = asyncio.run(scenario())
+    assert message == (
+        "worker stores K/V as 'auto', the cluster as 'int8': start it with "
+        "--kv-cache-dtype int8, so that no block is read in another format"
+    )
+    assert {w.worker_id for w in cluster.registry.workers()} == {"d0", "p1"}
+    assert cluster.model.kv_cache_dtype == "int8"
