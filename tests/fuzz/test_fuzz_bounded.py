@@ -11,6 +11,7 @@ coverage. A longer run is README's "Fuzzing" command.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,9 @@ def test_a_bounded_run_finds_nothing(harness: str, tmp_path: Path) -> None:
         if crashes
         else f"{harness} failed (exit {proc.returncode})\n{output[-4000:]}"
     )
-    assert f"Done {RUNS[harness]} runs" in output, output[-2000:]
+    # libFuzzer checks its budget between batches of mutations, so a run may
+    # overshoot by a few inputs; it must not stop short of the budget.
+    done = re.search(r"^Done (\d+) runs", output, re.MULTILINE)
+    assert done and int(done.group(1)) >= RUNS[harness], output[-2000:]
     assert "fuzz: first accepted input" in output, f"{harness} accepted no input"
     assert "fuzz: first refused input" in output, f"{harness} refused no input"
