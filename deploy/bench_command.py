@@ -26,6 +26,8 @@ examples:
   kvrelay bench --compare prefix-cache --model dummy:135m --cores 0,1 \\
       --workload shared-prefix --num-groups 8 --prompts-per-group 8 \\
       --prefix-len 1024 --question-len 64 --output-len 64
+  kvrelay bench --compare kv-cache-dtype --model dummy:135m --cores 0,1 \\
+      --workload shared-prefix --num-groups 8 --prompts-per-group 4 --prefix-len 1024
   kvrelay bench --compare disagg-vs-colocated --model dummy:135m --cores 0,1 \\
       --workload mixed --num-prompts 32 --long-len 1024 --request-rate 1
   kvrelay bench --compare overhead --model dummy:135m --cores 0,1 --num-trials 30
@@ -37,7 +39,7 @@ result as JSON (--result-json) and a PNG of the latency CDFs (--plot).
 """
 
 WORKLOADS = ("random", "shared-prefix", "mixed", "jsonl")
-COMPARE_KINDS = ("disagg-vs-colocated", "prefix-cache", "overhead")
+COMPARE_KINDS = ("disagg-vs-colocated", "prefix-cache", "kv-cache-dtype", "overhead")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
