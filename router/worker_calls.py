@@ -49,6 +49,11 @@ tracer = trace.get_tracer("kvrelay.router")
 
 RESIDENCY_TIMEOUT_S = 0.5
 """How long the router waits for CountResident answers before routing without them."""
+ROUTABLE_WAIT_S = 10.0
+"""How long a request in flight waits for a decode worker to become routable (one
+registering, a stall ending) before it fails: a drain or a restart hands its
+requests over in that gap, so they resume instead of failing."""
+ROUTABLE_POLL_S = 0.05
 
 # Statuses that say the worker failed (or is gone), not that the request is wrong:
 # the request goes to another worker. DEADLINE_EXCEEDED is here only when the token
@@ -213,7 +218,7 @@ class WorkerCalls:
         refused: set[str] = set()  # full (RESOURCE_EXHAUSTED) before sending anything
         num_migrations = 0
         while True:
-            worker = await self.pick_decode(req, avoid=failed | refused)
+            worker = await self.pick_decode(req, deadline, avoid=failed | refused)
             parent.set_attribute(names.DECODE_WORKER, worker.worker_id)  # the last one's
             is_resume = num_migrations > 0
             request = wpb.DecodeRequest(
@@ -271,13 +276,27 @@ class WorkerCalls:
                 },
             )
 
-    async def pick_decode(self, req: PreparedRequest, avoid: Collection[str] = ()) -> WorkerEntry:
+    async def pick_decode(
+        self, req: PreparedRequest, deadline: float, avoid: Collection[str] = ()
+    ) -> WorkerEntry:
         """A decode worker for the request, preferring those not in `avoid` (workers
-        that failed it); one of those only when no other is left."""
+        that failed it); one of those only when no other is left. When none is
+        routable (all draining, stalled or gone), waits up to `ROUTABLE_WAIT_S`
+        (and never past `deadline`) for one."""
         routable = self.cluster.workers(Role.DECODE)
+        if not routable:
+            wait_until = min(time.monotonic() + ROUTABLE_WAIT_S, deadline)
+            while not routable and time.monotonic() < wait_until:
+                await asyncio.sleep(ROUTABLE_POLL_S)
+                routable = self.cluster.workers(Role.DECODE)
+            if not routable:
+                _remaining(deadline)  # DEADLINE_EXCEEDED when that is what ended the wait
+                raise RelayError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"no decode worker became routable in {ROUTABLE_WAIT_S:g} s (every one "
+                    "is draining, stalled or gone); start one (`kvrelay serve decode`) and retry",
+                )
         workers = [w for w in routable if w.worker_id not in avoid] or routable
-        if not workers:
-            raise RelayError(grpc.StatusCode.UNAVAILABLE, "no decode worker is registered")
         num_resident: dict[str, int] = {}
         if req.block_hashes and len(workers) > 1:
             answers = await asyncio.gather(

@@ -396,6 +396,66 @@ def test_a_decode_worker_failing_mid_stream_resumes_on_another_with_the_sent_tok
     assert workers.releases == []  # d0 had taken the tail with its first message
 
 
+class DrainsD0AfterB(ScriptedWorkers):
+    """d0 says it is draining after its first token, then fails; `on_drain` runs then."""
+
+    def __init__(self, on_drain: Callable[[], None]) -> None:
+        super().__init__()
+        self.on_drain = on_drain
+
+    async def decode(self, worker_id, request, timeout_s, trace_context=None):
+        async for item in super().decode(worker_id, request, timeout_s, trace_context):
+            yield item
+            if worker_id == "d0":
+                self.on_drain()
+                raise gone("d0")
+
+
+def resume_with_d1_stalled(unstall_after_s: float | None) -> tuple[list, float]:
+    """d1 is stalled when d0 drains and fails mid-stream; it recovers after
+    `unstall_after_s` (None: never). The responses (or the error) and the time taken."""
+    relay_box: list[RequestRelay] = []
+
+    def on_drain() -> None:
+        cluster = relay_box[0].cluster
+        cluster.heartbeat(wpb.HeartbeatRequest(worker_id="d0", is_draining=True))
+        if unstall_after_s is not None:
+            recover = wpb.HeartbeatRequest(worker_id="d1", is_stalled=False)
+            asyncio.get_running_loop().call_later(unstall_after_s, cluster.heartbeat, recover)
+
+    workers = DrainsD0AfterB(on_drain)
+    workers.decodes = {
+        "d0": [decoded(b"B")],
+        "d1": [decoded(b"C", pb.FINISH_REASON_LENGTH)],
+    }
+
+    async def scenario():
+        relay = await make_relay(workers, prefill_ids=(), decode_ids=("d0", "d1"))
+        relay_box.append(relay)
+        relay.cluster.heartbeat(wpb.HeartbeatRequest(worker_id="d1", is_stalled=True))
+        request = pb.GenerateRequest(request_id="r", prompt_token_ids=PROMPT)
+        start = time.monotonic()
+        try:
+            return [m async for m in relay.generate(request, None)], time.monotonic() - start
+        except RelayError as err:
+            return [err], time.monotonic() - start
+
+    return asyncio.run(scenario())
+
+
+def test_a_resume_waits_for_a_decode_worker_to_become_routable() -> None:
+    responses, elapsed = resume_with_d1_stalled(unstall_after_s=0.3)
+    assert text_of(responses) == "BC" and 0.3 <= elapsed < 5
+
+
+def test_a_resume_with_no_routable_decode_worker_fails_after_a_bounded_wait(monkeypatch) -> None:
+    monkeypatch.setattr("router.worker_calls.ROUTABLE_WAIT_S", 0.3)
+    (error,), elapsed = resume_with_d1_stalled(unstall_after_s=None)
+    assert isinstance(error, RelayError) and error.code == grpc.StatusCode.UNAVAILABLE
+    assert "no decode worker became routable in 0.3 s" in error.message
+    assert 0.3 <= elapsed < 5
+
+
 def test_a_decode_failure_before_its_first_message_resumes_and_releases_the_tail() -> None:
     workers = ScriptedWorkers()
     workers.prefills = {"p0": prefilled(ord("A"))}
