@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from decode_worker.kernels.paged_attention import (
+    _FP8_AS_FLOAT16_SCALE,
+    _fp8_e4m3_as_float16,
     gather_layout,
     paged_attention,
     paged_attention_reference,
@@ -326,3 +328,12 @@ def test_8bit_cache_arguments_are_checked(change: dict, message: str) -> None:
     lens = torch.ones(2, dtype=torch.int32)
     with pytest.raises(ValueError, match=message):
         paged_attention(query, cache, cache.clone(), tables, lens, 0.1, kv_cache_dtype="int8")
+
+
+def test_the_torch_paths_fp8_widening_is_exact_for_every_stored_byte() -> None:
+    every_byte = torch.arange(256, dtype=torch.uint8)
+    finite = every_byte[(every_byte & 0x7F) != 0x7F]  # 0x7F and 0xFF are NaN: never stored
+    fp8 = finite.view(torch.float8_e4m3fn)
+    widened = _fp8_e4m3_as_float16(fp8.reshape(2, 127)).reshape(-1).float()
+    assert torch.equal(widened * _FP8_AS_FLOAT16_SCALE, fp8.float())
+    assert fp8.float().abs().max() == 448 and (fp8.float() == 2.0**-9).any()  # max, subnormal
