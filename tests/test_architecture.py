@@ -45,6 +45,7 @@ TORCH_FREE = (
     "model.weight_files",
     "model.runtime",
     "kvstore.hashing",
+    "kvstore.kv_format",
     "kvstore.tail_lease",
     "deploy.worker_flags",
     "router.service",
