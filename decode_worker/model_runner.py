@@ -17,13 +17,14 @@ from decode_worker.block_pool import BlockPool
 from decode_worker.kernels.contracts import check_paged_attention_args
 from decode_worker.kernels.kv_cache_write import write_kv_cache, write_kv_cache_torch
 from decode_worker.kernels.paged_attention import (
+    GatherLayout,
     gather_layout,
     paged_attention,
     paged_attention_torch,
 )
 from decode_worker.scheduler_output import ScheduledSequence, SchedulerOutput
 from kvstore.kv_quant import KVCacheFormat
-from model.attention import AttentionBackend
+from model.attention import AttentionBackend, causal_window_mask
 from model.loader import LoadedModel
 
 
@@ -65,7 +66,11 @@ class PagedAttentionBackend(AttentionBackend):
             self.context_lens = torch.tensor(
                 [s.context_len for s in decodes], dtype=torch.int32, device=device
             )
-            self.layout = gather_layout(self.block_tables, self.context_lens, pool.block_size)
+        # Per window (None: the whole context), built on first use: the torch path's
+        # gather layouts, and the prefill chunks' masks.
+        self._layouts: dict[int | None, GatherLayout] = {}
+        self._chunk_masks: dict[int | None, list[torch.Tensor]] = {}
+        self.device = device
         # Prefill chunks gather their own blocks once per step too.
         self.chunk_blocks = [
             torch.tensor(
@@ -75,7 +80,18 @@ class PagedAttentionBackend(AttentionBackend):
             )
             for c in self.prefills
         ]
-        self.chunk_masks = [_chunk_mask(c, device) for c in self.prefills]
+
+    def _layout(self, window: int | None) -> GatherLayout:
+        if window not in self._layouts:
+            self._layouts[window] = gather_layout(
+                self.block_tables, self.context_lens, self.pool.block_size, window
+            )
+        return self._layouts[window]
+
+    def chunk_masks(self, window: int | None) -> list[torch.Tensor]:
+        if window not in self._chunk_masks:
+            self._chunk_masks[window] = [_chunk_mask(c, window, self.device) for c in self.prefills]
+        return self._chunk_masks[window]
 
     def attend(
         self,
@@ -84,6 +100,7 @@ class PagedAttentionBackend(AttentionBackend):
         key: torch.Tensor,
         value: torch.Tensor,
         scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
         key_cache = self.pool.key_cache(layer_idx)
         value_cache = self.pool.value_cache(layer_idx)
@@ -96,7 +113,7 @@ class PagedAttentionBackend(AttentionBackend):
             if n:
                 check_paged_attention_args(
                     query[:n], key_cache, value_cache, self.block_tables, self.context_lens,
-                    kv_cache_dtype,
+                    kv_cache_dtype, window,
                 )  # fmt: skip
             self._num_checked_layers += 1
         else:
@@ -108,17 +125,17 @@ class PagedAttentionBackend(AttentionBackend):
             if self.is_torch_path:
                 out = paged_attention_torch(
                     query[:n], key_cache, value_cache, self.block_tables, self.context_lens,
-                    scale, self.layout, kv_cache_dtype,
+                    scale, self._layout(window), kv_cache_dtype, window,
                 )  # fmt: skip
             else:
                 out = paged_attention(
                     query[:n], key_cache, value_cache, self.block_tables, self.context_lens,
-                    scale, kv_cache_dtype=kv_cache_dtype,
+                    scale, kv_cache_dtype=kv_cache_dtype, window=window,
                 )  # fmt: skip
             outputs.append(out)
         start = n
         for chunk, blocks, mask in zip(
-            self.prefills, self.chunk_blocks, self.chunk_masks, strict=True
+            self.prefills, self.chunk_blocks, self.chunk_masks(window), strict=True
         ):
             q = query[start : start + chunk.num_tokens]
             start += chunk.num_tokens
@@ -130,10 +147,10 @@ class PagedAttentionBackend(AttentionBackend):
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
-def _chunk_mask(chunk: ScheduledSequence, device: torch.device) -> torch.Tensor:
-    """bool `[chunk_len, context_len]`: token i of the chunk sees positions up to its own."""
-    rows = torch.arange(chunk.num_tokens, device=device)[:, None] + chunk.start_pos
-    return torch.arange(chunk.context_len, device=device)[None, :] <= rows
+def _chunk_mask(chunk: ScheduledSequence, window: int | None, device: torch.device) -> torch.Tensor:
+    """bool `[chunk_len, context_len]`: token i of the chunk sees positions up to its own
+    (with a `window`, the last `window` of them)."""
+    return causal_window_mask(chunk.num_tokens, chunk.context_len, window, device)
 
 
 def _chunk_attention(

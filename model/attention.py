@@ -27,7 +27,8 @@ class AttentionBackend(ABC):
       order, with the same token layout each time.
     - `attend` stores this step's `key`/`value` in the backend's cache (if it has
       one) and returns causal attention of each token over its sequence's cached
-      tokens plus the step's tokens up to and including itself.
+      tokens plus the step's tokens up to and including itself; with a `window`,
+      over the last `window` of those positions only (its own included).
     - It does not change `query`, `key` or `value`.
     """
 
@@ -39,6 +40,7 @@ class AttentionBackend(ABC):
         key: torch.Tensor,
         value: torch.Tensor,
         scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
         """query: [num_tokens, num_heads, head_dim]; key, value: [num_tokens,
         num_kv_heads, head_dim]. Returns [num_tokens, num_heads, head_dim]."""
@@ -107,6 +109,7 @@ class ContiguousKVAttention(AttentionBackend):
         key: torch.Tensor,
         value: torch.Tensor,
         scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
         if query.shape[0] != self.num_tokens:
             raise ValueError(f"expected {self.num_tokens} tokens, got {query.shape[0]}")
@@ -131,7 +134,7 @@ class ContiguousKVAttention(AttentionBackend):
             if prefix is not None:
                 k = torch.cat((self._read(prefix[layer_idx, 0], k.dtype), k))
                 v = torch.cat((self._read(prefix[layer_idx, 1], v.dtype), v))
-            outputs.append(_causal_attention(q, k, v, scale, num_queries_per_kv))
+            outputs.append(_causal_attention(q, k, v, scale, num_queries_per_kv, window))
         return torch.cat(outputs)
 
     def _read(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -148,26 +151,46 @@ class ContiguousKVAttention(AttentionBackend):
         return torch.stack((torch.stack(keys), torch.stack(values)), dim=1)
 
 
+def causal_window_mask(
+    num_queries: int, num_keys: int, window: int | None, device: torch.device
+) -> torch.Tensor:
+    """bool `[num_queries, num_keys]`: query i, at position `num_keys - num_queries + i`,
+    sees the keys up to its own position and, with a `window`, no more than the last
+    `window` of them (HF's `sliding_window`: key j is seen when i - j < window)."""
+    positions = torch.arange(num_keys - num_queries, num_keys, device=device)[:, None]
+    keys = torch.arange(num_keys, device=device)[None, :]
+    mask = keys <= positions
+    if window is not None:
+        mask &= keys > positions - window
+    return mask
+
+
 def _causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, num_queries_per_kv: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    num_queries_per_kv: int,
+    window: int | None = None,
 ) -> torch.Tensor:
     """q: [new_len, num_heads, d]; k, v: [total_len, num_kv_heads, d], the last
     new_len of which are q's own tokens. Returns [new_len, num_heads, d]."""
     new_len, total_len = q.shape[0], k.shape[0]
+    if window is not None and window >= total_len:
+        window = None  # no query here reaches past it
     if num_queries_per_kv > 1:
         k = k.repeat_interleave(num_queries_per_kv, dim=1)
         v = v.repeat_interleave(num_queries_per_kv, dim=1)
-    if new_len == 1:
+    if window is not None:
+        mask, is_causal = causal_window_mask(new_len, total_len, window, q.device), False
+    elif new_len == 1:
         mask, is_causal = None, False  # one query sees everything before it
     elif new_len == total_len:
         mask, is_causal = None, True
     else:
         # SDPA's is_causal aligns the diagonal top-left; with a prefix the new tokens
         # sit bottom-right, so the mask is explicit.
-        offset = total_len - new_len
-        rows = torch.arange(new_len, device=q.device)[:, None]
-        cols = torch.arange(total_len, device=q.device)[None, :]
-        mask, is_causal = cols <= rows + offset, False
+        mask, is_causal = causal_window_mask(new_len, total_len, None, q.device), False
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1),
         k.transpose(0, 1),

@@ -2,9 +2,11 @@
 
 Accepts Llama, Mistral and Qwen2 configs as older (`rope_theta` + `rope_scaling`) and
 current (`rope_parameters`) `transformers` versions write them. Anything this
-model code would silently compute differently (another architecture, a sliding
-window shorter than the context, an unknown rope type) is refused with a
-`ModelLoadError` rather than served wrong.
+model code would silently compute differently (another architecture, an unknown
+rope type) is refused with a `ModelLoadError` rather than served wrong. Sliding
+windows are read as `transformers` applies them: Mistral's `sliding_window` on
+every layer, Qwen2's with `use_sliding_window` on the layers `layer_types` (or
+`max_window_layers`) names.
 
 This module does not import torch: the router reads configs too.
 """
@@ -81,6 +83,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     """Any of these ends generation (unless the request ignores EOS)."""
+    layer_windows: tuple[int, ...] = ()
+    """Per layer, how many positions a token attends to, its own included (HF's
+    `sliding_window`), or 0 for the whole context; empty: no layer has a window."""
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -110,6 +115,12 @@ class ModelConfig:
             raise ModelLoadError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if not (self.rms_norm_eps > 0 and self.rope_theta > 0):  # NaN too
             raise ModelLoadError("config rms_norm_eps and rope_theta must be > 0")
+        if self.layer_windows and (
+            len(self.layer_windows) != self.num_layers or min(self.layer_windows) < 0
+        ):
+            raise ModelLoadError(
+                f"layer_windows needs {self.num_layers} values >= 0, got {self.layer_windows}"
+            )
         for token_id in (*self.eos_token_ids, self.bos_token_id):
             if token_id is not None and not 0 <= token_id < self.vocab_size:
                 raise ModelLoadError(
@@ -119,6 +130,10 @@ class ModelConfig:
     @property
     def num_queries_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    def window(self, layer_idx: int) -> int | None:
+        """The positions layer `layer_idx` attends to, its own included; None: all."""
+        return (self.layer_windows[layer_idx] or None) if self.layer_windows else None
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
@@ -133,7 +148,10 @@ class ModelConfig:
             num_heads = int(hf["num_attention_heads"])
             hidden_size = int(hf["hidden_size"])
             max_position_embeddings = int(hf.get("max_position_embeddings", 2048))
-            _check_no_short_sliding_window(hf, max_position_embeddings)
+            num_layers = int(hf["num_hidden_layers"])
+            layer_windows = _parse_layer_windows(
+                hf, architecture, num_layers, max_position_embeddings
+            )
             _check_plain_llama_block(hf)
             rope_theta, rope_scaling = _parse_rope(hf, max_position_embeddings)
             return cls(
@@ -141,7 +159,7 @@ class ModelConfig:
                 vocab_size=int(hf["vocab_size"]),
                 hidden_size=hidden_size,
                 intermediate_size=int(hf["intermediate_size"]),
-                num_layers=int(hf["num_hidden_layers"]),
+                num_layers=num_layers,
                 num_heads=num_heads,
                 num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
                 # `head_dim` is explicit in Mistral/Qwen3-style configs and may differ
@@ -157,6 +175,7 @@ class ModelConfig:
                 or bool(hf.get("attention_bias", False)),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=_as_id_tuple(hf.get("eos_token_id")),
+                layer_windows=layer_windows,
             )
         except KeyError as exc:
             raise ModelLoadError(f"config.json is missing {exc.args[0]!r}") from None
@@ -199,16 +218,42 @@ def _as_id_tuple(value: int | list[int] | None) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def _check_no_short_sliding_window(hf: dict[str, Any], max_position_embeddings: int) -> None:
-    # Qwen2 carries a `sliding_window` value but only applies it with use_sliding_window.
-    if hf.get("architectures") == ["Qwen2ForCausalLM"] and not hf.get("use_sliding_window", False):
-        return
+_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _parse_layer_windows(
+    hf: dict[str, Any], architecture: str, num_layers: int, max_position_embeddings: int
+) -> tuple[int, ...]:
+    """`ModelConfig.layer_windows`, as `transformers` applies the config's window."""
     window = hf.get("sliding_window")
-    if window is not None and int(window) < max_position_embeddings:
+    if architecture == "Qwen2ForCausalLM" and not hf.get("use_sliding_window", False):
+        window = None  # Qwen2 carries a window it applies only with use_sliding_window
+    if window is None or int(window) >= max_position_embeddings:
+        return ()  # no window, or one no context reaches past
+    window = int(window)
+    if window <= 0:
+        raise ModelLoadError(f"sliding_window must be > 0, got {window}")
+    if architecture == "MistralForCausalLM":
+        return (window,) * num_layers  # transformers' Mistral ignores layer_types
+    if architecture != "Qwen2ForCausalLM":
         raise ModelLoadError(
-            f"unsupported sliding_window {window} shorter than the context "
-            f"({max_position_embeddings} positions)"
+            f"unsupported sliding_window {window} for {architecture} "
+            f"(shorter than its {max_position_embeddings}-position context)"
         )
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+        first = int(hf.get("max_window_layers", 28))
+        layer_types = [_LAYER_TYPES[i < first] for i in range(num_layers)]
+    if (
+        not isinstance(layer_types, list)
+        or len(layer_types) != num_layers
+        or any(t not in _LAYER_TYPES for t in layer_types)
+    ):
+        raise ModelLoadError(
+            f"layer_types must list {num_layers} of {' or '.join(_LAYER_TYPES)}, got {layer_types}"
+        )
+    windows = tuple(window if t == "sliding_attention" else 0 for t in layer_types)
+    return windows if any(windows) else ()
 
 
 def _check_plain_llama_block(hf: dict[str, Any]) -> None:

@@ -45,6 +45,7 @@ class SelfAttention(nn.Module):
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         self.scale = config.head_dim**-0.5
+        self.window = config.window(layer_idx)
         self.qkv_proj = nn.Linear(
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
         )
@@ -63,7 +64,7 @@ class SelfAttention(nn.Module):
         qk = apply_rotary(qk.view(num_tokens, -1, self.head_dim), cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = attention.attend(self.layer_idx, q, k, v, self.scale)
+        out = attention.attend(self.layer_idx, q, k, v, self.scale, self.window)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 

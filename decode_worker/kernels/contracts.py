@@ -66,11 +66,14 @@ def check_paged_attention_args(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     kv_cache_dtype: str = "auto",
+    window: int | None = None,
 ) -> None:
     """Raise ValueError naming the first argument whose shape, dtype, device or strides
-    do not match the layout in this module's docstring. Never reads tensor values, so
-    it costs no device synchronization."""
+    do not match the layout in this module's docstring (or a `window` below 1). Never
+    reads tensor values, so it costs no device synchronization."""
     check_kv_cache_dtype(kv_cache_dtype)
+    if window is not None and window < 1:
+        raise ValueError(f"window must be None or >= 1 positions, got {window}")
     if query.dim() != 3:
         raise ValueError(f"query must be [num_seqs, num_heads, head_dim], got {_shape(query)}")
     if key_cache.dim() != 4:

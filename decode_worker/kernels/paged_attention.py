@@ -26,8 +26,11 @@ def paged_attention(
     scale: float,
     backend: Backend | None = None,
     kv_cache_dtype: str = "auto",
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Attention of each sequence's query over its first `context_lens[s]` cached tokens.
+    """Attention of each sequence's query over its first `context_lens[s]` cached tokens,
+    or with a `window` over the last `window` of them only (sliding-window layers;
+    blocks wholly before the window are not read).
 
     `backend=None` picks Triton for CUDA tensors and torch otherwise. `kv_cache_dtype`
     says how the caches hold rows (`auto`: the query's dtype; `int8`, `fp8_e4m3`:
@@ -36,58 +39,70 @@ def paged_attention(
     num_heads, head_dim]` tensor in `query.dtype`.
     """
     check_paged_attention_args(
-        query, key_cache, value_cache, block_tables, context_lens, kv_cache_dtype
+        query, key_cache, value_cache, block_tables, context_lens, kv_cache_dtype, window
     )
     if pick_backend(backend, query) == "torch":
         return paged_attention_torch(
             query, key_cache, value_cache, block_tables, context_lens, scale,
-            kv_cache_dtype=kv_cache_dtype,
+            kv_cache_dtype=kv_cache_dtype, window=window,
         )  # fmt: skip
     # Imported here so that a CPU-only install without Triton can still decode.
     from decode_worker.kernels.paged_attention_triton import paged_attention_triton
 
     return paged_attention_triton(
         query, key_cache, value_cache, block_tables, context_lens, scale,
-        kv_cache_dtype=kv_cache_dtype,
+        kv_cache_dtype=kv_cache_dtype, window=window,
     )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class GatherLayout:
     """What the torch path reads from `block_tables` and `context_lens`: the same for
-    every layer of a step, so the model runner builds it once per step, not per layer."""
+    every layer of a step (every layer with the same window), so the model runner
+    builds it once per step, not per layer."""
 
     block_indices: torch.Tensor
     """int64 `[num_seqs * num_ctx_blocks]`: the physical blocks to gather, sequence by
-    sequence; padding entries point at block 0 (gathered, then masked out)."""
+    sequence, from the first block the window reaches; padding entries point at
+    block 0 (gathered, then masked out)."""
     is_padding: torch.Tensor | None
-    """bool `[num_seqs, 1, 1, padded_len]`: gathered tokens past a sequence's context;
-    None when there are none (every sequence fills its last block exactly)."""
+    """bool `[num_seqs, 1, 1, padded_len]`: gathered tokens past a sequence's context
+    or before its window; None when there are none."""
     padded_len: int
     """`num_ctx_blocks * block_size` tokens per sequence after the gather."""
+    window: int | None = None
+    """The window it was built for (None: the whole context)."""
 
 
 def gather_layout(
-    block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_size: int,
+    window: int | None = None,
 ) -> GatherLayout:
     """The `GatherLayout` of one step. Reads `context_lens` on the host (one sync; free
     on CPU)."""
-    max_context_len = int(context_lens.max())
-    num_ctx_blocks = -(-max_context_len // block_size)
-    tables = block_tables[:, :num_ctx_blocks].long()
+    device = block_tables.device
+    context_lens = context_lens.long()
+    starts = (context_lens - window).clamp(min=0) if window else torch.zeros_like(context_lens)
+    first_blocks = starts // block_size
+    num_blocks = (context_lens + block_size - 1) // block_size - first_blocks
+    num_ctx_blocks = int(num_blocks.max())
     # Padding entries may hold anything; point them at block 0 so index_select stays in
     # range. The mask hides whatever they gather.
-    logical = torch.arange(num_ctx_blocks, device=block_tables.device)
-    ctx_blocks = (context_lens.long() + block_size - 1) // block_size
-    tables = torch.where(logical[None, :] < ctx_blocks[:, None], tables, 0).reshape(-1)
+    offsets = torch.arange(num_ctx_blocks, device=device)
+    logical = (first_blocks[:, None] + offsets[None, :]).clamp(max=block_tables.shape[1] - 1)
+    tables = block_tables.long().gather(1, logical)
+    tables = torch.where(offsets[None, :] < num_blocks[:, None], tables, 0).reshape(-1)
     padded_len = num_ctx_blocks * block_size
-    positions = torch.arange(padded_len, device=block_tables.device)
-    is_padding = positions[None, :] >= context_lens[:, None]
+    positions = first_blocks[:, None] * block_size + torch.arange(padded_len, device=device)
+    is_padding = (positions >= context_lens[:, None]) | (positions < starts[:, None])
     has_padding = bool(is_padding.any())
     return GatherLayout(
         block_indices=tables,
         is_padding=is_padding[:, None, None, :] if has_padding else None,
         padded_len=padded_len,
+        window=window,
     )
 
 
@@ -100,12 +115,14 @@ def paged_attention_torch(
     scale: float,
     layout: GatherLayout | None = None,
     kv_cache_dtype: str = "auto",
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Batched torch path: gather every sequence's blocks into one padded
+    """Batched torch path: gather every sequence's blocks (with a `window`, those it
+    reaches) into one padded
     `[num_seqs, max_context_len, num_kv_heads, head_dim]` tensor and run a masked batched
     matmul, so the cost is a handful of kernels per layer rather than a Python loop
-    per sequence. `layout` is `gather_layout(block_tables, context_lens, block_size)`,
-    computed here when not given.
+    per sequence. `layout` is `gather_layout(block_tables, context_lens, block_size,
+    window)`, computed here when not given.
 
     8-bit rows are never dequantized as such: the values are widened to float32 by
     the copy that lays them out for the matmul anyway, and the scales, one per token
@@ -116,7 +133,9 @@ def paged_attention_torch(
     if num_seqs == 0:
         return torch.empty_like(query)
     if layout is None:
-        layout = gather_layout(block_tables, context_lens, block_size)
+        layout = gather_layout(block_tables, context_lens, block_size, window)
+    if layout.window != window:
+        raise ValueError(f"the gather layout is for window {layout.window}, not {window}")
     kv_format = KVCacheFormat(kv_cache_dtype, query.dtype)
     padded_len = layout.padded_len
     num_batches = num_seqs * num_kv_heads
@@ -183,10 +202,11 @@ def paged_attention_reference(
     context_lens: torch.Tensor,
     scale: float,
     kv_cache_dtype: str = "auto",
+    window: int | None = None,
 ) -> torch.Tensor:
-    """The slow, obviously-correct definition: for each sequence, copy its tokens out of
-    the cache one block at a time, dequantize them (8-bit rows) and run plain softmax
-    attention per query head."""
+    """The slow, obviously-correct definition: for each sequence, copy its tokens (the
+    last `window` of them, with a window) out of the cache one at a time, dequantize
+    them (8-bit rows) and run plain softmax attention per query head."""
     kv_format = KVCacheFormat(kv_cache_dtype, torch.float32)
     num_seqs, num_heads = query.shape[:2]
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
@@ -195,7 +215,8 @@ def paged_attention_reference(
     for seq in range(num_seqs):
         context_len = int(context_lens[seq])
         keys, values = [], []
-        for pos in range(context_len):
+        first = max(context_len - window, 0) if window else 0
+        for pos in range(first, context_len):
             block = int(block_tables[seq, pos // block_size])
             keys.append(key_cache[block, pos % block_size])
             values.append(value_cache[block, pos % block_size])

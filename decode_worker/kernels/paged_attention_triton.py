@@ -37,6 +37,8 @@ _INT8 = tl.constexpr(KV_FORMAT_IDS["int8"])
 # 512 tokens: long enough that a partition amortizes its partial write-out, short enough
 # that a batch of a few sequences at 4k+ context still yields hundreds of programs.
 DEFAULT_PARTITION_SIZE = 512
+# A window no context reaches past (context lengths are int32).
+_NO_WINDOW = 2**30
 # Below this many (sequence, KV head) programs a GPU has idle SMs; split the context.
 _MIN_PROGRAMS_WITHOUT_SPLIT = 256
 
@@ -72,6 +74,7 @@ def _paged_attention_partition_kernel(
     partial_sum_ptr,
     partial_out_ptr,
     scale,
+    window,
     stride_q_seq,
     stride_q_head,
     stride_k_block,
@@ -99,6 +102,10 @@ def _paged_attention_partition_kernel(
     first_block = partition * BLOCKS_PER_PARTITION
     if first_block * BLOCK_SIZE >= context_len:
         return  # the reduce pass only reads partitions that start inside the context
+    # The first position seen: 0, or with a window (sliding-window layers) the first
+    # of the last `window`. Blocks wholly before it are skipped, and a partition wholly
+    # before it writes an empty partial (max -inf, sum 0), which the reduce weighs 0.
+    window_start = tl.maximum(context_len - window, 0)
 
     group = tl.arange(0, GROUP_PAD)
     is_head = group < GROUP_SIZE
@@ -117,10 +124,13 @@ def _paged_attention_partition_kernel(
     tokens = tl.arange(0, BLOCK_SIZE)
     num_context_blocks = tl.cdiv(context_len, BLOCK_SIZE)
     last_block = tl.minimum(first_block + BLOCKS_PER_PARTITION, num_context_blocks)
-    for logical_block in range(first_block, last_block):
+    # The first block read holds a position the window sees, so no block's scores are
+    # all -inf before one that is not (which would make the running max NaN).
+    for logical_block in range(tl.maximum(first_block, window_start // BLOCK_SIZE), last_block):
         physical_block = tl.load(block_tables_ptr + seq * stride_bt_seq + logical_block)
         physical_block = physical_block.to(tl.int64)  # block * stride overflows int32
-        is_valid = logical_block * BLOCK_SIZE + tokens < context_len
+        positions = logical_block * BLOCK_SIZE + tokens
+        is_valid = (positions < context_len) & (positions >= window_start)
         k, k_scales = _load_rows(
             key_cache_ptr
             + physical_block * stride_k_block
@@ -221,6 +231,7 @@ def paged_attention_triton(
     scale: float,
     partition_size: int | None = None,
     kv_cache_dtype: str = "auto",
+    window: int | None = None,
 ) -> torch.Tensor:
     """Launch the kernels; same contract as `decode_worker.kernels.paged_attention.paged_attention`.
 
@@ -229,7 +240,7 @@ def paged_attention_triton(
     GPU idle. Raises ValueError for layouts the kernels cannot run.
     """
     check_paged_attention_args(
-        query, key_cache, value_cache, block_tables, context_lens, kv_cache_dtype
+        query, key_cache, value_cache, block_tables, context_lens, kv_cache_dtype, window
     )
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
@@ -279,6 +290,7 @@ def paged_attention_triton(
         partial_sum,
         partial_out,
         scale,
+        window or _NO_WINDOW,
         query.stride(0),
         query.stride(1),
         key_cache.stride(0),

@@ -337,3 +337,68 @@ def test_the_torch_paths_fp8_widening_is_exact_for_every_stored_byte() -> None:
     widened = _fp8_e4m3_as_float16(fp8.reshape(2, 127)).reshape(-1).float()
     assert torch.equal(widened * _FP8_AS_FLOAT16_SCALE, fp8.float())
     assert fp8.float().abs().max() == 448 and (fp8.float() == 2.0**-9).any()  # max, subnormal
+
+
+# Sliding windows: a window of one token, one block, one block plus one, past the
+# context; head dims 64, 128 and 256; split contexts whose first partitions lie
+# wholly before the window (their partials must weigh nothing).
+WINDOW_CASES = [
+    (Case(4, 2, 64, 16, (1, 15, 16, 17, 300)), 1),
+    (Case(4, 2, 64, 16, (1, 15, 16, 17, 300)), 16),
+    (Case(4, 2, 64, 16, (1, 15, 16, 17, 300)), 17),
+    (Case(4, 2, 64, 16, (1, 15, 16, 17, 300)), 1000),
+    (Case(8, 1, 128, 8, (9, 257, 333), partition_size=64), 50),
+    (Case(2, 1, 256, 16, (33, 300), partition_size=64), 20),
+    (Case(4, 1, 256, 16, (100, 40)), 32),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+@pytest.mark.parametrize(
+    ("case", "window"), WINDOW_CASES, ids=[f"{c.id}-w{w}" for c, w in WINDOW_CASES]
+)
+def test_a_window_matches_the_reference(case, window, kv_cache_dtype, backend) -> None:
+    if kv_cache_dtype == "auto":
+        inputs = make_inputs(case)
+    else:
+        inputs = make_quantized_inputs(case, kv_cache_dtype)
+    scale = case.head_dim**-0.5
+    expected = paged_attention_reference(
+        *inputs, scale, kv_cache_dtype=kv_cache_dtype, window=window
+    )
+    if backend == "triton":
+        actual = triton_module.paged_attention_triton(
+            *inputs, scale, case.partition_size, kv_cache_dtype, window
+        )
+    else:
+        actual = paged_attention(
+            *inputs, scale, backend="torch", kv_cache_dtype=kv_cache_dtype, window=window
+        )
+    assert_close(actual, expected, f"{case.id}-w{window}", atol=1e-5, rtol=1e-4)
+    if window < max(case.context_lens):  # the window is applied, not ignored
+        unwindowed = paged_attention_reference(*inputs, scale, kv_cache_dtype=kv_cache_dtype)
+        assert not torch.allclose(actual, unwindowed, atol=1e-3)
+
+
+def test_the_reference_window_is_attention_over_the_last_positions() -> None:
+    # The reference's window, against attention written out for one sequence whose
+    # last `window` tokens are laid out as a context of their own.
+    case = Case(2, 1, 32, 8, (29,))
+    query, key_cache, value_cache, block_tables, context_lens = make_inputs(case)
+    window = 11
+    windowed = paged_attention_reference(
+        query, key_cache, value_cache, block_tables, context_lens, 0.3, window=window
+    )
+    rows = [(int(block_tables[0, p // 8]), p % 8) for p in range(29 - window, 29)]
+    k = torch.stack([key_cache[b, t, 0] for b, t in rows])
+    v = torch.stack([value_cache[b, t, 0] for b, t in rows])
+    for head in range(2):
+        probs = torch.softmax(k @ query[0, head] * 0.3, dim=0)
+        torch.testing.assert_close(windowed[0, head], probs @ v)
+
+
+def test_a_window_below_one_is_refused() -> None:
+    inputs = make_inputs(CASES[1])
+    with pytest.raises(ValueError, match="window must be None or >= 1 positions, got 0"):
+        paged_attention(*inputs, 0.1, window=0)
