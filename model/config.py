@@ -1,6 +1,6 @@
 """`ModelConfig`: the shape of a Llama-family decoder, parsed from a HF `config.json`.
 
-Accepts Llama, Mistral and Qwen2 configs as older (`rope_theta` + `rope_scaling`) and
+Accepts Llama, Mistral, Qwen2 and Gemma 3 (text) configs as older (`rope_theta` + `rope_scaling`) and
 current (`rope_parameters`) `transformers` versions write them. Anything this
 model code would silently compute differently (another architecture, an unknown
 rope type) is refused with a `ModelLoadError` rather than served wrong. Sliding
@@ -20,7 +20,13 @@ from typing import Any
 
 from model.errors import ModelLoadError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Gemma3ForCausalLM",
+)
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 MAX_LAYERS = 1024
 """More layers than any model has (Llama 3.1 405B: 126); a bound on what a config may claim."""
@@ -86,6 +92,24 @@ class ModelConfig:
     layer_windows: tuple[int, ...] = ()
     """Per layer, how many positions a token attends to, its own included (HF's
     `sliding_window`), or 0 for the whole context; empty: no layer has a window."""
+    # Gemma 3's differences from the Llama block; the defaults are Llama's.
+    hidden_act: str = "silu"
+    """The gated MLP's activation: `silu` (SwiGLU) or `gelu_pytorch_tanh` (GeGLU)."""
+    norm_weight_offset: float = 0.0
+    """RMSNorm scales by `offset + weight` (Gemma: 1, its weights are stored less one)."""
+    has_qk_norm: bool = False
+    """RMSNorm over each head of q and k, before RoPE."""
+    has_sandwich_norms: bool = False
+    """Norms after attention and after the MLP too, before each residual add."""
+    embedding_scale: float | None = None
+    """Embeddings are multiplied by this (Gemma: sqrt(hidden_size))."""
+    query_pre_attn_scalar: float | None = None
+    """Attention scores are scaled by its inverse square root (None: head_dim's)."""
+    local_rope_theta: float | None = None
+    """RoPE base of the windowed layers (`layer_windows`), plain RoPE (None:
+    `rope_theta` and `rope_scaling` everywhere)."""
+    final_logit_softcapping: float | None = None
+    """Logits become `cap * tanh(logits / cap)`."""
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -121,6 +145,17 @@ class ModelConfig:
             raise ModelLoadError(
                 f"layer_windows needs {self.num_layers} values >= 0, got {self.layer_windows}"
             )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ModelLoadError(
+                f"unsupported activation {self.hidden_act!r} (supported: {', '.join(ACTIVATIONS)})"
+            )
+        for name in ("embedding_scale", "query_pre_attn_scalar", "local_rope_theta"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ModelLoadError(f"config {name} must be > 0, got {value}")
+        cap = self.final_logit_softcapping
+        if cap is not None and not cap > 0:
+            raise ModelLoadError(f"config final_logit_softcapping must be > 0, got {cap}")
         for token_id in (*self.eos_token_ids, self.bos_token_id):
             if token_id is not None and not 0 <= token_id < self.vocab_size:
                 raise ModelLoadError(
@@ -130,6 +165,10 @@ class ModelConfig:
     @property
     def num_queries_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     def window(self, layer_idx: int) -> int | None:
         """The positions layer `layer_idx` attends to, its own included; None: all."""
@@ -144,6 +183,8 @@ class ModelConfig:
                 f"config.json must name exactly one architecture, got {architectures}"
             )
         architecture = architectures[0]
+        if architecture == "Gemma3ForCausalLM":
+            return _gemma3_from_hf_dict(cls, hf)
         try:
             num_heads = int(hf["num_attention_heads"])
             hidden_size = int(hf["hidden_size"])
@@ -244,6 +285,94 @@ def _parse_layer_windows(
     if layer_types is None:
         first = int(hf.get("max_window_layers", 28))
         layer_types = [_LAYER_TYPES[i < first] for i in range(num_layers)]
+    return _windows_of(layer_types, window, num_layers, max_position_embeddings)
+
+
+def _gemma3_from_hf_dict(cls: type[ModelConfig], hf: dict[str, Any]) -> ModelConfig:
+    """A `Gemma3ForCausalLM` config (Gemma3TextConfig), as transformers reads it."""
+    try:
+        num_heads = int(hf["num_attention_heads"])
+        hidden_size = int(hf["hidden_size"])
+        num_layers = int(hf["num_hidden_layers"])
+        max_position_embeddings = int(hf.get("max_position_embeddings", 131072))
+        activation = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+        if activation != "gelu_pytorch_tanh":
+            raise ModelLoadError(f"unsupported Gemma 3 activation {activation!r}")
+        for flag in ("attn_logit_softcapping",):
+            if hf.get(flag) is not None:
+                raise ModelLoadError(f"unsupported {flag}={hf[flag]} (attention soft-capping)")
+        if hf.get("use_bidirectional_attention"):
+            raise ModelLoadError("unsupported use_bidirectional_attention=true")
+        if hf.get("attention_bias", False):
+            raise ModelLoadError("unsupported attention_bias=true for Gemma 3")
+        layer_types = hf.get("layer_types")
+        if layer_types is None:
+            pattern = int(hf.get("sliding_window_pattern", 6))
+            layer_types = [_LAYER_TYPES[(i + 1) % pattern == 0] for i in range(num_layers)]
+        window = int(hf.get("sliding_window") or 4096)
+        global_rope, local_rope = _gemma3_rope(hf, max_position_embeddings)
+        softcap = hf.get("final_logit_softcapping")
+        return cls(
+            architecture="Gemma3ForCausalLM",
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=hidden_size,
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+            head_dim=int(hf.get("head_dim") or 256),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=global_rope[0],
+            rope_scaling=global_rope[1],
+            max_position_embeddings=max_position_embeddings,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=_as_id_tuple(hf.get("eos_token_id")),
+            layer_windows=_windows_of(layer_types, window, num_layers, None),
+            hidden_act="gelu_pytorch_tanh",
+            norm_weight_offset=1.0,
+            has_qk_norm=True,
+            has_sandwich_norms=True,
+            embedding_scale=hidden_size**0.5,
+            query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+            local_rope_theta=local_rope,
+            final_logit_softcapping=None if softcap is None else float(softcap),
+        )
+    except KeyError as exc:
+        raise ModelLoadError(f"config.json is missing {exc.args[0]!r}") from None
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError) as exc:
+        raise ModelLoadError(f"config.json has a bad value: {exc}") from None
+
+
+def _gemma3_rope(
+    hf: dict[str, Any], max_position_embeddings: int
+) -> tuple[tuple[float, RopeScaling | None], float]:
+    """((global theta, global scaling), local theta): `rope_parameters` per layer type
+    (transformers >= 5), or `rope_theta`, `rope_scaling` and `rope_local_base_freq`."""
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and "full_attention" in params:
+        full = params.get("full_attention") or {}
+        sliding = params.get("sliding_attention") or {}
+        if not (isinstance(full, dict) and isinstance(sliding, dict)):
+            raise ModelLoadError(
+                "rope_parameters' full_attention and sliding_attention must be objects"
+            )
+        if sliding.get("rope_type", "default") != "default":
+            raise ModelLoadError("unsupported rope scaling on Gemma 3's sliding layers")
+        global_rope = _parse_rope({"rope_parameters": full}, max_position_embeddings)
+        return global_rope, float(sliding.get("rope_theta", 10000.0))
+    older = {k: hf[k] for k in ("rope_scaling", "rope_parameters") if hf.get(k)}
+    older["rope_theta"] = hf.get("rope_theta", 1_000_000.0)
+    global_rope = _parse_rope(older, max_position_embeddings)
+    return global_rope, float(hf.get("rope_local_base_freq", 10000.0))
+
+
+def _windows_of(
+    layer_types: Any, window: int, num_layers: int, max_position_embeddings: int | None
+) -> tuple[int, ...]:
+    """Per-layer windows from HF's `layer_types`, checked; with `max_position_embeddings`,
+    none when the window reaches past it (None keeps them: Gemma 3's windowed layers
+    differ in their RoPE too)."""
     if (
         not isinstance(layer_types, list)
         or len(layer_types) != num_layers
@@ -252,6 +381,10 @@ def _parse_layer_windows(
         raise ModelLoadError(
             f"layer_types must list {num_layers} of {' or '.join(_LAYER_TYPES)}, got {layer_types}"
         )
+    if window <= 0:
+        raise ModelLoadError(f"sliding_window must be > 0, got {window}")
+    if max_position_embeddings is not None and window >= max_position_embeddings:
+        return ()
     windows = tuple(window if t == "sliding_attention" else 0 for t in layer_types)
     return windows if any(windows) else ()
 

@@ -93,7 +93,7 @@ def load_model(
         if not model_dir.is_dir():
             raise ModelLoadError(
                 f"model {spec!r} is not a directory, a .gguf file or a preset "
-                "(dummy:tiny, dummy:135m, smollm2:135m-instruct)"
+                "(dummy:tiny, dummy:135m, dummy:gemma3-270m, smollm2:135m-instruct)"
             )
         config = load_config(model_dir)
         # Tied checkpoints sometimes still carry the (identical) output matrix.

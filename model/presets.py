@@ -3,7 +3,7 @@
 Every tensor is drawn from its own `torch.Generator`, seeded from a SHA-256 of the
 preset and tensor names, so every process (a prefill worker, a decode worker, a
 test) builds bit-identical weights without sharing a file, whatever order the
-tensors are made in. The presets use the byte-level tokenizer.
+tensors are made in. Norms scale by one. The presets use the byte-level tokenizer.
 """
 
 from __future__ import annotations
@@ -58,6 +58,32 @@ PRESETS: dict[str, ModelConfig] = {
         bos_token_id=ByteTokenizer.BOS_ID,
         eos_token_ids=(ByteTokenizer.EOS_ID,),
     ),
+    # Gemma-3-270M's shape (google/gemma-3-270m config.json), for benchmarks: MQA with
+    # head_dim 256, a 512-token window on 5 of every 6 layers, GeGLU, 262,144 tokens.
+    "gemma3-270m": ModelConfig(
+        architecture="Gemma3ForCausalLM",
+        vocab_size=262144,
+        hidden_size=640,
+        intermediate_size=2048,
+        num_layers=18,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=256,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        bos_token_id=ByteTokenizer.BOS_ID,
+        eos_token_ids=(ByteTokenizer.EOS_ID,),
+        layer_windows=tuple(0 if (i + 1) % 6 == 0 else 512 for i in range(18)),
+        hidden_act="gelu_pytorch_tanh",
+        norm_weight_offset=1.0,
+        has_qk_norm=True,
+        has_sandwich_norms=True,
+        embedding_scale=640**0.5,
+        query_pre_attn_scalar=256.0,
+        local_rope_theta=10000.0,
+    ),
 }
 
 
@@ -80,7 +106,8 @@ def preset_tensors(spec: str) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, shape in checkpoint_tensor_shapes(config).items():
         if name.endswith("norm.weight"):
-            tensors[name] = torch.ones(shape)
+            # A scale of one: Gemma's norms scale by 1 + weight.
+            tensors[name] = torch.full(shape, 1.0 - config.norm_weight_offset)
             continue
         generator = torch.Generator().manual_seed(_tensor_seed(spec, name))
         tensors[name] = torch.randn(shape, generator=generator) * INIT_STD

@@ -50,9 +50,14 @@ class RotaryEmbedding(nn.Module):
 
     inv_freq: torch.Tensor
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, local: bool = False) -> None:
+        """`local`: the windowed layers' RoPE, `config.local_rope_theta` unscaled."""
         super().__init__()
-        inv_freq = compute_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        if local:
+            assert config.local_rope_theta is not None, "the config has no local RoPE"
+            inv_freq = compute_inv_freq(config.head_dim, config.local_rope_theta, None)
+        else:
+            inv_freq = compute_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         # Not a checkpoint tensor: recomputed from the config, never loaded or saved.
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 

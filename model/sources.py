@@ -26,7 +26,7 @@ def config_for_model(spec: str) -> ModelConfig:
     if not Path(spec).is_dir():
         raise ModelLoadError(
             f"model {spec!r} is not a directory, a .gguf file or a preset "
-            "(dummy:tiny, dummy:135m, smollm2:135m-instruct)"
+            "(dummy:tiny, dummy:135m, dummy:gemma3-270m, smollm2:135m-instruct)"
         )
     return load_config(spec)
 

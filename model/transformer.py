@@ -1,4 +1,7 @@
-"""The Llama-family decoder: RMSNorm, RoPE, SwiGLU, MHA/GQA/MQA, optional qkv bias.
+"""The Llama-family decoder: RMSNorm, RoPE, SwiGLU, MHA/GQA/MQA, optional qkv bias;
+and Gemma 3's variant of it (`ModelConfig`'s Gemma fields): GeGLU, RMSNorm on q and
+k and around attention and the MLP, `1 + weight` norms, scaled embeddings, windowed
+layers with a RoPE of their own, and soft-capped logits.
 
 Tokens of every sequence in a step are flattened into one `[num_tokens]` batch with
 no padding; which token belongs to which sequence is the attention backend's
@@ -23,15 +26,19 @@ from model.rope import RotaryEmbedding, apply_rotary
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, eps: float, weight_offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.weight_offset = weight_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 whatever the run dtype, as the reference does; the fused
         # op is one kernel where the spelled-out formula is five.
         normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        if self.weight_offset:
+            # Gemma scales by (1 + weight) in float32, then casts (Llama: the reverse).
+            return (normed * (self.weight_offset + self.weight.float())).to(x.dtype)
         return self.weight * normed.to(x.dtype)
 
 
@@ -44,12 +51,17 @@ class SelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
-        self.scale = config.head_dim**-0.5
+        self.scale = config.attention_scale
         self.window = config.window(layer_idx)
         self.qkv_proj = nn.Linear(
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
         )
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.q_norm = self.k_norm = None
+        if config.has_qk_norm:
+            offset = config.norm_weight_offset
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, offset)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, offset)
 
     def forward(
         self,
@@ -60,8 +72,12 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = qk.view(num_tokens, -1, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
         # q and k heads side by side get one rotation: half the small ops per layer.
-        qk = apply_rotary(qk.view(num_tokens, -1, self.head_dim), cos, sin)
+        qk = apply_rotary(qk, cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         out = attention.attend(self.layer_idx, q, k, v, self.scale, self.window)
@@ -69,24 +85,40 @@ class SelfAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    """The gated MLP: SwiGLU, or GeGLU (tanh-approximated GELU) for Gemma."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
+        self.is_gelu = config.hidden_act == "gelu_pytorch_tanh"
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate = F.gelu(gate, approximate="tanh") if self.is_gelu else F.silu(gate)
+        return self.down_proj(gate * up)
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm attention and MLP, each added to the residual. Sandwich norms (Gemma):
+    `post_attention_layernorm` normalises attention's output and the MLP has its own
+    pre- and post-norms; otherwise `post_attention_layernorm` is the MLP's pre-norm."""
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        hidden, eps, offset = config.hidden_size, config.rms_norm_eps, config.norm_weight_offset
+        self.input_layernorm = RMSNorm(hidden, eps, offset)
         self.self_attn = SelfAttention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps, offset)
         self.mlp = SwiGLU(config)
+        self.uses_local_rope = (
+            config.local_rope_theta is not None and config.window(layer_idx) is not None
+        )
+        self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
+        if config.has_sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(hidden, eps, offset)
+            self.post_feedforward_layernorm = RMSNorm(hidden, eps, offset)
 
     def forward(
         self,
@@ -95,8 +127,12 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         attention: AttentionBackend,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, attention)
+        if self.pre_feedforward_layernorm is None or self.post_feedforward_layernorm is None:
+            x = x + attended
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(attended)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class Transformer(nn.Module):
@@ -107,13 +143,14 @@ class Transformer(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_weight_offset)
         self.lm_head = (
             None
             if config.tie_word_embeddings
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         self.rotary = RotaryEmbedding(config)
+        self.local_rotary = RotaryEmbedding(config, local=True) if config.local_rope_theta else None
 
     def forward(
         self,
@@ -128,15 +165,24 @@ class Transformer(nn.Module):
                 "must both be [num_tokens]"
             )
         x = self.embed_tokens(input_ids)
+        if self.config.embedding_scale is not None:
+            # In the run dtype, as the reference casts its scale to the weights'.
+            x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        local = self.local_rotary.cos_sin(positions, x.dtype) if self.local_rotary else None
         for layer in self.layers:
-            x = layer(x, cos, sin, attention)
+            if layer.uses_local_rope and local is not None:
+                x = layer(x, *local, attention)
+            else:
+                x = layer(x, cos, sin, attention)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, hidden] (rows to score, usually each sequence's last) -> float32 [n, vocab]."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        logits = F.linear(hidden, weight).float()
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     @torch.no_grad()
     def load_checkpoint_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -170,6 +216,14 @@ class Transformer(nn.Module):
             layer.post_attention_layernorm.weight.copy_(
                 tensors[f"{prefix}post_attention_layernorm.weight"]
             )
+            for name in ("pre_feedforward_layernorm", "post_feedforward_layernorm"):
+                norm = getattr(layer, name)
+                if norm is not None:
+                    norm.weight.copy_(tensors[f"{prefix}{name}.weight"])
+            for name in ("q_norm", "k_norm"):
+                norm = getattr(attn, name)
+                if norm is not None:
+                    norm.weight.copy_(tensors[f"{prefix}self_attn.{name}.weight"])
 
 
 def checkpoint_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -197,6 +251,12 @@ def checkpoint_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[f"{prefix}mlp.down_proj.weight"] = (hidden, config.intermediate_size)
         shapes[f"{prefix}input_layernorm.weight"] = (hidden,)
         shapes[f"{prefix}post_attention_layernorm.weight"] = (hidden,)
+        if config.has_sandwich_norms:
+            shapes[f"{prefix}pre_feedforward_layernorm.weight"] = (hidden,)
+            shapes[f"{prefix}post_feedforward_layernorm.weight"] = (hidden,)
+        if config.has_qk_norm:
+            shapes[f"{prefix}self_attn.q_norm.weight"] = (head_dim,)
+            shapes[f"{prefix}self_attn.k_norm.weight"] = (head_dim,)
     return shapes
 
 
@@ -213,5 +273,7 @@ def build_transformer(
     model = model.to_empty(device=device).to(dtype)
     model.rotary = RotaryEmbedding(config)  # to_empty() dropped its float32 inv_freq
     model.rotary.to(device)
+    if config.local_rope_theta is not None:
+        model.local_rotary = RotaryEmbedding(config, local=True).to(device)
     model.load_checkpoint_tensors(tensors)
     return model.eval().requires_grad_(False)

@@ -57,6 +57,27 @@ HF_CHECKPOINT_KINDS: dict[str, dict[str, Any]] = {
         "sliding_window": None,
         "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
     },
+    # Gemma 3 (text): MQA with head_dim 256, a window of 16 with every 3rd layer
+    # global, its own RoPE on the windowed layers (linear scaling on the global
+    # ones), a query_pre_attn_scalar other than head_dim, soft-capped logits.
+    "gemma3": {
+        "model_type": "gemma3_text",
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+        "num_hidden_layers": 6,
+        "sliding_window": 16,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2,
+        "query_pre_attn_scalar": 64,
+        "final_logit_softcapping": 3.0,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        "bos_token_id": 2,
+        "eos_token_id": 1,
+        "pad_token_id": 0,
+    },
 }
 
 _COMMON_CONFIG: dict[str, Any] = {

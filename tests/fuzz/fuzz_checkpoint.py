@@ -73,9 +73,35 @@ _ORIGINALS = {
 
 def seeds() -> list[bytes]:
     escape = {"weight_map": {"model.norm.weight": "../outside.safetensors"}}
-    return [bytes([mode]) + data for mode, data in _ORIGINALS.items()] + [
-        b"\x02" + json.dumps(escape).encode()
+    # Configs whose windows and Gemma 3 fields the parser reads (their tensors do
+    # not match the checkpoint's, so they end in a refusal once parsed).
+    windowed = [
+        {**CONFIG, "architectures": ["MistralForCausalLM"], "sliding_window": 4},
+        {
+            **CONFIG,
+            "architectures": ["Qwen2ForCausalLM"],
+            "use_sliding_window": True,
+            "sliding_window": 4,
+            "layer_types": ["sliding_attention"],
+        },
+        {
+            **CONFIG,
+            "architectures": ["Gemma3ForCausalLM"],
+            "head_dim": 2,
+            "sliding_window": 4,
+            "sliding_window_pattern": 2,
+            "final_logit_softcapping": 30.0,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        },
     ]
+    return (
+        [bytes([mode]) + data for mode, data in _ORIGINALS.items()]
+        + [b"\x02" + json.dumps(escape).encode()]
+        + [b"\x00" + json.dumps(config).encode() for config in windowed]
+    )
 
 
 def test_one_input(data: bytes) -> None:

@@ -52,3 +52,18 @@ def test_135m_preset_identical_in_two_processes() -> None:
     num_params, _ = first.split()
     assert int(num_params) == 134_515_008  # SmolLM-135M's parameter count
     assert first == second
+
+
+def test_the_gemma3_preset_has_gemma_3_270ms_shape() -> None:
+    import math
+
+    from model.presets import preset_config
+    from model.transformer import checkpoint_tensor_shapes
+
+    config = preset_config("dummy:gemma3-270m")
+    shapes = checkpoint_tensor_shapes(config)
+    # google/gemma-3-270m's parameter count, tied embeddings counted once.
+    assert sum(math.prod(shape) for shape in shapes.values()) == 268_098_176
+    assert (config.num_kv_heads, config.head_dim, config.attention_scale) == (1, 256, 256**-0.5)
+    assert [config.window(i) for i in range(6)] == [512] * 5 + [None]
+    assert config.layer_windows.count(0) == 3  # layers 5, 11 and 17 are global

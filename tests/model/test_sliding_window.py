@@ -1,6 +1,7 @@
 """Sliding-window attention against `transformers`, on tiny random checkpoints saved
-with `save_pretrained`: Mistral with `sliding_window` 32 on every layer, and Qwen2
-with the window on its upper layers only. Prompts below, at and well past the
+with `save_pretrained`: Mistral with `sliding_window` 32 on every layer, Qwen2
+with the window on its upper layers only, and Gemma 3 (text) with a window of 16
+and every third layer global. Prompts below, at and well past the
 window; greedy tokens through the reference loop (contiguous K/V), the decode
 engine (paged K/V), and the engine prefilling in chunks that straddle the window."""
 
@@ -36,10 +37,12 @@ CHECKPOINTS = {
             "num_hidden_layers": 3,
         },
     ),
+    "gemma3-window-16": ("gemma3", {}),
 }
 EXPECTED_WINDOWS = {
     "mistral-window-32": (WINDOW, WINDOW),
     "qwen2-upper-layers": (0, WINDOW, WINDOW),
+    "gemma3-window-16": (16, 16, 0, 16, 16, 0),
 }
 
 
