@@ -153,7 +153,9 @@ class DecodeEngine:
         self.fingerprint = fingerprint
         self._publish = publish
         self.pool = BlockPool(pool_config)
-        self.scheduler = Scheduler(config.scheduler, self.pool, self._hash_block)
+        self.scheduler = Scheduler(
+            config.scheduler, self.pool, self._hash_block, model_config.full_window
+        )
         self.runner = ModelRunner(loaded, self.pool)
         self.counters = EngineCounters()
         self._requests: dict[str, _Request] = {}

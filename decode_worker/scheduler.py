@@ -16,6 +16,12 @@ One step, `schedule()`:
 The engine then runs the model and calls `update()` with the sampled tokens; blocks that
 became full get their hash registered so later requests can share them.
 `finish()`/`abort()` free a sequence's blocks; every path frees each block exactly once.
+
+With a `window` (a model whose every layer attends to the last `window` positions
+only), a running sequence's blocks that no later token can see are freed as it
+advances, so it holds at most ceil(window / block_size) + 1 blocks while it decodes.
+A freed block keeps its hash in the pool (a later prompt sharing the prefix may still
+reuse it); its place in the sequence's table becomes `FREED_BLOCK`.
 """
 
 from __future__ import annotations
@@ -34,6 +40,10 @@ HashBlockFn = Callable[[BlockHash | None, SequenceOf[int]], BlockHash]
 """`hash_block(parent, token_ids)`: hash of a full block given its predecessor's hash
 (for the first block, the sequence's `hash_seed`, or None for the function's own
 seed). Must match the KV store's chain so fetched blocks resolve."""
+
+
+FREED_BLOCK = -1
+"""The block-table entry of a block freed because the window moved past it."""
 
 
 class RequestTooLargeError(ValueError):
@@ -70,8 +80,18 @@ class SchedulerConfig:
 class Scheduler:
     """Continuous batching over one BlockPool. Not thread-safe: the engine thread owns it."""
 
-    def __init__(self, config: SchedulerConfig, pool: BlockPool, hash_block: HashBlockFn) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        pool: BlockPool,
+        hash_block: HashBlockFn,
+        window: int | None = None,
+    ) -> None:
+        """`window`: every layer of the model attends to that many positions at most."""
+        if window is not None and window < 1:
+            raise ValueError(f"window must be None or >= 1, got {window}")
         self.config = config
+        self.window = window
         self.pool = pool
         self._hash_block = hash_block
         self._block_size = pool.block_size
@@ -180,6 +200,7 @@ class Scheduler:
                 continue
             seq.num_computed_tokens += num_new
             self._register_full_blocks(seq, is_computed=True)
+            self._free_blocks_behind_window(seq)
             if not is_sampled:
                 continue
             token_id = sampled_token_ids[seq.request_id]
@@ -245,11 +266,29 @@ class Scheduler:
         self._running.sort(key=lambda s: s.arrival_index)
         return True
 
+    def _free_blocks_behind_window(self, seq: Sequence) -> None:
+        """Frees the full blocks that every later token's window starts after: the next
+        token, at position `num_computed_tokens`, sees positions from that less
+        `window` - 1 on. Hashed blocks are freed (their copies stay reusable)."""
+        if self.window is None:
+            return
+        first_seen = seq.num_computed_tokens - self.window + 1
+        num_behind = min(max(first_seen, 0) // self._block_size, seq.num_hashed_blocks)
+        for idx in range(seq.num_freed_blocks, num_behind):
+            self.pool.free([seq.block_ids[idx]])
+            seq.block_ids[idx] = FREED_BLOCK
+        seq.num_freed_blocks = max(seq.num_freed_blocks, num_behind)
+
+    def _release_blocks(self, seq: Sequence) -> None:
+        # Last block first, so the pool evicts a sequence's tail before its prefix.
+        self.pool.free([b for b in seq.block_ids[::-1] if b != FREED_BLOCK])
+        seq.block_ids = []
+        seq.num_freed_blocks = 0
+
     def _preempt(self, seq: Sequence) -> None:
         """Free `seq`'s blocks and send it to the front of the waiting queue to be
         recomputed; the caller's provided K/V is gone, only hash-resident blocks survive."""
-        self.pool.free(seq.block_ids[::-1])
-        seq.block_ids = []
+        self._release_blocks(seq)
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
         seq.num_provided_tokens = 0
@@ -262,9 +301,7 @@ class Scheduler:
             self._running.remove(seq)
         else:
             self._waiting.remove(seq)
-        # Last block first, so the pool evicts a sequence's tail before its prefix.
-        self.pool.free(seq.block_ids[::-1])
-        seq.block_ids = []
+        self._release_blocks(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         del self._sequences[seq.request_id]
@@ -304,7 +341,8 @@ class Scheduler:
             request_id=seq.request_id,
             token_ids=tuple(seq.token_ids[start : start + num_new]),
             start_pos=start,
-            block_table=tuple(seq.block_ids),
+            # A freed block's entry points at block 0: before the window, never attended.
+            block_table=tuple(max(b, 0) for b in seq.block_ids),
             slot_mapping=tuple(
                 seq.block_ids[p // self._block_size] * self._block_size + p % self._block_size
                 for p in positions

@@ -86,6 +86,9 @@ class Sequence:
     """Leading tokens whose K/V is in the pool."""
     block_ids: list[int] = field(default_factory=list)
     """Physical block of each logical block of the sequence."""
+    num_freed_blocks: int = 0
+    """Leading blocks freed because the window moved past them (`FREED_BLOCK` in
+    `block_ids`)."""
     hash_seed: BlockHash | None = None
     """See `SequenceRequest.hash_seed`."""
     block_hashes: list[BlockHash] = field(default_factory=list)

@@ -170,6 +170,14 @@ class ModelConfig:
     def attention_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
+    @property
+    def full_window(self) -> int | None:
+        """The window when every layer has one (the largest), else None: how far back
+        any layer can see, so K/V before it is never read again."""
+        if self.layer_windows and min(self.layer_windows) > 0:
+            return max(self.layer_windows)
+        return None
+
     def window(self, layer_idx: int) -> int | None:
         """The positions layer `layer_idx` attends to, its own included; None: all."""
         return (self.layer_windows[layer_idx] or None) if self.layer_windows else None

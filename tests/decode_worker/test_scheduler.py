@@ -8,7 +8,12 @@ from collections import Counter
 import pytest
 
 from decode_worker.block_pool import BlockPool, BlockPoolConfig
-from decode_worker.scheduler import RequestTooLargeError, Scheduler, SchedulerConfig
+from decode_worker.scheduler import (
+    FREED_BLOCK,
+    RequestTooLargeError,
+    Scheduler,
+    SchedulerConfig,
+)
 from decode_worker.sequence import SequenceRequest, SequenceStatus
 from kvstore.hashing import hash_block
 from model.sampling_params import FinishReason
@@ -21,10 +26,10 @@ def chain_hash(parent: bytes | None, token_ids) -> bytes:
     return hash_block(parent or SEED, token_ids)
 
 
-def make_scheduler(num_blocks: int = 12, **config) -> Scheduler:
+def make_scheduler(num_blocks: int = 12, window: int | None = None, **config) -> Scheduler:
     pool = BlockPool(BlockPoolConfig(num_blocks=num_blocks, block_size=BLOCK_SIZE, head_dim=8))
     config.setdefault("watermark", 0.0)
-    return Scheduler(SchedulerConfig(**config), pool, chain_hash)
+    return Scheduler(SchedulerConfig(**config), pool, chain_hash, window)
 
 
 def request(
@@ -329,4 +334,46 @@ def test_random_workload_keeps_the_pool_consistent_and_finishes_everyone() -> No
     assert not scheduler.has_unfinished(), "a request starved or deadlocked"
     assert num_added > 20 and len(reasons) == num_added
     assert num_preemptions > 0  # the pool really was under pressure
+    assert_drained(scheduler)
+
+
+def test_a_window_frees_the_blocks_no_later_token_sees_and_keeps_their_hashes() -> None:
+    # Window 6 over blocks of 4: the token at position p sees p-5..p, so block i is
+    # freed once the next position reaches 4 * (i + 1) + 5.
+    scheduler = make_scheduler(num_blocks=6, window=6)
+    scheduler.add_request(request("a", 10, max_new_tokens=13))
+    (prefill,) = scheduler.schedule().prefills
+    assert prefill.block_table == (0, 1, 2)
+    scheduler.update({"a": 7})  # 10 computed: the next token (10) sees 5..10
+    seq = scheduler.get("a")
+    assert seq.block_ids == [FREED_BLOCK, 1, 2] and scheduler.pool.num_free_blocks == 4
+    tables, num_used = [], []
+    for token in range(20, 31):
+        (decode,) = scheduler.schedule().decodes
+        tables.append(decode.block_table)
+        scheduler.update({"a": token})
+        num_used.append(scheduler.pool.num_used_blocks)
+    # A freed block's entry reads 0 (never attended); at most ceil(6/4) + 1 = 3 held.
+    assert tables[0] == (0, 1, 2) and tables[2] == (0, 1, 2, 3) and tables[3] == (0, 0, 2, 3)
+    assert tables[-1] == (0, 0, 0, 3, 4, 5)
+    assert max(num_used) <= 3
+    assert seq.block_ids[:4] == [FREED_BLOCK] * 4 and seq.num_freed_blocks == 4
+    # The freed blocks keep their hashes: the same prompt reuses its first two.
+    scheduler.add_request(request("b", 10, max_new_tokens=2))
+    scheduler.schedule()
+    assert scheduler.get("b").num_computed_tokens == 8
+    scheduler.update({"a": 99, "b": 1})
+    assert_drained(scheduler)
+
+
+def test_without_a_window_no_block_is_freed_early() -> None:
+    scheduler = make_scheduler(num_blocks=6)
+    scheduler.add_request(request("a", 10, max_new_tokens=8))
+    scheduler.schedule()
+    scheduler.update({"a": 7})
+    for token in range(20, 25):
+        scheduler.schedule()
+        scheduler.update({"a": token})
+    assert FREED_BLOCK not in scheduler.get("a").block_ids
+    assert scheduler.pool.num_used_blocks == 4
     assert_drained(scheduler)

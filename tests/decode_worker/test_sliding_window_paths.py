@@ -9,6 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from decode_worker.config import EngineConfig
+from decode_worker.engine import DecodeEngine, EngineRequest
+from decode_worker.scheduler import SchedulerConfig
 from model.loader import load_model
 from model.sampling_params import SamplingParams
 from tests.decode_worker.disaggregated import Disaggregated
@@ -57,3 +60,37 @@ def test_disaggregated_flows_give_transformers_tokens(models) -> None:
                 f"prompt {i} ({len(prompt)} tokens)"
             )
         assert cluster.prefill_engine.counters.num_cached_tokens_total >= 288
+
+
+def test_a_window_only_model_holds_at_most_the_window_in_the_pool(hf_checkpoint) -> None:
+    # Mistral, window 32 on every layer, blocks of 16: each sequence holds at most
+    # ceil(32 / 16) + 1 = 3 blocks while it generates 200 tokens past the window,
+    # and its tokens stay transformers'.
+    path = hf_checkpoint("mistral", sliding_window=32)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = load_model(str(path))
+    prompts = [prompt_of(40, ours.config.vocab_size, seed=s) for s in (7, 8)]
+    num_new = 232 - 40 + 32  # past the window by 200 and more
+    config = EngineConfig(num_blocks=64, scheduler=SchedulerConfig(max_num_seqs=2))
+    engine = DecodeEngine(ours, config, b"window-pool-test")
+    params = SamplingParams(max_tokens=num_new, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(EngineRequest(str(i), prompt, params))
+    tokens: list[list[int]] = [[], []]
+    most_used = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[int(out.request_id)].append(out.token_id)
+        most_used = max(most_used, engine.pool.num_used_blocks)
+    assert most_used <= 2 * 3
+    for prompt, got in zip(prompts, tokens, strict=True):
+        expected = reference.generate(
+            torch.tensor([prompt]),
+            do_sample=False,
+            max_new_tokens=num_new,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
+        assert got == expected
+    engine.pool.check_integrity()
+    assert engine.pool.num_used_blocks == 0
