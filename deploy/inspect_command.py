@@ -3,7 +3,8 @@
 Reads only the config (no weights, no torch): architecture, layers, heads, KV heads
 and head dim; the KV cache bytes per token, 2 × layers × kv_heads × head_dim ×
 dtype bytes (with an 8-bit `--kv-cache-dtype`, (head_dim + 2 scale bytes) × 1 B), and
-per block; how many tokens a `--kv-cache-gb` pool holds.
+per block; how many tokens a `--kv-cache-gb` pool holds; and for a model with
+sliding-window layers, the window and what one full-context sequence's KV comes to.
 """
 
 from __future__ import annotations
@@ -83,6 +84,15 @@ def kv_arithmetic(
     full_precision_bytes = rows_per_token * config.head_dim * DTYPE_BYTES[dtype]
     bytes_per_block = bytes_per_token * block_size
     num_blocks = int(kv_cache_gb * 1024**3) // bytes_per_block
+    context = config.max_position_embeddings
+    window = max(config.layer_windows, default=0) or None
+    num_windowed = sum(1 for w in config.layer_windows if w)
+    # A windowed layer needs the last `window` positions: ceil(w / block) + 1 blocks.
+    windowed_tokens = min(context, (-(-window // block_size) + 1) * block_size) if window else 0
+    bytes_per_layer_token = bytes_per_token // config.num_layers
+    bounded_bytes = bytes_per_layer_token * (
+        (config.num_layers - num_windowed) * context + num_windowed * windowed_tokens
+    )
     return {
         "model": model,
         "architecture": config.architecture,
@@ -102,6 +112,11 @@ def kv_arithmetic(
         "kv_cache_gb": kv_cache_gb,
         "pool_blocks": num_blocks,
         "pool_tokens": num_blocks * block_size,
+        "sliding_window": window,
+        "num_windowed_layers": num_windowed,
+        "kv_bytes_per_full_context": bytes_per_token * context,
+        "kv_bytes_per_full_context_windowed": bounded_bytes,
+        "pool_frees_behind_window": config.full_window is not None,
     }
 
 
@@ -136,4 +151,19 @@ def run(args: argparse.Namespace) -> int:
         f"  a {f['kv_cache_gb']:g} GiB pool holds {f['pool_blocks']:,} blocks = "
         f"{f['pool_tokens']:,} tokens ({f['pool_tokens'] / f['max_context_len']:.1f} full contexts)"
     )
+    if f["sliding_window"]:
+        full, bounded = f["kv_bytes_per_full_context"], f["kv_bytes_per_full_context_windowed"]
+        print(
+            f"  sliding window {f['sliding_window']:,} on {f['num_windowed_layers']} of "
+            f"{f['num_layers']} layers: a {f['max_context_len']:,}-token sequence's KV is "
+            f"{full / 2**20:,.1f} MiB, {bounded / 2**20:,.1f} MiB ({bounded / full:.3f}x) "
+            "with the windowed layers keeping their window only"
+        )
+        if f["pool_frees_behind_window"]:
+            print("  every layer is windowed: the decode pool frees blocks behind the window")
+        else:
+            print(
+                "  the global layers need every block, so the decode pool keeps them all "
+                "(per-layer-group pools would hold the bounded figure)"
+            )
     return 0

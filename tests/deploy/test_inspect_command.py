@@ -34,3 +34,21 @@ def test_the_text_shows_the_formula_and_an_unknown_model_is_a_usage_error(capsys
     assert "KV per token: 2 x 30 layers x 3 KV heads x 64 x 4 B (float32) = 46,080 B" in out
     assert main(["inspect", "/no/such/model"]) == 2
     assert "is not a directory, a .gguf file or a preset" in capsys.readouterr().err
+
+
+def test_a_windowed_model_shows_its_window_and_the_bounded_kv(capsys, hf_checkpoint) -> None:
+    facts = inspect_json(capsys, "dummy:gemma3-270m", "--dtype", "bfloat16")
+    # Gemma-3-270M: 2 x 18 layers x 1 KV head x 256 x 2 B; a 2,048-token cache ~36 MB.
+    assert facts["kv_bytes_per_token"] == 18432 and 18432 * 2048 == 37_748_736
+    assert (facts["sliding_window"], facts["num_windowed_layers"]) == (512, 15)
+    per_layer_token = 18432 // 18
+    # 3 global layers keep the whole 32,768-token context, 15 keep (512/16 + 1) blocks.
+    assert facts["kv_bytes_per_full_context_windowed"] == per_layer_token * (
+        3 * 32768 + 15 * 33 * 16
+    )
+    assert facts["pool_frees_behind_window"] is False
+    mistral = hf_checkpoint("mistral", sliding_window=32)
+    assert main(["inspect", str(mistral)]) == 0
+    out = capsys.readouterr().out
+    assert "sliding window 32 on 2 of 2 layers" in out
+    assert "the decode pool frees blocks behind the window" in out
