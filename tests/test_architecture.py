@@ -193,3 +193,10 @@ def test_light_modules_do_not_import_torch(module: str) -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_every_test_module_has_a_basename_of_its_own() -> None:
+    # pytest imports test modules by basename (no packages under tests/): a second
+    # test_x.py anywhere stops the whole run at collection.
+    names = [path.name for path in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
