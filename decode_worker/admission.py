@@ -27,7 +27,7 @@ from decode_worker.engine import EngineRequest
 from decode_worker.engine_loop import EngineLoop
 from decode_worker.kv_fetch import fetch_prompt_kv
 from kvstore import BlockHash, KVStore, hash_token_blocks
-from kvstore.hashing import hash_prompt
+from kvstore.hashing import first_seen_block, hash_prompt
 from model.config import ModelConfig
 from model.prompt_limits import check_prompt, check_token_id, check_token_ids
 from model.sampling_params import SamplingParams
@@ -129,8 +129,13 @@ class DecodeAdmission:
         hashes = hash_token_blocks(tokens, spec.block_size, spec.fingerprint, call.cache_salt)
         hashes = hashes[:num_reusable]
         tail_id = call.prefill.tail_id if call.prefill is not None else ""
+        # With a window on every layer, the blocks before the one the last token's
+        # window reaches are never read: not looked for, not fetched.
+        window = self.model.full_window
+        num_skipped = first_seen_block(len(tokens) - 1, window, spec.block_size) if window else 0
+        num_skipped = min(num_skipped, len(hashes))
         with tracer.start_as_current_span(names.SPAN_DECODE_ADMISSION, context=parent) as span:
-            num_resident = self.loop.count_resident(hashes)
+            num_resident = num_skipped + self.loop.count_resident(hashes[num_skipped:])
             provided = []
             if num_resident < len(hashes) or tail_id:
                 # The tail is read for this prompt only: one a caller names for

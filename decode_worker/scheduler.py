@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from decode_worker.block_pool import BlockHash, BlockPool
 from decode_worker.scheduler_output import KVFill, ScheduledSequence, SchedulerOutput
 from decode_worker.sequence import Sequence, SequenceRequest, SequenceStatus
+from kvstore.hashing import first_seen_block
 from model.sampling_params import FinishReason, finish_reason
 
 HashBlockFn = Callable[[BlockHash | None, SequenceOf[int]], BlockHash]
@@ -233,28 +234,34 @@ class Scheduler:
         # The last token is always computed (its logits are sampled), so its block is
         # never taken from the cache, even if full and resident.
         num_reusable = (seq.num_tokens - 1) // block_size
-        num_resident = (
-            self.pool.lookup_prefix(hashes[:num_reusable])
-            if self.config.enable_prefix_caching
-            else 0
-        )
-        if num_resident < seq.provided_start_block:
-            # Blocks between the resident prefix and the provided ones were evicted since
-            # the caller looked: the provided K/V would leave a gap, so recompute instead.
-            seq.num_provided_tokens = 0
-        resident_hashes = hashes[:num_resident]
+        first, num_resident = self._window_start(seq, hashes, num_reusable)
+        if first == 0:
+            num_resident = (
+                self.pool.lookup_prefix(hashes[:num_reusable])
+                if self.config.enable_prefix_caching
+                else 0
+            )
+            if num_resident < seq.provided_start_block:
+                # Blocks between the resident prefix and the provided ones were evicted
+                # since the caller looked: the provided K/V would leave a gap, so
+                # recompute instead.
+                seq.num_provided_tokens = 0
+        end = first + num_resident
+        resident_hashes = hashes[first:end]
         num_reclaimed = sum(
             self.pool.ref_count(self.pool.cached_block(h)) == 0 for h in resident_hashes
         )
-        num_new_blocks = self._num_blocks(seq.num_tokens) - num_resident
+        num_new_blocks = self._num_blocks(seq.num_tokens) - end
         num_free_after = self.pool.num_free_blocks - num_reclaimed - num_new_blocks
         if num_free_after < self._num_watermark_blocks:
             return False
-        seq.block_ids = self.pool.acquire_cached(resident_hashes)
+        # Blocks before the window's first are never allocated (`FREED_BLOCK`).
+        seq.block_ids = [FREED_BLOCK] * first + self.pool.acquire_cached(resident_hashes)
         seq.block_ids.extend(self.pool.allocate(num_new_blocks))
-        seq.num_hashed_blocks = num_resident
-        seq.num_computed_tokens = max(num_resident * block_size, seq.num_provided_tokens)
-        for idx in range(num_resident, self._num_blocks(seq.num_provided_tokens)):
+        seq.num_freed_blocks = first
+        seq.num_hashed_blocks = end
+        seq.num_computed_tokens = max(end * block_size, seq.num_provided_tokens)
+        for idx in range(end, self._num_blocks(seq.num_provided_tokens)):
             num_tokens = min(block_size, seq.num_provided_tokens - idx * block_size)
             kv_fills.append(KVFill(seq.request_id, seq.block_ids[idx], idx, num_tokens))
         # Provided blocks count as computed now: the caller fills them before the model
@@ -265,6 +272,31 @@ class Scheduler:
         self._running.append(seq)
         self._running.sort(key=lambda s: s.arrival_index)
         return True
+
+    def _window_start(
+        self, seq: Sequence, hashes: list[BlockHash], num_reusable: int
+    ) -> tuple[int, int]:
+        """(first, resident): with a window, the blocks before `first` need no place in
+        the pool when every token left to compute sees past them, the K/V from
+        `first` on being resident (`resident` blocks) or provided without a gap;
+        else (0, 0) and admission takes the whole prefix as without a window."""
+        if self.window is None:
+            return 0, 0
+        block_size = self._block_size
+        first = min(first_seen_block(seq.num_tokens - 1, self.window, block_size), num_reusable)
+        if first == 0:
+            return 0, 0
+        num_resident = (
+            self.pool.lookup_prefix(hashes[first:num_reusable])
+            if self.config.enable_prefix_caching
+            else 0
+        )
+        if seq.num_provided_tokens and first + num_resident < seq.provided_start_block:
+            return 0, 0  # a gap before the provided K/V
+        next_position = max((first + num_resident) * block_size, seq.num_provided_tokens)
+        if first_seen_block(next_position, self.window, block_size) < first:
+            return 0, 0  # a token left to compute sees a block before `first`
+        return first, num_resident
 
     def _free_blocks_behind_window(self, seq: Sequence) -> None:
         """Frees the full blocks that every later token's window starts after: the next

@@ -119,3 +119,9 @@ def hash_prompt(
     tail = token_ids[len(hashes) * block_size :]
     parent = hashes[-1] if hashes else chain_seed(fingerprint, cache_salt)
     return hash_block(parent, tail) if tail else parent
+
+
+def first_seen_block(position: int, window: int, block_size: int) -> int:
+    """The first block a token at `position` sees through a sliding `window` (the last
+    `window` positions, its own included): blocks before it are never read for it."""
+    return max(position - window + 1, 0) // block_size

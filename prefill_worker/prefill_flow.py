@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from opentelemetry import trace
 
 from kvstore import BlockHash, KVStore, StoreUnavailableError, hash_token_blocks
-from kvstore.hashing import hash_prompt
+from kvstore.hashing import first_seen_block, hash_prompt
 from model.config import ModelConfig
 from model.prompt_limits import check_prompt
 from model.sampling_params import FinishReason, SamplingParams, finish_reason, stop_token_set
@@ -140,8 +140,14 @@ class PrefillFlow:
                 sampling.max_tokens,
             )
             prompt_hash = hash_prompt(token_ids, spec.block_size, spec.fingerprint, cache_salt)
+            first_block = num_present
+            window = self.model.full_window
+            if window is not None:
+                # Decode reads only what its first token's window reaches.
+                needed = first_seen_block(len(token_ids), window, spec.block_size)
+                first_block = max(num_present, needed)
             is_stored = await self._publish(
-                request_id, hashes, output, num_present, finished is None, prompt_hash
+                request_id, hashes, output, first_block, finished is None, prompt_hash
             )
         block_size = self.store.spec.block_size
         return PrefillOutcome(
@@ -161,7 +167,7 @@ class PrefillFlow:
             num_present, job.num_cached_tokens = 0, 0
             if self.enable_prefix_cache:
                 num_present, job.num_cached_tokens = await asyncio.to_thread(
-                    load_cached_prefix, self.store, hashes, job.kv
+                    load_cached_prefix, self.store, hashes, job.kv, self.model.full_window
                 )
             if job.num_cached_tokens:
                 self.metrics.kv_transfer_time.observe(time.perf_counter() - started)

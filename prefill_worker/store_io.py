@@ -11,32 +11,75 @@ from collections.abc import Sequence
 import torch
 
 from kvstore import BlockHash, KVStore, StoreUnavailableError
+from kvstore.hashing import first_seen_block
 
 log = logging.getLogger(__name__)
 
 
+_MAX_WINDOW_PROBES = 4
+"""Lookups a windowed prefix search makes at most before computing the prompt."""
+
+
 def load_cached_prefix(
-    store: KVStore, block_hashes: Sequence[BlockHash], kv: torch.Tensor
+    store: KVStore,
+    block_hashes: Sequence[BlockHash],
+    kv: torch.Tensor,
+    window: int | None = None,
 ) -> tuple[int, int]:
-    """Copies the prompt's leading blocks that the store holds into `kv`
-    (`[L, 2, prompt_len, H, D]`). Returns (blocks present in the store, prompt tokens
+    """Copies the prompt's cached prefix that the store holds into `kv`
+    (`[L, 2, prompt_len, H, D]`). Returns (the blocks of the prefix, prompt tokens
     loaded). At least the prompt's last token is left to compute, because its
-    logits give the first output token. An unreachable store is a miss."""
+    logits give the first output token. An unreachable store is a miss. The blocks
+    present (the first number) need not be published again.
+
+    Without a `window` the prefix is the leading blocks the store holds. With one
+    (every layer's), only the blocks the first computed token's window reaches
+    need be stored, so a prefix whose early blocks never were (a windowed prefill
+    publishes only what decode reads) still counts; the blocks before them are
+    zeroed in `kv`, which no token attends to."""
     block_size = store.spec.block_size
     prompt_len = kv.shape[2]
+    hashes = block_hashes[: (prompt_len - 1) // block_size]
     try:
-        num_present = store.lookup(block_hashes)
-        num_usable = min(num_present, (prompt_len - 1) // block_size)
-        if num_usable == 0:
+        if window is None:
+            num_present = store.lookup(block_hashes)  # all: present ones are not put again
+            first, end = 0, min(num_present, len(hashes))
+        else:
+            first, end = _windowed_prefix(store, hashes, window, block_size)
+            num_present = end
+        if end == 0:
             return num_present, 0
-        views = [kv[:, :, i * block_size : (i + 1) * block_size] for i in range(num_usable)]
-        found = store.get_into(block_hashes[:num_usable], views)
+        views = [kv[:, :, i * block_size : (i + 1) * block_size] for i in range(first, end)]
+        found = store.get_into(hashes[first:end], views)
     except StoreUnavailableError as err:
         log.warning("KV store unavailable, computing the whole prompt: %s", err)
         return 0, 0
-    # A block evicted between lookup and get ends the usable prefix there.
-    num_loaded = found.index(False) if False in found else len(found)
-    return num_present, num_loaded * block_size
+    # A block evicted between lookup and get ends the usable prefix there; with a
+    # window, a shorter prefix would need blocks before `first`: compute it all.
+    num_found = found.index(False) if False in found else len(found)
+    if window is not None and num_found < len(found):
+        return 0, 0
+    if first:
+        kv[:, :, : first * block_size].zero_()
+    return num_present, (first + num_found) * block_size
+
+
+def _windowed_prefix(
+    store: KVStore, hashes: Sequence[BlockHash], window: int, block_size: int
+) -> tuple[int, int]:
+    """(first, end): the longest prefix of `end` blocks whose blocks from `first` (the
+    first its next token sees) the store holds, or (0, 0). Each probe looks up the
+    blocks a prefix needs; a miss shortens it to where the stored run ends."""
+    end = len(hashes)
+    for _ in range(_MAX_WINDOW_PROBES):
+        if end == 0:
+            break
+        first = first_seen_block(end * block_size, window, block_size)
+        num_present = store.lookup(hashes[first:end])
+        if num_present == end - first:
+            return first, end
+        end = first + num_present
+    return 0, 0
 
 
 def publish_prompt_kv(

@@ -377,3 +377,58 @@ def test_without_a_window_no_block_is_freed_early() -> None:
     assert FREED_BLOCK not in scheduler.get("a").block_ids
     assert scheduler.pool.num_used_blocks == 4
     assert_drained(scheduler)
+
+
+def test_with_a_window_blocks_before_it_are_neither_provided_nor_allocated() -> None:
+    # Window 6 over blocks of 4, 14 prompt tokens and the prefill worker's first
+    # token: the token at position 14 sees 9..14, so blocks 0 and 1 are never read.
+    # The caller provides blocks 2 and 3 (the tail of 2) and the gap before block 2
+    # is no gap: those blocks take no place in the pool.
+    scheduler = make_scheduler(num_blocks=6, window=6)
+    prompt = tuple(range(100, 114))
+    scheduler.add_request(
+        SequenceRequest(
+            "a",
+            prompt,
+            output_token_ids=(55,),
+            max_new_tokens=4,
+            num_provided_tokens=14,
+            provided_start_block=2,
+        )
+    )
+    out = scheduler.schedule()
+    assert [(f.block_id, f.logical_block_idx, f.num_tokens) for f in out.kv_fills] == [
+        (0, 2, 4),
+        (1, 3, 2),
+    ]
+    (decode,) = out.decodes
+    assert (decode.start_pos, decode.block_table) == (14, (0, 0, 0, 1))
+    seq = scheduler.get("a")
+    assert seq.block_ids == [FREED_BLOCK, FREED_BLOCK, 0, 1]
+    assert scheduler.pool.num_used_blocks == 2
+    scheduler.update({"a": 56})
+    assert seq.num_computed_tokens == 15
+    assert_drained(scheduler)
+
+
+def test_with_a_window_too_little_provided_kv_means_the_whole_prompt() -> None:
+    # Blocks 2.. provided but only 9 tokens of them: token 9 would need positions 4..9,
+    # block 1, which nobody holds: recompute from the start, every block allocated.
+    scheduler = make_scheduler(num_blocks=6, window=6)
+    prompt = tuple(range(100, 114))
+    scheduler.add_request(
+        SequenceRequest(
+            "a",
+            prompt,
+            output_token_ids=(55,),
+            max_new_tokens=4,
+            num_provided_tokens=9,
+            provided_start_block=2,
+        )
+    )
+    out = scheduler.schedule()
+    assert out.kv_fills == ()
+    (prefill,) = out.prefills
+    assert (prefill.start_pos, len(prefill.token_ids)) == (0, 15)
+    assert FREED_BLOCK not in scheduler.get("a").block_ids
+    assert_drained(scheduler)

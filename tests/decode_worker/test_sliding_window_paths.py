@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from decode_worker.config import EngineConfig
 from decode_worker.engine import DecodeEngine, EngineRequest
 from decode_worker.scheduler import SchedulerConfig
+from kvstore.hashing import hash_token_blocks
 from model.loader import load_model
 from model.sampling_params import SamplingParams
 from tests.decode_worker.disaggregated import Disaggregated
@@ -94,3 +95,26 @@ def test_a_window_only_model_holds_at_most_the_window_in_the_pool(hf_checkpoint)
         assert got == expected
     engine.pool.check_integrity()
     assert engine.pool.num_used_blocks == 0
+
+
+def test_a_window_only_model_moves_only_the_window_through_the_store(hf_checkpoint) -> None:
+    # Mistral, window 32, blocks of 16, a 300-token prompt: decode's first token (at
+    # position 300) sees positions 269.., so only blocks 16 and 17 of 18 (and the
+    # tail) are published and fetched; the rest are computed, used and dropped.
+    path = hf_checkpoint("mistral", sliding_window=32)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = load_model(str(path))
+    prompt = prompt_of(300, ours.config.vocab_size, seed=5)
+    params = SamplingParams(max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+    with Disaggregated(ours, token_budget=64) as cluster:
+        assert cluster.generate("a", prompt, params) == hf_greedy(reference, prompt)
+        spec = cluster.store.spec
+        hashes = hash_token_blocks(prompt, spec.block_size, spec.fingerprint)
+        assert len(hashes) == 18
+        assert cluster.store.lookup(hashes[:16]) == 0
+        assert cluster.store.lookup(hashes[16:]) == 2
+        # A longer prompt sharing the first 288 tokens needs blocks 16 and 17 for its
+        # 289th token's window: it reuses them although blocks 0..15 were never stored.
+        longer = [*prompt[:288], *prompt_of(30, ours.config.vocab_size, seed=6)]
+        assert cluster.generate("b", longer, params) == hf_greedy(reference, longer)
+        assert cluster.prefill_engine.counters.num_cached_tokens_total == 288
