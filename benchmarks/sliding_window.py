@@ -7,14 +7,12 @@ On `dummy:gemma3-270m` (Gemma-3-270M's shape: 18 layers, 1 KV head of 256, a
 512-token window on 15 layers, 3 global; seeded random weights), float32 on this
 CPU, one 4,096-token prompt:
 
-- `pool`: the decode engine prefills the prompt (512-token chunks) and generates 32
-  tokens, for three variants of the same weights: windowed on every layer, the
-  preset (hybrid), and no window. Reported: the most blocks the sequence held in
-  the pool while its prompt was prefilled (admission allocates the whole prompt)
-  and while it decoded, and the K/V
-  bytes a disaggregated request moves for the prompt today (every full block, as
-  the prefill worker publishes them) against the bytes the window needs (the
-  blocks the first decode step can see).
+- `pool`: the disaggregated path without sockets, for three variants of the same
+  weights (windowed on every layer, the preset's hybrid, no window): a prefill flow
+  (512-token chunks) publishes the prompt's K/V to a memory store, a decode
+  admission fetches what it needs, and a decode engine generates 32 tokens from it.
+  Reported: the K/V bytes published and fetched (blocks and the tail), and the most
+  blocks the sequence held in the decode pool.
 - `speed`: decode tokens/s at that context, batch 1, our decode engine against
   `transformers`' `Gemma3ForCausalLM` with the same tensors (its sliding-window
   cache), `--trials` interleaved trials of `--steps` tokens each after both have
@@ -24,6 +22,7 @@ CPU, one 4,096-token prompt:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import os
 import statistics
@@ -33,9 +32,12 @@ import time
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
+from decode_worker.admission import DecodeAdmission, DecodeCall, PrefillHandoff
 from decode_worker.config import EngineConfig
 from decode_worker.engine import DecodeEngine, EngineRequest
+from decode_worker.engine_loop import EngineLoop
 from decode_worker.scheduler import SchedulerConfig
+from kvstore.memory_store import MemoryStore
 from kvstore.spec import BlockSpec
 from model.attention import ContiguousKVAttention
 from model.config import ModelConfig
@@ -44,6 +46,9 @@ from model.presets import preset_config, preset_tensors
 from model.sampling_params import SamplingParams
 from model.tokenizer import ByteTokenizer
 from model.transformer import build_transformer
+from prefill_worker.engine import PrefillEngine
+from prefill_worker.prefill_flow import PrefillFlow
+from telemetry.metrics import ServiceMetrics
 
 MODEL = "dummy:gemma3-270m"
 BLOCK_SIZE = 16
@@ -86,42 +91,48 @@ def engine_for(loaded: LoadedModel, prompt_len: int, max_tokens: int) -> DecodeE
 
 
 def pool_part(variants: dict[str, LoadedModel], prompt: list[int]) -> str:
+    """Each variant through the disaggregated path without sockets: a prefill flow
+    publishing to a memory store, a decode admission fetching from it, and a decode
+    engine running what it admitted."""
     rows = []
+    params = SamplingParams(max_tokens=33, ignore_eos=True)
     for name, loaded in variants.items():
-        engine = engine_for(loaded, len(prompt), 32)
-        engine.add_request(
-            EngineRequest("r", prompt, SamplingParams(max_tokens=32, ignore_eos=True))
-        )
-        most_in_prefill = most_in_decode = 0
         start = time.perf_counter()
-        while engine.has_unfinished():
-            is_decoding = engine.scheduler.get("r").num_computed_tokens >= len(prompt)
-            engine.step()
-            if is_decoding:
-                most_in_decode = max(most_in_decode, engine.pool.num_used_blocks)
-            else:
-                most_in_prefill = max(most_in_prefill, engine.pool.num_used_blocks)
         spec = BlockSpec.for_model(MODEL, loaded.config, torch.float32, BLOCK_SIZE)
-        num_full = len(prompt) // BLOCK_SIZE
-        window = loaded.config.full_window
-        first_seen = max(len(prompt) + 1 - window, 0) // BLOCK_SIZE if window else 0
+        store = MemoryStore(spec)
+        metrics = ServiceMetrics(MODEL, "prefill")
+        prefill_engine = PrefillEngine(loaded, token_budget=512)
+        prefill = PrefillFlow(prefill_engine, store, loaded.config, metrics)
+        engine = engine_for(loaded, len(prompt), params.max_tokens)
+        loop = EngineLoop(engine)  # not started: admission only asks it what is resident
+        admission = DecodeAdmission(loop, store, loaded.config, metrics)
+        prefill_engine.start()
+        try:
+            out = asyncio.run(prefill.run("r", prompt, params))
+        finally:
+            prefill_engine.stop()
+        call = DecodeCall("r", prompt, params, [out.first_token_id], PrefillHandoff(out.tail_id))
+        admitted = asyncio.run(admission.admit(call))
+        fetched = sum(kv.nbytes for kv in admitted.request.provided_kv)
+        engine.add_request(admitted.request)
+        most_used = 0
+        while engine.has_unfinished():
+            engine.step()
+            most_used = max(most_used, engine.pool.num_used_blocks)
         rows.append(
             [
                 name,
-                str(most_in_prefill),
-                str(most_in_decode),
-                f"{num_full * spec.nbytes / 2**20:,.1f} MiB ({num_full} blocks)",
-                f"{(num_full - first_seen) * spec.nbytes / 2**20:,.1f} MiB "
-                f"({num_full - first_seen} blocks)",
+                f"{store.stats().bytes_in / 2**20:,.1f} MiB",
+                f"{fetched / 2**20:,.1f} MiB ({len(admitted.request.provided_kv)} blocks)",
+                str(most_used),
             ]
         )
-        log(f"pool {name}: {most_in_decode} blocks decoding, {time.perf_counter() - start:.0f} s")
+        log(f"pool {name}: {most_used} blocks, {time.perf_counter() - start:.0f} s")
     header = [
         "variant",
-        "pool blocks held, prefill (most)",
-        "while decoding (most)",
-        "K/V moved per request today",
-        "K/V the window needs",
+        "K/V the prefill worker published",
+        "K/V the decode worker fetched",
+        "decode pool blocks held (most)",
     ]
     return table(header, rows)
 

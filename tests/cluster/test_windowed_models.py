@@ -1,7 +1,8 @@
 """Windowed models through a real cluster (router, a prefill worker, a decode worker,
-Redis): Mistral with a window on every layer and Gemma 3 with global layers among
-windowed ones stream `transformers`' greedy tokens for prompts below, at and well
-past the window, prefilled by the decode worker or by the prefill worker."""
+Redis): Mistral with a window on every layer, Qwen2 with it on its upper layers and
+Gemma 3 with global layers among windowed ones stream `transformers`' 32 greedy
+tokens for prompts below, at and well past the window, prefilled by the decode
+worker or by the prefill worker."""
 
 from __future__ import annotations
 
@@ -14,9 +15,19 @@ from tests.cluster.local_cluster import LocalCluster, byte_level_tokenizer
 
 pytestmark = pytest.mark.slow
 
-NUM_NEW_TOKENS = 24
+NUM_NEW_TOKENS = 32
+PROMPT_LENS = (5, 16, 17, 100, 300)
 CHECKPOINTS = {
     "mistral-window-32": ("mistral", {"sliding_window": 32}),
+    "qwen2-upper-layers": (
+        "qwen2",
+        {
+            "use_sliding_window": True,
+            "sliding_window": 32,
+            "max_window_layers": 1,
+            "num_hidden_layers": 3,
+        },
+    ),
     "gemma3-window-16": ("gemma3", {}),
 }
 
@@ -40,7 +51,7 @@ def windowed(request, hf_checkpoint, cluster_redis, tmp_path):
 def test_a_cluster_streams_transformers_tokens_for_a_windowed_model(windowed) -> None:
     reference, cluster = windowed
     generator = torch.Generator().manual_seed(4)
-    for n in (5, 17, 100, 300):
+    for n in PROMPT_LENS:
         prompt = torch.randint(3, 259, (n,), generator=generator).tolist()
         expected = reference.generate(
             torch.tensor([prompt]),
@@ -53,4 +64,4 @@ def test_a_cluster_streams_transformers_tokens_for_a_windowed_model(windowed) ->
         responses = cluster.generate(prompt_token_ids=prompt, sampling=sampling)
         assert [t for r in responses for t in r.token_ids] == expected, f"prompt of {n}"
     # The prompts past --max-local-prefill-len 8 were the prefill worker's.
-    assert cluster.stats("prefill-0").num_computed_tokens_total == 17 + 100 + 300
+    assert cluster.stats("prefill-0").num_computed_tokens_total == 16 + 17 + 100 + 300
