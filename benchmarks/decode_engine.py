@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from decode_worker.config import EngineConfig
 from decode_worker.engine import DecodeEngine, EngineRequest
+from decode_worker.engine_config import EngineConfig
 from model.attention import ContiguousKVAttention
 from model.config import ModelConfig
 from model.loader import LoadedModel, available_cores, load_model

@@ -53,8 +53,8 @@ import torch
 from benchmarks.kv_quant_simulation import text_windows
 from benchmarks.kvstore.servers import redis_server
 from decode_worker.batch_generate import generate_with_engine
-from decode_worker.config import EngineConfig
 from decode_worker.engine import DecodeEngine, EngineRequest
+from decode_worker.engine_config import EngineConfig
 from decode_worker.scheduler import SchedulerConfig
 from kvstore.codec import BlockCodec
 from kvstore.factory import open_store

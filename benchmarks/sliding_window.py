@@ -33,8 +33,8 @@ import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from decode_worker.admission import DecodeAdmission, DecodeCall, PrefillHandoff
-from decode_worker.config import EngineConfig
 from decode_worker.engine import DecodeEngine, EngineRequest
+from decode_worker.engine_config import EngineConfig
 from decode_worker.engine_loop import EngineLoop
 from decode_worker.scheduler import SchedulerConfig
 from kvstore.memory_store import MemoryStore

@@ -7,8 +7,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
-from decode_worker.config import EngineConfig
 from decode_worker.engine import DecodeEngine, EngineRequest, TokenOutput
+from decode_worker.engine_config import EngineConfig
 from kvstore.kv_format import AUTO
 from kvstore.spec import BlockSpec
 from model.loader import LoadedModel

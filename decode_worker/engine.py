@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from decode_worker.block_pool import BlockPool, BlockPoolConfig
-from decode_worker.config import EngineConfig
+from decode_worker.engine_config import EngineConfig
 from decode_worker.model_runner import ModelRunner
 from decode_worker.scheduler import Scheduler
 from decode_worker.sequence import SequenceRequest, SequenceStatus

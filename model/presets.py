@@ -12,7 +12,7 @@ import hashlib
 
 import torch
 
-from model.config import ModelConfig
+from model.config import ModelConfig, RopeScaling
 from model.errors import ModelLoadError
 from model.tokenizer import ByteTokenizer
 from model.transformer import checkpoint_tensor_shapes
@@ -54,6 +54,24 @@ PRESETS: dict[str, ModelConfig] = {
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=ByteTokenizer.BOS_ID,
+        eos_token_ids=(ByteTokenizer.EOS_ID,),
+    ),
+    # Llama-3.2-1B's shape (meta-llama/Llama-3.2-1B config.json), for the GPU check.
+    "1b": ModelConfig(
+        architecture="LlamaForCausalLM",
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling("llama3", 32.0, 1.0, 4.0, 8192),
+        max_position_embeddings=131072,
         tie_word_embeddings=True,
         bos_token_id=ByteTokenizer.BOS_ID,
         eos_token_ids=(ByteTokenizer.EOS_ID,),

@@ -52,8 +52,8 @@ class LocalEngineProbe:
     def __init__(self, model: str, core: int) -> None:
         import torch
 
-        from decode_worker.config import EngineConfig
         from decode_worker.engine import DecodeEngine
+        from decode_worker.engine_config import EngineConfig
         from model.loader import load_model
 
         torch.set_num_threads(1)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 
 from decode_worker.admission import DecodeAdmission, DecodeCall, PrefillHandoff
-from decode_worker.config import EngineConfig
 from decode_worker.decode_flow import DecodeFlow
 from decode_worker.engine import DecodeEngine
+from decode_worker.engine_config import EngineConfig
 from decode_worker.engine_loop import EngineLoop
 from kvstore.memory_store import MemoryStore
 from kvstore.spec import BlockSpec

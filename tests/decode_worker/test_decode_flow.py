@@ -16,9 +16,9 @@ import torch
 
 from decode_worker.admission import DecodeAdmission, DecodeCall, PrefillHandoff
 from decode_worker.block_publisher import BlockPublisher
-from decode_worker.config import EngineConfig
 from decode_worker.decode_flow import DecodeFailed, DecodeFlow
 from decode_worker.engine import DecodeEngine, EngineRequest
+from decode_worker.engine_config import EngineConfig
 from decode_worker.engine_loop import EngineLoop
 from kvstore.hashing import hash_token_blocks
 from kvstore.memory_store import MemoryStore

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from decode_worker.config import EngineConfig
 from decode_worker.engine import DecodeEngine, EngineRequest, StepFailed
+from decode_worker.engine_config import EngineConfig
 from decode_worker.scheduler import RequestTooLargeError, SchedulerConfig
 from kvstore.hashing import hash_token_blocks
 from model.attention import ContiguousKVAttention

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from decode_worker.config import EngineConfig
 from decode_worker.engine import DecodeEngine, EngineRequest
+from decode_worker.engine_config import EngineConfig
 from decode_worker.scheduler import SchedulerConfig
 from model.attention import ContiguousKVAttention
 from model.config import ModelConfig
