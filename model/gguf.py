@@ -148,8 +148,6 @@ def gguf_config(spec: str) -> ModelConfig:
     meta = GGUFMetadata(gguf_path(spec))
     try:
         return _config_from_metadata(meta)
-    except ModelLoadError:
-        raise
     except (TypeError, ValueError, OverflowError, ZeroDivisionError) as err:
         # A value of the wrong type or range: a list where a count belongs, a NaN.
         raise ModelLoadError(f"GGUF file {meta.path.name} has a bad value: {err}") from None
