@@ -13,6 +13,7 @@ This module does not import torch: the router reads configs too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,11 @@ class ModelConfig:
     `rope_theta` and `rope_scaling` everywhere)."""
     final_logit_softcapping: float | None = None
     """Logits become `cap * tanh(logits / cap)`."""
+    checkpoint_prefix: str = ""
+    """Where the checkpoint keeps this model's tensors: `language_model.` for the
+    text model of a `Gemma3ForConditionalGeneration` checkpoint."""
+    ignored_checkpoint_prefixes: tuple[str, ...] = ()
+    """Tensors of the checkpoint this model does not use (a vision tower)."""
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -193,6 +199,18 @@ class ModelConfig:
         architecture = architectures[0]
         if architecture == "Gemma3ForCausalLM":
             return _gemma3_from_hf_dict(cls, hf)
+        if architecture == "Gemma3ForConditionalGeneration":
+            # Its text model, served on its own: images are not supported.
+            text = hf.get("text_config")
+            if not isinstance(text, dict):
+                raise ModelLoadError("a Gemma3ForConditionalGeneration config needs a text_config")
+            tied = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
+            config = _gemma3_from_hf_dict(cls, {**text, "tie_word_embeddings": tied})
+            return dataclasses.replace(
+                config,
+                checkpoint_prefix="language_model.",
+                ignored_checkpoint_prefixes=("vision_tower.", "multi_modal_projector."),
+            )
         try:
             num_heads = int(hf["num_attention_heads"])
             hidden_size = int(hf["hidden_size"])

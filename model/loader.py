@@ -104,6 +104,8 @@ def load_model(
             dtype=dtype,
             device=device,
             optional_names=optional,
+            prefix=config.checkpoint_prefix,
+            ignored_prefixes=config.ignored_checkpoint_prefixes,
         )
     model = build_transformer(config, tensors, dtype=dtype, device=device)
     tokenizer = tokenizer_for_model(spec)

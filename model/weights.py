@@ -27,21 +27,28 @@ def load_safetensors(
     dtype: torch.dtype,
     device: torch.device,
     optional_names: frozenset[str] = frozenset(),
+    prefix: str = "",
+    ignored_prefixes: tuple[str, ...] = (),
 ) -> dict[str, torch.Tensor]:
     """Read exactly the tensors of `expected_shapes` from `model_dir`, converted to `dtype`
-    on `device`. Names in `optional_names` may be present (and are then dropped)."""
+    on `device`. Names in `optional_names` may be present (and are then dropped). The
+    files name each tensor `prefix` + its name; tensors under `ignored_prefixes` (parts
+    of the checkpoint this model does not use) are skipped unread."""
     model_dir = Path(model_dir)
     tensors: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for path in checkpoint_files(model_dir):
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                    if name not in expected_shapes:
-                        if name not in optional_names and not name.endswith(_IGNORABLE_SUFFIXES):
-                            unexpected.append(name)
+                for stored_name in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                    if ignored_prefixes and stored_name.startswith(ignored_prefixes):
                         continue
-                    tensor = f.get_tensor(name)
+                    name = stored_name.removeprefix(prefix) if prefix else stored_name
+                    if name not in expected_shapes or not stored_name.startswith(prefix):
+                        if name not in optional_names and not name.endswith(_IGNORABLE_SUFFIXES):
+                            unexpected.append(stored_name)
+                        continue
+                    tensor = f.get_tensor(stored_name)
                     if tuple(tensor.shape) != expected_shapes[name]:
                         raise ModelLoadError(
                             f"tensor {name} in {path.name} has shape {tuple(tensor.shape)}, "
