@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from protos import generator_pb2 as pb
 from tests.cluster.local_cluster import LocalCluster, byte_level_tokenizer
+from tests.model.greedy import hf_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -53,13 +54,7 @@ def test_a_cluster_streams_transformers_tokens_for_a_windowed_model(windowed) ->
     generator = torch.Generator().manual_seed(4)
     for n in PROMPT_LENS:
         prompt = torch.randint(3, 259, (n,), generator=generator).tolist()
-        expected = reference.generate(
-            torch.tensor([prompt]),
-            do_sample=False,
-            max_new_tokens=NUM_NEW_TOKENS,
-            eos_token_id=None,
-            pad_token_id=0,
-        )[0, n:].tolist()
+        expected = hf_greedy(reference, prompt, NUM_NEW_TOKENS)
         sampling = pb.SamplingParams(max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
         responses = cluster.generate(prompt_token_ids=prompt, sampling=sampling)
         assert [t for r in responses for t in r.token_ids] == expected, f"prompt of {n}"

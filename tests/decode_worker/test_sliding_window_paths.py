@@ -16,6 +16,7 @@ from kvstore.hashing import hash_token_blocks
 from model.loader import load_model
 from model.sampling_params import SamplingParams
 from tests.decode_worker.disaggregated import Disaggregated
+from tests.model.greedy import hf_greedy
 
 CHECKPOINTS = {
     "mistral-window-32": ("mistral", {"sliding_window": 32}),
@@ -38,17 +39,6 @@ def prompt_of(n: int, vocab_size: int, seed: int = 0) -> list[int]:
     return torch.randint(3, vocab_size, (n,), generator=generator).tolist()
 
 
-def hf_greedy(reference, prompt: list[int]) -> list[int]:
-    out = reference.generate(
-        torch.tensor([prompt]),
-        do_sample=False,
-        max_new_tokens=NUM_NEW_TOKENS,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, len(prompt) :].tolist()
-
-
 def test_disaggregated_flows_give_transformers_tokens(models) -> None:
     reference, ours = models
     params = SamplingParams(max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
@@ -57,9 +47,9 @@ def test_disaggregated_flows_give_transformers_tokens(models) -> None:
     prompts.append([*prompts[-1][:288], *prompt_of(40, ours.config.vocab_size, seed=1)])
     with Disaggregated(ours, token_budget=24) as cluster:
         for i, prompt in enumerate(prompts):
-            assert cluster.generate(f"r{i}", prompt, params) == hf_greedy(reference, prompt), (
-                f"prompt {i} ({len(prompt)} tokens)"
-            )
+            assert cluster.generate(f"r{i}", prompt, params) == hf_greedy(
+                reference, prompt, NUM_NEW_TOKENS
+            ), f"prompt {i} ({len(prompt)} tokens)"
         assert cluster.prefill_engine.counters.num_cached_tokens_total >= 288
 
 
@@ -85,13 +75,7 @@ def test_a_window_only_model_holds_at_most_the_window_in_the_pool(hf_checkpoint)
         most_used = max(most_used, engine.pool.num_used_blocks)
     assert most_used <= 2 * 3
     for prompt, got in zip(prompts, tokens, strict=True):
-        expected = reference.generate(
-            torch.tensor([prompt]),
-            do_sample=False,
-            max_new_tokens=num_new,
-            eos_token_id=None,
-            pad_token_id=0,
-        )[0, len(prompt) :].tolist()
+        expected = hf_greedy(reference, prompt, num_new)
         assert got == expected
     engine.pool.check_integrity()
     assert engine.pool.num_used_blocks == 0
@@ -107,7 +91,7 @@ def test_a_window_only_model_moves_only_the_window_through_the_store(hf_checkpoi
     prompt = prompt_of(300, ours.config.vocab_size, seed=5)
     params = SamplingParams(max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
     with Disaggregated(ours, token_budget=64) as cluster:
-        assert cluster.generate("a", prompt, params) == hf_greedy(reference, prompt)
+        assert cluster.generate("a", prompt, params) == hf_greedy(reference, prompt, NUM_NEW_TOKENS)
         spec = cluster.store.spec
         hashes = hash_token_blocks(prompt, spec.block_size, spec.fingerprint)
         assert len(hashes) == 18
@@ -116,5 +100,5 @@ def test_a_window_only_model_moves_only_the_window_through_the_store(hf_checkpoi
         # A longer prompt sharing the first 288 tokens needs blocks 16 and 17 for its
         # 289th token's window: it reuses them although blocks 0..15 were never stored.
         longer = [*prompt[:288], *prompt_of(30, ours.config.vocab_size, seed=6)]
-        assert cluster.generate("b", longer, params) == hf_greedy(reference, longer)
+        assert cluster.generate("b", longer, params) == hf_greedy(reference, longer, NUM_NEW_TOKENS)
         assert cluster.prefill_engine.counters.num_cached_tokens_total == 288

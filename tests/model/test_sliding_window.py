@@ -20,7 +20,7 @@ from model.errors import ModelLoadError
 from model.generation import generate
 from model.loader import LoadedModel, load_model
 from model.sampling_params import SamplingParams
-from tests.model.greedy import engine_greedy
+from tests.model.greedy import engine_greedy, hf_greedy
 
 WINDOW = 32
 PROMPT_LENS = [5, 16, 17, 100, 300]
@@ -57,17 +57,6 @@ def models(request, hf_checkpoint):
     path = hf_checkpoint(kind, **overrides)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return request.param, reference, load_model(str(path))
-
-
-def hf_greedy(reference, prompt: list[int]) -> list[int]:
-    out = reference.generate(
-        torch.tensor([prompt]),
-        do_sample=False,
-        max_new_tokens=NUM_NEW_TOKENS,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, len(prompt) :].tolist()
 
 
 def chunked_engine_greedy(loaded: LoadedModel, prompt: list[int], chunk: int) -> list[int]:
@@ -112,7 +101,7 @@ def test_last_position_logits_match(models) -> None:
 def test_greedy_tokens_match_transformers_on_every_path(models, prompt_len) -> None:
     name, reference, ours = models
     prompt = _prompt(prompt_len, ours.config.vocab_size)
-    expected = hf_greedy(reference, prompt)
+    expected = hf_greedy(reference, prompt, NUM_NEW_TOKENS)
     params = SamplingParams(max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
     case = f"{name}, prompt_len={prompt_len}"
     assert generate(ours, [prompt], params)[0].token_ids == expected, case
