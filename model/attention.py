@@ -93,6 +93,7 @@ class ContiguousKVAttention(AttentionBackend):
         # _new_keys[seq_idx][layer_idx] is that layer's K for the sequence's new tokens.
         self._new_keys: list[list[torch.Tensor]] = [[] for _ in new_lens]
         self._new_values: list[list[torch.Tensor]] = [[] for _ in new_lens]
+        self._masks: dict[tuple[int, int, int | None], torch.Tensor] = {}
 
     @property
     def num_tokens(self) -> int:
@@ -134,8 +135,27 @@ class ContiguousKVAttention(AttentionBackend):
             if prefix is not None:
                 k = torch.cat((self._read(prefix[layer_idx, 0], k.dtype), k))
                 v = torch.cat((self._read(prefix[layer_idx, 1], v.dtype), v))
-            outputs.append(_causal_attention(q, k, v, scale, num_queries_per_kv, window))
+            mask, is_causal = self._mask(q.shape[0], k.shape[0], window, q.device)
+            outputs.append(_causal_attention(q, k, v, scale, num_queries_per_kv, mask, is_causal))
         return torch.cat(outputs)
+
+    def _mask(
+        self, new_len: int, total_len: int, window: int | None, device: torch.device
+    ) -> tuple[torch.Tensor | None, bool]:
+        """SDPA's (attn_mask, is_causal) for `new_len` queries over `total_len` keys;
+        explicit masks are built once per shape and window, not once per layer."""
+        if window is not None and window >= total_len:
+            window = None  # no query here reaches past it
+        if window is None and new_len == 1:
+            return None, False  # one query sees everything before it
+        if window is None and new_len == total_len:
+            return None, True
+        # SDPA's is_causal aligns the diagonal top-left; with a prefix the new tokens
+        # sit bottom-right, and a window bands it: the mask is explicit.
+        key = (new_len, total_len, window)
+        if key not in self._masks:
+            self._masks[key] = causal_window_mask(new_len, total_len, window, device)
+        return self._masks[key], False
 
     def _read(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.stored_rows is None:
@@ -171,26 +191,14 @@ def _causal_attention(
     v: torch.Tensor,
     scale: float,
     num_queries_per_kv: int,
-    window: int | None = None,
+    mask: torch.Tensor | None,
+    is_causal: bool,
 ) -> torch.Tensor:
     """q: [new_len, num_heads, d]; k, v: [total_len, num_kv_heads, d], the last
     new_len of which are q's own tokens. Returns [new_len, num_heads, d]."""
-    new_len, total_len = q.shape[0], k.shape[0]
-    if window is not None and window >= total_len:
-        window = None  # no query here reaches past it
     if num_queries_per_kv > 1:
         k = k.repeat_interleave(num_queries_per_kv, dim=1)
         v = v.repeat_interleave(num_queries_per_kv, dim=1)
-    if window is not None:
-        mask, is_causal = causal_window_mask(new_len, total_len, window, q.device), False
-    elif new_len == 1:
-        mask, is_causal = None, False  # one query sees everything before it
-    elif new_len == total_len:
-        mask, is_causal = None, True
-    else:
-        # SDPA's is_causal aligns the diagonal top-left; with a prefix the new tokens
-        # sit bottom-right, so the mask is explicit.
-        mask, is_causal = causal_window_mask(new_len, total_len, None, q.device), False
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1),
         k.transpose(0, 1),
