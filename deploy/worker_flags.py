@@ -49,6 +49,9 @@ class WorkerOptions:
     """Decode: memory for the KV pool, GiB."""
     max_num_seqs: int = 64
     """Decode: running requests at most."""
+    max_num_batched_tokens: int = 512
+    """Decode: tokens computed per engine step, decodes and prefill chunks together
+    (the chunked-prefill budget; `SchedulerConfig.max_num_batched_tokens`)."""
     max_local_prefill_len: int = 0
     """Decode: prompts up to this many tokens are prefilled there."""
     enable_prefix_cache: bool = True
@@ -68,6 +71,10 @@ class WorkerOptions:
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.token_budget < 1 or self.max_num_seqs < 1:
             raise ValueError("--block-size, --token-budget and --max-num-seqs must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"--max-num-batched-tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
         if self.kv_cache_gb <= 0:
             raise ValueError(f"--kv-cache-gb must be > 0, got {self.kv_cache_gb}")
         if self.max_local_prefill_len < 0:
@@ -112,6 +119,13 @@ def add_worker_flags(parser: argparse.ArgumentParser, *, with_placement: bool = 
     )
     group.add_argument(
         "--max-num-seqs", type=int, default=64, help="decode: running requests at most"
+    )
+    group.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=512,
+        help="decode: tokens per engine step, decodes and prefill chunks together; a longer "
+        "prompt prefilled here is chunked to fit (default: %(default)s)",
     )
     group.add_argument(
         "--max-local-prefill-len",
@@ -187,6 +201,7 @@ def worker_options(args: argparse.Namespace) -> WorkerOptions:
         token_budget=args.token_budget,
         kv_cache_gb=args.kv_cache_gb,
         max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         max_local_prefill_len=args.max_local_prefill_len,
         enable_prefix_cache=not args.no_prefix_cache,
         publish_generated=not args.no_publish_generated,
@@ -235,6 +250,7 @@ def decode_config(options: WorkerOptions, where: WorkerAddress, store_url: str) 
             block_size=options.block_size,
             scheduler=SchedulerConfig(
                 max_num_seqs=options.max_num_seqs,
+                max_num_batched_tokens=options.max_num_batched_tokens,
                 enable_prefix_caching=options.enable_prefix_cache,
             ),
         ),

@@ -46,9 +46,22 @@ def test_every_failover_and_bound_flag_reaches_the_configs():
     assert options.drain_timeout_s == 4.0
 
 
+def test_the_decode_token_budget_reaches_the_scheduler():
+    from decode_worker.scheduler import SchedulerConfig
+
+    default = decode_config(worker_options(parse()), WorkerAddress(), "memory")
+    assert default.engine.scheduler.max_num_batched_tokens == 512
+    assert SchedulerConfig().max_num_batched_tokens == 512  # the flag's default is the engine's
+    options = worker_options(parse("--max-num-batched-tokens", "96"))
+    assert decode_config(options, WorkerAddress(), "memory").engine.scheduler == SchedulerConfig(
+        max_num_batched_tokens=96
+    )
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
+        (("--max-num-batched-tokens", "0"), "--max-num-batched-tokens must be >= 1, got 0"),
         (("--max-queued", "-1"), "--max-queued must be >= 0"),
         (("--engine-stall-timeout", "0"), "--engine-stall-timeout must be > 0"),
         (("--drain-timeout", "-2"), "--drain-timeout must be >= 0"),
