@@ -5,22 +5,32 @@ Per successful request (times in ms):
 - E2E: last message's arrival minus the send time.
 - TPOT: (E2E - TTFT) / (output tokens - 1); undefined for one-token outputs.
 - ITL: every gap between successive tokens of a request (all requests pooled).
-Percentiles interpolate linearly between order statistics (numpy's default).
-Goodput counts the requests that meet every SLO given, per second of the run; a
-one-token request has no TPOT and meets any TPOT SLO. The prefix-cache hit rate
-is sum(cached prompt tokens) / sum(prompt tokens) over successful requests.
+Percentiles interpolate linearly between order statistics (numpy's default); each
+latency also has its p99.9 and its maximum, where interference shows first.
+
+SLOs (`Slo`) and goodput, DistServe's definitions: a request meets the SLO when it
+succeeded and meets every objective given: TTFT, TPOT, E2E, and for `itl_ms` the
+99th percentile of its own inter-token gaps. A one-token request has no TPOT or
+gap and meets those objectives. Goodput is the number of requests meeting the SLO
+per second of the run; SLO attainment is their fraction of all requests sent
+(failures count as misses). The fraction of gaps over the ITL SLO pools every
+request's gaps, like ITL. Interference (`interference.py`) splits the short
+requests' gaps by whether a long prompt was being prefilled. The prefix-cache hit
+rate is sum(cached prompt tokens) / sum(prompt tokens) over successful requests.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from benchmarks.serving.client import RequestRecord
+from benchmarks.serving.interference import InterferenceStats, interference_stats
 
-PERCENTILES = (50, 90, 99)
+PERCENTILES = (50, 90, 99, 99.9)
 
 
 @dataclass(frozen=True)
@@ -32,14 +42,17 @@ class LatencyStats:
     p50: float | None
     p90: float | None
     p99: float | None
+    p999: float | None = None
+    """The 99.9th percentile."""
+    max: float | None = None
 
     @classmethod
     def of(cls, samples_ms: list[float]) -> LatencyStats:
         if not samples_ms:
-            return cls(0, None, None, None, None)
+            return cls(0, None, None, None, None, None, None)
         values = np.asarray(samples_ms, dtype=np.float64)
-        p50, p90, p99 = (float(np.percentile(values, q)) for q in PERCENTILES)
-        return cls(len(values), float(values.mean()), p50, p90, p99)
+        p50, p90, p99, p999 = (float(np.percentile(values, q)) for q in PERCENTILES)
+        return cls(len(values), float(values.mean()), p50, p90, p99, p999, float(values.max()))
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,8 @@ class Slo:
     ttft_ms: float | None = None
     tpot_ms: float | None = None
     e2e_ms: float | None = None
+    itl_ms: float | None = None
+    """Bound on the 99th percentile of each request's own inter-token gaps."""
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -84,6 +99,11 @@ class RequestLatencies:
     tpot_ms: float | None
     itls_ms: list[float]
 
+    @property
+    def itl_p99_ms(self) -> float | None:
+        """The 99th percentile of this request's gaps (None with one token)."""
+        return float(np.percentile(self.itls_ms, 99)) if self.itls_ms else None
+
     @classmethod
     def of(cls, record: RequestRecord) -> RequestLatencies:
         assert record.is_success and record.end_time is not None
@@ -99,6 +119,7 @@ class RequestLatencies:
             (slo.ttft_ms is None or self.ttft_ms <= slo.ttft_ms)
             and (slo.tpot_ms is None or self.tpot_ms is None or self.tpot_ms <= slo.tpot_ms)
             and (slo.e2e_ms is None or self.e2e_ms <= slo.e2e_ms)
+            and (slo.itl_ms is None or not self.itls_ms or self.itl_p99_ms <= slo.itl_ms)
         )
 
 
@@ -124,17 +145,28 @@ class BenchMetrics:
     """Requests that met every SLO (None without SLOs)."""
     goodput: float | None
     """num_good per second."""
+    slo_attainment: float | None
+    """num_good / num_requests (None without SLOs)."""
+    itl_over_slo_fraction: float | None
+    """Gaps longer than the ITL SLO over all gaps (None without `itl_ms` or gaps)."""
     ttft_ms: LatencyStats
     tpot_ms: LatencyStats
     itl_ms: LatencyStats
     e2e_ms: LatencyStats
+    interference: InterferenceStats
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def compute_metrics(records: list[RequestRecord], duration_s: float, slo: Slo) -> BenchMetrics:
-    """The metrics of one run; `duration_s` is the run's wall time."""
+def compute_metrics(
+    records: list[RequestRecord],
+    duration_s: float,
+    slo: Slo,
+    long_indices: Collection[int] = (),
+) -> BenchMetrics:
+    """The metrics of one run; `duration_s` is the run's wall time, `long_indices`
+    the workload positions of the long requests (for the interference)."""
     if duration_s <= 0:
         raise ValueError(f"duration_s must be > 0, got {duration_s}")
     done = [r for r in records if r.is_success]
@@ -143,6 +175,12 @@ def compute_metrics(records: list[RequestRecord], duration_s: float, slo: Slo) -
     num_output = sum(r.num_output_tokens for r in done)
     num_cached = sum(r.num_cached_prompt_tokens for r in done)
     num_good = None if slo.is_empty else sum(lat.meets(slo) for lat in latencies)
+    itls = [itl for lat in latencies for itl in lat.itls_ms]
+    itl_over_slo_fraction = (
+        sum(itl > slo.itl_ms for itl in itls) / len(itls)
+        if slo.itl_ms is not None and itls
+        else None
+    )
     return BenchMetrics(
         num_requests=len(records),
         num_completed=len(done),
@@ -157,8 +195,11 @@ def compute_metrics(records: list[RequestRecord], duration_s: float, slo: Slo) -
         prefix_cache_hit_rate=num_cached / num_prompt if num_prompt else None,
         num_good=num_good,
         goodput=None if num_good is None else num_good / duration_s,
+        slo_attainment=None if num_good is None or not records else num_good / len(records),
+        itl_over_slo_fraction=itl_over_slo_fraction,
         ttft_ms=LatencyStats.of([lat.ttft_ms for lat in latencies]),
         tpot_ms=LatencyStats.of([lat.tpot_ms for lat in latencies if lat.tpot_ms is not None]),
-        itl_ms=LatencyStats.of([itl for lat in latencies for itl in lat.itls_ms]),
+        itl_ms=LatencyStats.of(itls),
         e2e_ms=LatencyStats.of([lat.e2e_ms for lat in latencies]),
+        interference=interference_stats(records, long_indices),
     )

@@ -11,7 +11,7 @@ from deploy.cli import main
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--slo", "itl_ms=5"], "bad SLO 'itl_ms=5'"),
+        (["--slo", "ttfb_ms=5"], "bad SLO 'ttfb_ms=5'"),
         (["--workload", "jsonl"], "--workload jsonl needs --dataset FILE"),
         (["--max-concurrency", "0"], "--max-concurrency must be >= 1, got 0"),
         (["--request-rate", "0"], "rate must be > 0 (or inf), got 0.0"),

@@ -73,7 +73,7 @@ def test_slo_parse() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("itl_ms=5", "NAME one of ttft_ms, tpot_ms, e2e_ms"),
+        ("ttfb_ms=5", "NAME one of ttft_ms, tpot_ms, e2e_ms, itl_ms"),
         ("ttft_ms", "expected NAME=MS"),
         ("ttft_ms=fast", "'fast' is not a number"),
         ("tpot_ms=0", "must be > 0"),

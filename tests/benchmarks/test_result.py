@@ -70,7 +70,7 @@ def test_result_document_schema(tmp_path) -> None:
     assert loaded["schema_version"] == SCHEMA_VERSION
     assert loaded["workload"]["num_requests"] == 4
     assert loaded["arrivals"] == {"rate": 2.0, "burstiness": 1.0, "seed": 0}
-    assert loaded["slo"] == {"ttft_ms": 200, "tpot_ms": None, "e2e_ms": None}
+    assert loaded["slo"] == {"ttft_ms": 200, "tpot_ms": None, "e2e_ms": None, "itl_ms": None}
     assert [r["name"] for r in loaded["runs"]] == ["prefix-cache-off", "prefix-cache-on"]
     metrics = loaded["runs"][1]["metrics"]
     assert metrics["ttft_ms"]["p50"] == pytest.approx(50.0)
