@@ -29,6 +29,9 @@ from rpc.tls import ClusterTLS
 ROOT = Path(__file__).resolve().parents[2]
 # Large enough that a colocated decode worker prefills every prompt itself.
 LOCAL_PREFILL_ALL = 1 << 30
+# The decode worker's own default chunked-prefill budget, --max-num-batched-tokens
+# (`SchedulerConfig.max_num_batched_tokens`; not imported: it loads torch).
+DEFAULT_DECODE_TOKEN_BUDGET = 512
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,9 @@ class ClusterLayout:
     """False passes --no-prefix-cache to every worker."""
     kv_cache_gb: float = 2.0
     """Each decode worker's KV pool."""
+    decode_token_budget: int = DEFAULT_DECODE_TOKEN_BUDGET
+    """Each decode worker's tokens per engine step (--max-num-batched-tokens): the
+    chunk size of a prompt it prefills itself, less the running decodes."""
     extra_worker_args: tuple[str, ...] = field(default=())
     """More `kvrelay serve` flags for every worker."""
     extra_router_args: tuple[str, ...] = field(default=())
@@ -56,6 +62,8 @@ class ClusterLayout:
     def __post_init__(self) -> None:
         if not self.decode_cores:
             raise ValueError("a cluster needs at least one decode worker")
+        if self.decode_token_budget < 1:
+            raise ValueError(f"decode_token_budget must be >= 1, got {self.decode_token_budget}")
         allowed = os.sched_getaffinity(0)
         missing = sorted(set(self.prefill_cores + self.decode_cores) - allowed)
         if missing:
@@ -68,12 +76,39 @@ class ClusterLayout:
     def describe(self) -> dict[str, object]:
         return asdict(self)
 
+    def summary(self) -> str:
+        """One line for reports, e.g. "colocated: decode on cores 0,1 (prefilling
+        every prompt), token budget 512"."""
+        parts = []
+        if self.prefill_cores:
+            parts.append(f"prefill on cores {_cores(self.prefill_cores)}")
+        if not self.prefill_cores or self.max_local_prefill_len >= LOCAL_PREFILL_ALL:
+            local = "every prompt"
+        elif self.max_local_prefill_len:
+            local = f"prompts up to {self.max_local_prefill_len} tokens"
+        else:
+            local = ""
+        decode = f"decode on cores {_cores(self.decode_cores)}"
+        parts.append(f"{decode} (prefilling {local})" if local else decode)
+        parts.append(f"token budget {self.decode_token_budget}")
+        return f"{self.name}: {', '.join(parts)}"
+
+
+def _cores(cores: tuple[int, ...]) -> str:
+    return ",".join(map(str, cores))
+
 
 def disaggregated_layout(
-    model: str, cores: tuple[int, ...], *, is_prefix_cache_enabled: bool = True, name: str = ""
+    model: str,
+    cores: tuple[int, ...],
+    *,
+    is_prefix_cache_enabled: bool = True,
+    name: str = "",
+    max_local_prefill_len: int = 0,
 ) -> ClusterLayout:
     """The first half of `cores` (rounded down, at least one) run prefill workers,
-    the rest decode workers; every prompt goes through a prefill worker."""
+    the rest decode workers; every prompt longer than `max_local_prefill_len` goes
+    through a prefill worker (0: every prompt)."""
     if len(cores) < 2:
         raise ValueError("a disaggregated cluster needs at least 2 cores")
     num_prefill = len(cores) // 2
@@ -82,19 +117,41 @@ def disaggregated_layout(
         model=model,
         prefill_cores=cores[:num_prefill],
         decode_cores=cores[num_prefill:],
+        max_local_prefill_len=max_local_prefill_len,
         is_prefix_cache_enabled=is_prefix_cache_enabled,
     )
 
 
-def colocated_layout(model: str, cores: tuple[int, ...], name: str = "") -> ClusterLayout:
+def conditional_layout(
+    model: str, cores: tuple[int, ...], max_local_prefill_len: int, name: str = ""
+) -> ClusterLayout:
+    """Conditional disaggregation: `disaggregated_layout`'s workers, but the decode
+    workers prefill prompts up to `max_local_prefill_len` tokens themselves; only
+    longer ones go to a prefill worker."""
+    if max_local_prefill_len < 1:
+        raise ValueError(f"max_local_prefill_len must be >= 1, got {max_local_prefill_len}")
+    return disaggregated_layout(
+        model, cores, name=name or "conditional", max_local_prefill_len=max_local_prefill_len
+    )
+
+
+def colocated_layout(
+    model: str,
+    cores: tuple[int, ...],
+    name: str = "",
+    *,
+    decode_token_budget: int = DEFAULT_DECODE_TOKEN_BUDGET,
+) -> ClusterLayout:
     """One decode worker per core, each prefilling its own prompts (no prefill
-    workers): the same processes-per-core as `disaggregated_layout`."""
+    workers) in chunks of `decode_token_budget` tokens: the same processes-per-core
+    as `disaggregated_layout`."""
     return ClusterLayout(
         name=name or "colocated",
         model=model,
         prefill_cores=(),
         decode_cores=cores,
         max_local_prefill_len=LOCAL_PREFILL_ALL,
+        decode_token_budget=decode_token_budget,
     )
 
 
@@ -184,6 +241,8 @@ class BenchCluster:
                 str(layout.max_local_prefill_len),
                 "--kv-cache-gb",
                 str(layout.kv_cache_gb),
+                "--max-num-batched-tokens",
+                str(layout.decode_token_budget),
             )
         self._wait_ready(timeout_s)
 
