@@ -15,7 +15,7 @@ from tqdm import tqdm
 from benchmarks.serving.arrivals import ArrivalProcess
 from benchmarks.serving.client import RequestRecord, send
 from benchmarks.serving.metrics import Slo, compute_metrics
-from benchmarks.serving.result import RunResult
+from benchmarks.serving.result import LoadAverage, RunResult
 from benchmarks.serving.workload import BenchRequest, Workload
 from protos import generator_pb2_grpc as pb_grpc
 
@@ -104,12 +104,15 @@ def measure(
     *,
     max_concurrency: int | None = None,
     show_progress: bool = True,
+    trial: int = 0,
+    load_avg_before: LoadAverage | None = None,
 ) -> RunResult:
     """Warm-up, then the timed run of `workload` against `target`, with its metrics.
-    The machine's load average at the start goes into the run's config: on a
-    shared machine it says how far to trust the numbers."""
+    The machine's load average before (by default: after the warm-up) and at the end
+    of the timed run goes into the result: on a shared machine it says how far to
+    trust the numbers."""
     asyncio.run(warm_up(target))
-    config = {**config, "load_avg_at_start": list(os.getloadavg())}
+    load_avg_before = load_avg_before or os.getloadavg()
     run = asyncio.run(
         run_workload(
             target,
@@ -120,4 +123,6 @@ def measure(
             show_progress=show_progress,
         )
     )
-    return RunResult(name, config, compute_metrics(run.records, run.duration_s, slo), run.records)
+    load_avg_after = os.getloadavg()
+    metrics = compute_metrics(run.records, run.duration_s, slo, workload.long_indices)
+    return RunResult(name, config, metrics, run.records, trial, load_avg_before, load_avg_after)

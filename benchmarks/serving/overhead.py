@@ -22,7 +22,8 @@ from tqdm import tqdm
 from benchmarks.serving.client import RequestRecord, send
 from benchmarks.serving.launcher import BenchCluster, disaggregated_layout
 from benchmarks.serving.metrics import Slo, compute_metrics
-from benchmarks.serving.result import Comparison, RunResult, compare
+from benchmarks.serving.result import RunResult, trial_metrics
+from benchmarks.serving.trials import Goal, GoalResult, check_goal
 from benchmarks.serving.workload import TOKEN_ID_LIMIT, BenchRequest, Workload
 from protos import generator_pb2_grpc as pb_grpc
 
@@ -111,16 +112,18 @@ def run_overhead(
     prompt_len: int = 16,
     *,
     show_progress: bool = True,
-) -> tuple[Workload, list[RunResult], Comparison]:
-    """Local engine (baseline) vs cluster (candidate) p50 TTFT; goal: difference <= 5 ms."""
+) -> tuple[Workload, list[RunResult], list[GoalResult]]:
+    """Local engine (baseline) vs cluster (candidate) p50 TTFT; goal: difference <= 5 ms.
+    Its trials are the prompts, so the comparison itself is one trial."""
     workload = overhead_workload(num_trials, prompt_len)
     layout = disaggregated_layout(model, cores, name="cluster")
     probe = LocalEngineProbe(model, cores[0])
-    load_avg_at_start = list(os.getloadavg())
+    load_avg_before = os.getloadavg()
     with BenchCluster(layout) as cluster:
         cluster_records, local_records = asyncio.run(
             _trials(cluster.target, probe, workload, show_progress)
         )
+        load_avg_after = os.getloadavg()
     runs = []
     for name, config, records in (
         ("local-engine", {"model": model, "core": cores[0], "threads": 1}, local_records),
@@ -129,6 +132,6 @@ def run_overhead(
         # Sequential trials: the sum of their times is the run's duration.
         duration = sum((r.end_time or r.send_time) - r.send_time for r in records)
         metrics = compute_metrics(records, duration, Slo())
-        config = {**config, "load_avg_at_start": load_avg_at_start}
-        runs.append(RunResult(name, config, metrics, records))
-    return workload, runs, compare(runs[0], runs[1], "ttft_ms.p50", max_difference=GOAL_MS)
+        runs.append(RunResult(name, config, metrics, records, 0, load_avg_before, load_avg_after))
+    goal = Goal("ttft_ms.p50", "cluster", "local-engine", by="difference", at_most=GOAL_MS)
+    return workload, runs, [check_goal(goal, trial_metrics(runs))]

@@ -1,19 +1,28 @@
-"""The result document: runs, their metrics and the comparison, as JSON.
+"""The result document: runs, their metrics, the trials' summary and the goals, as JSON.
 
-Schema (`schema_version` 1), all latencies in ms:
+Schema (`schema_version` 2), all latencies in ms, times in s:
 
-    {"schema_version": 1, "created": ISO-8601 UTC, "command": str,
+    {"schema_version": 2, "created": ISO-8601 UTC, "command": str,
      "machine": {"num_cpus": int, "load_avg": [1, 5, 15 min]},
      "workload": {"name": str, "num_requests": int, "params": {...}},
      "arrivals": {"rate": float | "inf", "burstiness": float, "seed": int},
      "max_concurrency": int | null,
-     "slo": {"ttft_ms": float | null, "tpot_ms": ..., "e2e_ms": ...},
-     "runs": [{"name": str, "config": {...}, "metrics": BenchMetrics,
+     "slo": {"ttft_ms": float | null, "tpot_ms": ..., "e2e_ms": ..., "itl_ms": ...},
+     "num_trials": int,
+     "runs": [{"name": str, "trial": int, "config": {...},
+               "load_avg_before": [1, 5, 15 min] | null, "load_avg_after": ...,
+               "metrics": BenchMetrics,
                "requests": [{"index", "group", "prompt_tokens", "output_tokens",
-                             "cached_prompt_tokens", "ttft_ms", "e2e_ms", "error"}]}],
-     "comparison": null | {"metric": "itl_ms.p99", "baseline": str, "candidate": str,
-                           "baseline_value", "candidate_value", "ratio": cand / base,
-                           "difference": cand - base, "goal": str, "is_met": bool}}
+                             "cached_prompt_tokens", "ttft_ms", "e2e_ms", "error",
+                             "send_s", "token_times_s"}]}],
+     "summary": {run name: {metric path: Spread}},
+     "goals": [{"goal": Goal, "description": str, "spread": Spread,
+                "num_trials_met": int, "is_met": bool | null}],
+     "sweep": null | RateSweep (sweep.py)}
+
+A Spread is {"values": [per trial], "median", "min", "max"} (trials.py). Request
+times are seconds after the run's first send: `send_s` and every token's arrival,
+so the interference can be recomputed from the file.
 """
 
 from __future__ import annotations
@@ -21,15 +30,20 @@ from __future__ import annotations
 import datetime
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.serving.arrivals import ArrivalProcess
 from benchmarks.serving.client import RequestRecord
 from benchmarks.serving.metrics import BenchMetrics, RequestLatencies, Slo
+from benchmarks.serving.trials import GoalResult, TrialMetrics, flat_metrics, metric_spreads
 from benchmarks.serving.workload import Workload
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+LoadAverage = tuple[float, float, float]
+"""os.getloadavg(): the 1, 5 and 15 minute load averages."""
 
 
 @dataclass(frozen=True)
@@ -42,26 +56,12 @@ class RunResult:
     """How the cluster was laid out (cores, processes, flags), for the record."""
     metrics: BenchMetrics
     records: list[RequestRecord] = field(repr=False)
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """One metric of two runs from the same invocation, against a goal on either
-    their ratio (candidate / baseline) or their difference (candidate - baseline)."""
-
-    metric: str
-    """A dotted path into BenchMetrics, e.g. "ttft_ms.p50"."""
-    baseline: str
-    candidate: str
-    baseline_value: float | None
-    candidate_value: float | None
-    ratio: float | None
-    """candidate / baseline (None when either is missing or the baseline is 0)."""
-    difference: float | None
-    """candidate - baseline (None when either is missing)."""
-    goal: str
-    """e.g. "ratio <= 0.5" or "difference <= 5"."""
-    is_met: bool
+    trial: int = 0
+    """Which trial of its comparison (0-based)."""
+    load_avg_before: LoadAverage | None = None
+    """The machine's load before the run's cluster started."""
+    load_avg_after: LoadAverage | None = None
+    """The machine's load when the timed run ended (its own processes included)."""
 
 
 def metric_value(metrics: BenchMetrics, path: str) -> float | None:
@@ -73,34 +73,20 @@ def metric_value(metrics: BenchMetrics, path: str) -> float | None:
     return value
 
 
-def compare(
-    baseline: RunResult,
-    candidate: RunResult,
-    metric: str,
-    *,
-    max_ratio: float | None = None,
-    max_difference: float | None = None,
-) -> Comparison:
-    """Compares `metric` of two runs; the goal is exactly one of
-    `candidate / baseline <= max_ratio` and `candidate - baseline <= max_difference`."""
-    if (max_ratio is None) == (max_difference is None):
-        raise ValueError("give exactly one of max_ratio and max_difference")
-    base = metric_value(baseline.metrics, metric)
-    cand = metric_value(candidate.metrics, metric)
-    ratio = cand / base if base and cand is not None else None
-    difference = cand - base if base is not None and cand is not None else None
-    if max_ratio is not None:
-        goal, is_met = f"ratio <= {max_ratio:g}", ratio is not None and ratio <= max_ratio
-    else:
-        assert max_difference is not None
-        goal = f"difference <= {max_difference:g}"
-        is_met = difference is not None and difference <= max_difference
-    return Comparison(
-        metric, baseline.name, candidate.name, base, cand, ratio, difference, goal, is_met
-    )
+def trial_metrics(runs: Sequence[RunResult]) -> list[TrialMetrics]:
+    """Per trial, in trial order: run name -> its flattened metrics."""
+    trials: dict[int, dict[str, dict[str, float | None]]] = {}
+    for run in runs:
+        trials.setdefault(run.trial, {})[run.name] = flat_metrics(run.metrics)
+    return [trials[trial] for trial in sorted(trials)]
 
 
-def _request_row(workload: Workload, record: RequestRecord) -> dict[str, object]:
+def run_names(runs: Sequence[RunResult]) -> list[str]:
+    """The configurations' names, in the order they first ran."""
+    return list(dict.fromkeys(run.name for run in runs))
+
+
+def _request_row(workload: Workload, record: RequestRecord, start: float) -> dict[str, object]:
     latencies = RequestLatencies.of(record) if record.is_success else None
     return {
         "index": record.index,
@@ -111,6 +97,21 @@ def _request_row(workload: Workload, record: RequestRecord) -> dict[str, object]
         "ttft_ms": latencies.ttft_ms if latencies else None,
         "e2e_ms": latencies.e2e_ms if latencies else None,
         "error": record.error,
+        "send_s": round(record.send_time - start, 6),
+        "token_times_s": [round(t - start, 6) for t in record.token_times],
+    }
+
+
+def _run_entry(workload: Workload, run: RunResult) -> dict[str, object]:
+    start = min((r.send_time for r in run.records), default=0.0)
+    return {
+        "name": run.name,
+        "trial": run.trial,
+        "config": run.config,
+        "load_avg_before": run.load_avg_before,
+        "load_avg_after": run.load_avg_after,
+        "metrics": run.metrics.to_dict(),
+        "requests": [_request_row(workload, r, start) for r in run.records],
     }
 
 
@@ -119,11 +120,13 @@ def result_document(
     arrivals: ArrivalProcess,
     slo: Slo,
     runs: list[RunResult],
-    comparison: Comparison | None = None,
+    goals: Sequence[GoalResult] = (),
     command: str = "",
     max_concurrency: int | None = None,
+    sweep: dict[str, object] | None = None,
 ) -> dict[str, object]:
     """The JSON-ready result of a benchmark invocation."""
+    trials = trial_metrics(runs)
     return {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -137,16 +140,14 @@ def result_document(
         "arrivals": arrivals.describe(),
         "max_concurrency": max_concurrency,
         "slo": asdict(slo),
-        "runs": [
-            {
-                "name": run.name,
-                "config": run.config,
-                "metrics": run.metrics.to_dict(),
-                "requests": [_request_row(workload, r) for r in run.records],
-            }
-            for run in runs
-        ],
-        "comparison": asdict(comparison) if comparison else None,
+        "num_trials": len(trials),
+        "runs": [_run_entry(workload, run) for run in runs],
+        "summary": {
+            name: {path: asdict(spread) for path, spread in metric_spreads(trials, name).items()}
+            for name in run_names(runs)
+        },
+        "goals": [goal.to_dict() for goal in goals],
+        "sweep": sweep,
     }
 
 

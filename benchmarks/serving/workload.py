@@ -16,6 +16,8 @@ from pathlib import Path
 
 # Ids below this are plain bytes in the byte-level tokenizer (BOS/EOS/pad follow).
 TOKEN_ID_LIMIT = 256
+# The group of a mixed workload's long prompts (the short ones are "short").
+LONG_GROUP = "long"
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,11 @@ class Workload:
     def __post_init__(self) -> None:
         if not self.requests:
             raise ValueError(f"workload {self.name!r} has no requests")
+
+    @property
+    def long_indices(self) -> frozenset[int]:
+        """Positions of the long prompts of a mixed workload (group "long")."""
+        return frozenset(i for i, r in enumerate(self.requests) if r.group == LONG_GROUP)
 
 
 def _tokens(rng: random.Random, length: int) -> tuple[int, ...]:
@@ -138,7 +145,7 @@ def mixed_workload(
     requests = []
     for i in range(num_prompts):
         is_long = i % long_every == 0
-        length, group = (long_len, "long") if is_long else (short_len, "short")
+        length, group = (long_len, LONG_GROUP) if is_long else (short_len, "short")
         requests.append(BenchRequest(_tokens(rng, length), output_len=output_len, group=group))
     params = {
         "num_prompts": num_prompts,

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from benchmarks.serving.launcher import free_port
 from deploy.cli import main
+
+ALLOWED = sorted(os.sched_getaffinity(0))
+CORES = f"{ALLOWED[0]},{ALLOWED[-1]}"  # the same core twice on a one-core machine
+THREE_WAY = ["--compare", "colocated-disagg-conditional", "--cores", CORES]
 
 
 @pytest.mark.parametrize(
@@ -24,6 +30,24 @@ from deploy.cli import main
         (
             ["--compare", "prefix-cache", "--cores", "0"],
             "--compare needs at least 2 cores, got [0]",
+        ),
+        ([*THREE_WAY, "--num-trials", "0"], "--num-trials must be >= 1, got 0"),
+        ([*THREE_WAY, "--colocated-cores", "4096"], "--colocated-cores: cores [4096] are not"),
+        ([*THREE_WAY, "--colocated-cores", "x"], "--colocated-cores 'x': expected core"),
+        (
+            [*THREE_WAY, "--colocated-token-budget", "0"],
+            "--colocated-token-budget must be >= 1, got 0",
+        ),
+        ([*THREE_WAY, "--max-local-prefill-len", "0"], "--max-local-prefill-len must be >= 1"),
+        (["--sweep-rate", "0.1,0.2", "--slo", "ttft_ms=1"], "--sweep-rate needs --compare"),
+        ([*THREE_WAY, "--sweep-rate", "0.1,0.2"], "--sweep-rate needs --slo"),
+        (
+            [*THREE_WAY, "--sweep-rate", "0.2,0.1", "--slo", "itl_ms=300"],
+            "sweep rates must increase, got [0.2, 0.1]",
+        ),
+        (
+            [*THREE_WAY, "--sweep-rate", "0.1x0.5", "--slo", "itl_ms=300"],
+            "--sweep-rate '0.1x0.5': the factor must be > 1",
         ),
     ],
 )

@@ -83,4 +83,4 @@ def test_bench_against_a_cluster_writes_the_result(tiny_cluster: BenchCluster, t
     assert result["max_concurrency"] == 1
     assert result["command"].startswith(f"kvrelay bench --target {tiny_cluster.target} ")
     assert run["config"]["target"] == tiny_cluster.target
-    assert len(run["config"]["load_avg_at_start"]) == 3
+    assert len(run["load_avg_before"]) == len(run["load_avg_after"]) == 3
