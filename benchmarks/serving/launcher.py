@@ -81,21 +81,22 @@ class ClusterLayout:
         every prompt), token budget 512"."""
         parts = []
         if self.prefill_cores:
-            parts.append(f"prefill on cores {_cores(self.prefill_cores)}")
+            parts.append(f"prefill on {_cores(self.prefill_cores)}")
         if not self.prefill_cores or self.max_local_prefill_len >= LOCAL_PREFILL_ALL:
             local = "every prompt"
         elif self.max_local_prefill_len:
             local = f"prompts up to {self.max_local_prefill_len} tokens"
         else:
             local = ""
-        decode = f"decode on cores {_cores(self.decode_cores)}"
+        decode = f"decode on {_cores(self.decode_cores)}"
         parts.append(f"{decode} (prefilling {local})" if local else decode)
         parts.append(f"token budget {self.decode_token_budget}")
         return f"{self.name}: {', '.join(parts)}"
 
 
 def _cores(cores: tuple[int, ...]) -> str:
-    return ",".join(map(str, cores))
+    """e.g. "core 1" or "cores 0,1"."""
+    return f"core{'s' if len(cores) > 1 else ''} {','.join(map(str, cores))}"
 
 
 def disaggregated_layout(

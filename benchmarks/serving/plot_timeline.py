@@ -20,6 +20,8 @@ def draw_timeline(
     itl_slo_ms: float | None = None,
 ) -> None:
     """Draws `run`'s timeline on the matplotlib axes `ax`."""
+    from matplotlib import ticker
+
     start = min(r.send_time for r in run.records)
     for i, (begin, end) in enumerate(prefill_intervals(run.records, long_indices)):
         label = "long prompt: send to first token" if i == 0 else None
@@ -38,6 +40,8 @@ def draw_timeline(
     ratio_text = "-" if ratio is None else f"{ratio:.2f}"
     ax.set_title(f"{run.name}, trial {run.trial + 1}: interference ratio {ratio_text}", fontsize=10)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("time since the first request (s)")
     ax.set_ylabel("ITL (ms)")
     ax.grid(True, which="both", alpha=0.3)

@@ -46,14 +46,17 @@ def test_three_layouts_on_the_same_cores() -> None:
 
 
 def test_summaries_say_who_prefills_and_the_budget() -> None:
+    assert colocated_layout("dummy:tiny", (A, B)).summary() == (
+        f"colocated: decode on cores {A},{B} (prefilling every prompt), token budget 512"
+    )
     assert colocated_layout("dummy:tiny", (B,), decode_token_budget=64).summary() == (
-        f"colocated: decode on cores {B} (prefilling every prompt), token budget 64"
+        f"colocated: decode on core {B} (prefilling every prompt), token budget 64"
     )
     assert disaggregated_layout("dummy:tiny", (A, B)).summary() == (
-        f"disaggregated: prefill on cores {A}, decode on cores {B}, token budget 512"
+        f"disaggregated: prefill on core {A}, decode on core {B}, token budget 512"
     )
     assert conditional_layout("dummy:tiny", (A, B), 256).summary() == (
-        f"conditional: prefill on cores {A}, decode on cores {B} "
+        f"conditional: prefill on core {A}, decode on core {B} "
         "(prefilling prompts up to 256 tokens), token budget 512"
     )
 
