@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from decode_worker.block_pool import BlockPool, BlockPoolConfig
+from decode_worker.cuda_graphs import DecodeGraphs
 from decode_worker.engine_config import EngineConfig
 from decode_worker.model_runner import ModelRunner
 from decode_worker.scheduler import Scheduler
@@ -157,6 +158,15 @@ class DecodeEngine:
             config.scheduler, self.pool, self._hash_block, model_config.full_window
         )
         self.runner = ModelRunner(loaded, self.pool)
+        if loaded.device.type == "cuda" and not config.enforce_eager:
+            self.runner.graphs = DecodeGraphs(
+                loaded.model,
+                self.pool,
+                config.scheduler.max_num_seqs,
+                loaded.device,
+                self.runner.attention_for_graph,
+            )
+            self.runner.graphs.capture()
         self.counters = EngineCounters()
         self._requests: dict[str, _Request] = {}
         self._unadmitted: set[str] = set()  # added, not yet in the running batch

@@ -22,6 +22,9 @@ class EngineConfig:
     """Tokens per block; must match the KV store's."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     """Batch limits, the admission watermark and prefix reuse."""
+    enforce_eager: bool = False
+    """Never capture CUDA graphs: every decode step launches its kernels one by one
+    (on CUDA; the CPU always runs eagerly)."""
 
     def __post_init__(self) -> None:
         if self.kv_cache_bytes <= 0 or (self.num_blocks is not None and self.num_blocks <= 0):

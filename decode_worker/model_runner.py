@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from decode_worker.block_pool import BlockPool
+from decode_worker.cuda_graphs import DecodeGraphs, StaticDecodeInputs
 from decode_worker.kernels.contracts import check_paged_attention_args
 from decode_worker.kernels.kv_cache_write import write_kv_cache, write_kv_cache_torch
 from decode_worker.kernels.paged_attention import (
+    GatherBuffers,
     GatherLayout,
     gather_layout,
     paged_attention,
@@ -40,32 +42,28 @@ class PagedAttentionBackend(AttentionBackend):
     def __init__(
         self,
         pool: BlockPool,
-        decodes: Sequence[ScheduledSequence],
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor | None,
+        context_lens: torch.Tensor | None,
         prefills: Sequence[ScheduledSequence],
         device: torch.device,
+        gather_buffers: GatherBuffers | None = None,
     ) -> None:
+        """The step's tokens are its decodes (one per row of `block_tables` and
+        `context_lens`; None for none), then its `prefills`' chunks; `slot_mapping`
+        has a slot per token. `for_step` builds these from a scheduled step."""
         self.pool = pool
+        self.gather_buffers = gather_buffers
         self.kv_format = pool.kv_format
         self.kv_cache_dtype = pool.kv_format.name
-        self.num_decode_tokens = len(decodes)
+        self.num_decode_tokens = 0 if block_tables is None else block_tables.shape[0]
         self.prefills = list(prefills)
         # Triton kernels on CUDA, the torch paths (which take the prebuilt layout) on CPU.
         self.is_torch_path = device.type != "cuda"
-        steps = [*decodes, *prefills]
-        self.slot_mapping = torch.tensor(
-            [slot for s in steps for slot in s.slot_mapping], dtype=torch.long, device=device
-        )
+        self.slot_mapping = slot_mapping
+        self.block_tables = block_tables
+        self.context_lens = context_lens
         self._num_checked_layers = 0
-        if decodes:
-            width = max(len(s.block_table) for s in decodes)
-            self.block_tables = torch.tensor(
-                [[*s.block_table, *[0] * (width - len(s.block_table))] for s in decodes],
-                dtype=torch.int32,
-                device=device,
-            )
-            self.context_lens = torch.tensor(
-                [s.context_len for s in decodes], dtype=torch.int32, device=device
-            )
         # Per window (None: the whole context), built on first use: the torch path's
         # gather layouts, and the prefill chunks' masks.
         self._layouts: dict[int | None, GatherLayout] = {}
@@ -81,7 +79,36 @@ class PagedAttentionBackend(AttentionBackend):
             for c in self.prefills
         ]
 
+    @classmethod
+    def for_step(
+        cls,
+        pool: BlockPool,
+        decodes: Sequence[ScheduledSequence],
+        prefills: Sequence[ScheduledSequence],
+        device: torch.device,
+        gather_buffers: GatherBuffers | None = None,
+    ) -> PagedAttentionBackend:
+        """The backend of one scheduled step: its tensors built from the sequences."""
+        slot_mapping = torch.tensor(
+            [slot for s in (*decodes, *prefills) for slot in s.slot_mapping],
+            dtype=torch.long,
+            device=device,
+        )
+        block_tables = context_lens = None
+        if decodes:
+            width = max(len(s.block_table) for s in decodes)
+            block_tables = torch.tensor(
+                [[*s.block_table, *[0] * (width - len(s.block_table))] for s in decodes],
+                dtype=torch.int32,
+                device=device,
+            )
+            context_lens = torch.tensor(
+                [s.context_len for s in decodes], dtype=torch.int32, device=device
+            )
+        return cls(pool, slot_mapping, block_tables, context_lens, prefills, device, gather_buffers)
+
     def _layout(self, window: int | None) -> GatherLayout:
+        assert self.block_tables is not None and self.context_lens is not None
         if window not in self._layouts:
             self._layouts[window] = gather_layout(
                 self.block_tables, self.context_lens, self.pool.block_size, window
@@ -125,7 +152,7 @@ class PagedAttentionBackend(AttentionBackend):
             if self.is_torch_path:
                 out = paged_attention_torch(
                     query[:n], key_cache, value_cache, self.block_tables, self.context_lens,
-                    scale, self._layout(window), kv_cache_dtype, window,
+                    scale, self._layout(window), kv_cache_dtype, window, self.gather_buffers,
                 )  # fmt: skip
             else:
                 out = paged_attention(
@@ -181,22 +208,53 @@ def _chunk_attention(
 
 
 class ModelRunner:
-    """Turns a SchedulerOutput into logits for the sequences that sample."""
+    """Turns a SchedulerOutput into logits for the sequences that sample.
 
-    def __init__(self, loaded: LoadedModel, pool: BlockPool) -> None:
+    With `graphs` (CUDA, unless `--enforce-eager`), decode-only steps replay a
+    captured CUDA graph of their batch-size bucket; everything else runs eagerly."""
+
+    def __init__(
+        self, loaded: LoadedModel, pool: BlockPool, graphs: DecodeGraphs | None = None
+    ) -> None:
         self.loaded = loaded
         self.pool = pool
+        self.gather_buffers = GatherBuffers()
+        self.graphs = graphs
+
+    def attention_for_graph(self, inputs: StaticDecodeInputs, batch_size: int) -> AttentionBackend:
+        """The attention of a captured decode step: the static buffers' first rows."""
+        return PagedAttentionBackend(
+            self.pool,
+            inputs.slot_mapping[:batch_size],
+            inputs.block_tables[:batch_size],
+            inputs.context_lens[:batch_size],
+            (),
+            inputs.device,
+            self.gather_buffers,
+        )
 
     @torch.inference_mode()
     def run(self, step: SchedulerOutput) -> tuple[list[str], torch.Tensor]:
         """Returns the request ids that sample this step and their logits [n, vocab]."""
+        if self.graphs is not None and step.decodes and not step.prefills:
+            hidden = self.graphs.run(step.decodes)
+            if hidden is not None:
+                # A one-token step is a decode, or (rarely) a prompt chunk cut to one
+                # token by the budget, which does not sample.
+                rows = [i for i, s in enumerate(step.decodes) if s.is_sampled]
+                if len(rows) < len(step.decodes):
+                    hidden = hidden[torch.tensor(rows, device=hidden.device)]
+                ids = [step.decodes[i].request_id for i in rows]
+                return ids, self.loaded.model.compute_logits(hidden)
         device = self.loaded.device
         steps = [*step.decodes, *step.prefills]
         input_ids = torch.tensor([t for s in steps for t in s.token_ids], device=device)
         positions = torch.tensor(
             [p for s in steps for p in range(s.start_pos, s.context_len)], device=device
         )
-        attention = PagedAttentionBackend(self.pool, step.decodes, step.prefills, device)
+        attention = PagedAttentionBackend.for_step(
+            self.pool, step.decodes, step.prefills, device, self.gather_buffers
+        )
         hidden = self.loaded.model(input_ids, positions, attention)
         last_rows, sampled_ids, end = [], [], 0
         for s in steps:
