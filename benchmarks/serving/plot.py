@@ -116,7 +116,8 @@ def plot_latencies(
         if any(pooled[name][key] for key in ("during", "outside"))
     ]
     num_rows = 2 + len(timelines) + (sweep is not None)
-    figure = plt.figure(figsize=(15, 4.2 * num_rows))
+    height_in = 4.2 * num_rows
+    figure = plt.figure(figsize=(15, height_in))
     grid = figure.add_gridspec(num_rows, 6)
     colors = {name: f"C{i}" for i, name in enumerate(names)}
 
@@ -163,7 +164,7 @@ def plot_latencies(
         )
 
     figure.suptitle(title)
-    figure.tight_layout(rect=(0, 0, 1, 1 - 0.3 / num_rows))  # room for the title
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.4 / height_in))  # 0.4 in for the title
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
     plt.close(figure)

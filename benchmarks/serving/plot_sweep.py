@@ -31,8 +31,12 @@ def draw_sweep(goodput_ax, attainment_ax, sweep: RateSweep, colors: dict[str, st
     goodput_ax.set_ylabel("goodput (req/s meeting the SLO)")
     attainment_ax.set_ylabel("fraction of requests meeting the SLO")
     attainment_ax.set_ylim(0, 1.05)
+    from matplotlib import ticker
+
     for ax in (goodput_ax, attainment_ax):
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel("arrival rate (req/s)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)

@@ -32,7 +32,11 @@ def draw_timeline(
             continue
         for a, b in itertools.pairwise(record.token_times):
             ends.append(b - start)
-            gaps.append(max((b - a) * 1e3, 1e-3))  # a zero gap cannot sit on a log axis
+            gaps.append((b - a) * 1e3)
+    # Zero gaps (several tokens in one message) cannot sit on a log axis: they are
+    # drawn at half the smallest positive gap.
+    floor = min((g for g in gaps if g > 0), default=2e-3) / 2
+    gaps = [max(g, floor) for g in gaps]
     ax.scatter(ends, gaps, s=6, color=color, label="short request's gap, at its end")
     if itl_slo_ms is not None:
         ax.axhline(itl_slo_ms, color="grey", linestyle=":", label=f"ITL SLO {itl_slo_ms:g} ms")
@@ -40,8 +44,9 @@ def draw_timeline(
     ratio_text = "-" if ratio is None else f"{ratio:.2f}"
     ax.set_title(f"{run.name}, trial {run.trial + 1}: interference ratio {ratio_text}", fontsize=10)
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlabel("time since the first request (s)")
     ax.set_ylabel("ITL (ms)")
     ax.grid(True, which="both", alpha=0.3)
