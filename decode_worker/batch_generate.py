@@ -24,9 +24,11 @@ def generate_with_engine(
     prompts: list[list[int]],
     params: SamplingParams,
     kv_cache_dtype: str = AUTO,
+    enforce_eager: bool = False,
 ) -> Iterator[tuple[int, TokenOutput]]:
     """(prompt index, token) in the order the engine samples them; all prompts are queued
-    at once and run as one continuous batch, their K/V stored as `kv_cache_dtype`.
+    at once and run as one continuous batch, their K/V stored as `kv_cache_dtype`
+    (on CUDA, decode steps replay CUDA graphs unless `enforce_eager`).
     Raises `RequestTooLargeError` when a prompt plus `params.max_tokens` cannot fit in
     the KV pool."""
     block_size = _ENGINE.block_size
@@ -37,7 +39,9 @@ def generate_with_engine(
     # command does not zero 512 MiB first; never more than the engine's default bytes.
     num_needed_blocks = sum(-(-(len(p) + params.max_tokens) // block_size) for p in prompts)
     num_blocks = min(num_needed_blocks, _ENGINE.kv_cache_bytes // spec.nbytes)
-    config = dataclasses.replace(_ENGINE, num_blocks=max(num_blocks, 1))
+    config = dataclasses.replace(
+        _ENGINE, num_blocks=max(num_blocks, 1), enforce_eager=enforce_eager
+    )
     engine = DecodeEngine(loaded, config, spec.fingerprint, kv_cache_dtype=kv_cache_dtype)
     for i, prompt in enumerate(prompts):
         engine.add_request(EngineRequest(str(i), prompt, params))

@@ -69,6 +69,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     model.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     add_kv_cache_dtype_flag(model)
+    model.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="--local on CUDA: no CUDA graphs, every decode step run eagerly",
+    )
     prompts = parser.add_argument_group("prompts")
     prompts.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text")
     prompts.add_argument(
@@ -147,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         kv_cache_dtype=args.kv_cache_dtype,
+        enforce_eager=args.enforce_eager,
         text_prompts=text_prompts,
         token_id_prompts=token_id_prompts,
         conversations=conversations,

@@ -48,6 +48,8 @@ class LocalGenerateRequest:
     """(role, content) turns, rendered with the model's chat template; run last."""
     kv_cache_dtype: str = "auto"
     """How the engine's pool stores K/V (`kvstore.kv_format`)."""
+    enforce_eager: bool = False
+    """On CUDA: no CUDA graphs for decode steps."""
 
     def __post_init__(self) -> None:
         if not self.text_prompts and not self.token_id_prompts and not self.conversations:
@@ -77,7 +79,9 @@ def run_local_generate(request: LocalGenerateRequest, out: TextIO | None = None)
                 f"prompt {i} has token ids outside the vocab [0, {loaded.config.vocab_size})"
             )
     try:
-        outputs = generate_with_engine(loaded, prompts, request.params, request.kv_cache_dtype)
+        outputs = generate_with_engine(
+            loaded, prompts, request.params, request.kv_cache_dtype, request.enforce_eager
+        )
     except RequestTooLargeError as exc:
         raise UsageError(str(exc)) from None
     if len(prompts) == 1 and not request.is_json:

@@ -56,6 +56,8 @@ class WorkerOptions:
     """Decode: prompts up to this many tokens are prefilled there."""
     enable_prefix_cache: bool = True
     """Reuse cached KV (off: compute every prompt in full, for comparisons)."""
+    enforce_eager: bool = False
+    """Decode on CUDA: launch every step's kernels one by one, no CUDA graphs."""
     publish_generated: bool = True
     """Decode: put the full blocks it computes into the store (resumes and the next
     turn of a conversation fetch them)."""
@@ -139,6 +141,13 @@ def add_worker_flags(parser: argparse.ArgumentParser, *, with_placement: bool = 
         help="compute every prompt in full, never reuse cached KV (for comparisons)",
     )
     group.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="decode on CUDA: run every step eagerly instead of replaying captured CUDA "
+        "graphs (slower for small models; for debugging and comparisons; the CPU is "
+        "always eager)",
+    )
+    group.add_argument(
         "--no-publish-generated",
         action="store_true",
         help="decode: keep the blocks it computes to itself (by default they go to the "
@@ -204,6 +213,7 @@ def worker_options(args: argparse.Namespace) -> WorkerOptions:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_local_prefill_len=args.max_local_prefill_len,
         enable_prefix_cache=not args.no_prefix_cache,
+        enforce_eager=args.enforce_eager,
         publish_generated=not args.no_publish_generated,
         drain_timeout_s=args.drain_timeout,
         max_queued=args.max_queued,
@@ -253,6 +263,7 @@ def decode_config(options: WorkerOptions, where: WorkerAddress, store_url: str) 
                 max_num_batched_tokens=options.max_num_batched_tokens,
                 enable_prefix_caching=options.enable_prefix_cache,
             ),
+            enforce_eager=options.enforce_eager,
         ),
         max_local_prefill_len=options.max_local_prefill_len,
         publish_computed_blocks=options.publish_generated,

@@ -58,6 +58,13 @@ def test_the_decode_token_budget_reaches_the_scheduler():
     )
 
 
+def test_enforce_eager_reaches_the_decode_engine():
+    default = decode_config(worker_options(parse()), WorkerAddress(), "memory")
+    assert not default.engine.enforce_eager
+    eager = decode_config(worker_options(parse("--enforce-eager")), WorkerAddress(), "memory")
+    assert eager.engine.enforce_eager
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
