@@ -45,6 +45,10 @@ examples:
   kvrelay bench --compare colocated-disagg-conditional ... --sweep-rate 0.05x1.5
   # decode capacity held equal: colocated on core 1 only
   kvrelay bench --compare colocated-disagg-conditional ... --colocated-cores 1
+  # the colocated chunked-prefill budget: 512 (the default), 256, 128, 64
+  kvrelay bench --compare colocated-token-budget --model dummy:135m --cores 0,1 \\
+      --workload mixed --num-prompts 8 --long-len 1024 --output-len 32 --request-rate 0.5 \\
+      --slo ttft_ms=10000,itl_ms=300
 
 Prompts are random token ids of exact lengths (JSONL: "prompt" text or
 "prompt_token_ids", optional "output_len" per line); EOS is ignored, so every
@@ -66,6 +70,7 @@ WORKLOADS = ("random", "shared-prefix", "mixed", "jsonl")
 COMPARE_KINDS = (
     "disagg-vs-colocated",
     "colocated-disagg-conditional",
+    "colocated-token-budget",
     "prefix-cache",
     "kv-cache-dtype",
     "overhead",

@@ -11,6 +11,11 @@ every goal is checked in every trial (`trials.py`).
   (`interference.py`) <= 1.2, every configuration's reported beside it, with p99
   ITL and goodput of the other two over colocated's. In a sweep: the highest rate
   meeting the SLO, disaggregated's and conditional's each >= 1.5x colocated's.
+- `colocated-token-budget`: the colocated configuration at chunked-prefill budgets
+  of 512 (the decode worker's default, the baseline), 256, 128 and 64 tokens, to
+  pick the budget the colocated baseline runs with (`--colocated-token-budget`);
+  reported: each one's p99 ITL, interference ratio and goodput, the first two
+  over the default's.
 - `prefix-cache`: a disaggregated cluster with every worker's prefix cache off is
   the baseline; goal: p50 TTFT with the cache <= 0.2x without (5x lower).
 - `kv-cache-dtype`: a disaggregated cluster storing K/V in the model's dtype is the
@@ -46,6 +51,8 @@ from benchmarks.serving.trials import Goal
 from benchmarks.serving.workload import Workload
 
 DEFAULT_MAX_LOCAL_PREFILL_LEN = 256
+COLOCATED_TOKEN_BUDGETS = (DEFAULT_DECODE_TOKEN_BUDGET, 256, 128, 64)
+"""The budgets `colocated-token-budget` compares, the default first."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,18 @@ def _interference_goals(names: tuple[str, ...]) -> tuple[Goal, ...]:
     )
 
 
+def _budget_goals() -> tuple[Goal, ...]:
+    """Reported: every budget's p99 ITL over the default's, interference, goodput."""
+    default = f"colocated-{DEFAULT_DECODE_TOKEN_BUDGET}"
+    goals = []
+    for budget in COLOCATED_TOKEN_BUDGETS:
+        name = f"colocated-{budget}"
+        if name != default:
+            goals.append(Goal("itl_ms.p99", name, default))
+        goals += [Goal("interference.ratio", name), Goal("goodput", name)]
+    return tuple(goals)
+
+
 COMPARISONS: dict[str, ComparisonSpec] = {
     "disagg-vs-colocated": ComparisonSpec(
         layouts=lambda o: (o.colocated(), o.disaggregated()),
@@ -124,6 +143,18 @@ COMPARISONS: dict[str, ComparisonSpec] = {
             Goal("goodput", "conditional", "colocated"),
         ),
         sweep_min_ratio=1.5,
+    ),
+    "colocated-token-budget": ComparisonSpec(
+        layouts=lambda o: tuple(
+            colocated_layout(
+                o.model,
+                o.colocated_cores or o.cores,
+                f"colocated-{budget}",
+                decode_token_budget=budget,
+            )
+            for budget in COLOCATED_TOKEN_BUDGETS
+        ),
+        goals=_budget_goals(),
     ),
     "prefix-cache": ComparisonSpec(
         layouts=lambda o: (

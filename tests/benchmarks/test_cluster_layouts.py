@@ -1,5 +1,6 @@
 """The comparisons' cluster layouts: which worker runs on which core, which prompts
-a decode worker prefills itself, and its chunked-prefill budget."""
+a decode worker prefills itself, and its chunked-prefill budget; and that every
+comparison's goals name configurations it runs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 
 import pytest
 
+from benchmarks.serving.compare import COMPARISONS, LayoutOptions
 from benchmarks.serving.launcher import (
     DEFAULT_DECODE_TOKEN_BUDGET,
     LOCAL_PREFILL_ALL,
@@ -66,3 +68,29 @@ def test_bad_layouts_are_refused() -> None:
         conditional_layout("dummy:tiny", (A, B), 0)
     with pytest.raises(ValueError, match="decode_token_budget must be >= 1, got 0"):
         colocated_layout("dummy:tiny", (A, B), decode_token_budget=0)
+
+
+@pytest.mark.parametrize("kind", sorted(COMPARISONS))
+def test_every_goal_names_configurations_its_comparison_runs(kind: str) -> None:
+    spec = COMPARISONS[kind]
+    names = [layout.name for layout in spec.layouts(LayoutOptions("dummy:tiny", (A, B)))]
+    assert len(set(names)) == len(names)
+    for goal in spec.goals:
+        assert {goal.candidate, goal.baseline} - {None} <= set(names), goal.describe()
+
+
+def test_the_three_way_comparison_and_its_options() -> None:
+    options = LayoutOptions("dummy:tiny", (A, B), colocated_cores=(B,), colocated_token_budget=96)
+    colocated, disaggregated, conditional = COMPARISONS["colocated-disagg-conditional"].layouts(
+        options
+    )
+    assert (colocated.decode_cores, colocated.decode_token_budget) == ((B,), 96)
+    assert (disaggregated.prefill_cores, disaggregated.decode_cores) == ((A,), (B,))
+    assert (conditional.name, conditional.max_local_prefill_len) == ("conditional", 256)
+    budgets = COMPARISONS["colocated-token-budget"].layouts(options)
+    assert [(b.name, b.decode_token_budget, b.decode_cores) for b in budgets] == [
+        ("colocated-512", 512, (B,)),
+        ("colocated-256", 256, (B,)),
+        ("colocated-128", 128, (B,)),
+        ("colocated-64", 64, (B,)),
+    ]
