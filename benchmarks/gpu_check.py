@@ -19,7 +19,9 @@ Three parts, each next to its baseline in the same run:
 3. `engine`: the decode engine end to end in bfloat16 on `dummy:1b` (Llama-3.2-1B's
    shape): decode tokens/s at batch 1, 16 and 64 against `transformers` `generate`
    with a static cache on the same weights (skipped, and said so, where
-   `transformers` is not installed), and prefill tokens/s for 1k and 8k prompts.
+   `transformers` is not installed), and against our own engine with
+   `enforce_eager` (no CUDA graphs), whose tokens must be the graphs' tokens; and
+   prefill tokens/s for 1k and 8k prompts.
 
 It needs only torch and Triton (no gRPC, Redis or network; it checks at import),
 so it runs on a bare CUDA host from a copy of the working tree. Writes
@@ -372,7 +374,13 @@ def engine_part(plan: Plan, report: Report) -> None:
             random_prompt(loaded.config, plan.engine_prompt_len, seed=i) for i in range(batch)
         ]
         ours, our_tokens = our_decode_rate(loaded, prompts, plan.engine_new_tokens)
-        entry = {"kind": "decode", "batch": batch, "kvrelay_tok_s": ours}
+        eager, eager_tokens = our_decode_rate(
+            loaded, prompts, plan.engine_new_tokens, enforce_eager=True
+        )
+        # On CUDA `ours` replays CUDA graphs; on the CPU both runs are eager.
+        entry = {"kind": "decode", "batch": batch, "kvrelay_tok_s": ours,
+                 "eager_tok_s": eager, "graphs_vs_eager": ours / eager,
+                 "eager_tokens_agree": our_tokens == eager_tokens}  # fmt: skip
         if reference is not None:
             theirs, their_tokens = hf_decode_rate(reference, prompts, plan.engine_new_tokens)
             entry |= {"transformers_tok_s": theirs, "ratio": ours / theirs,
@@ -401,13 +409,20 @@ def synchronize(device: torch.device) -> None:
 
 
 def our_engine(
-    loaded: LoadedModel, prompts: list[list[int]], max_tokens: int, batched_tokens: int = 512
+    loaded: LoadedModel,
+    prompts: list[list[int]],
+    max_tokens: int,
+    batched_tokens: int = 512,
+    enforce_eager: bool = False,
 ) -> DecodeEngine:
+    """An engine with the prompts queued; on CUDA it captures its decode graphs here,
+    before any clock starts (unless `enforce_eager`)."""
     block = 16
     num_blocks = sum(-(-(len(p) + max_tokens) // block) for p in prompts) + 8
     config = EngineConfig(
         num_blocks=num_blocks,
         scheduler=SchedulerConfig(max_num_seqs=max(len(prompts), 1), max_num_batched_tokens=max(batched_tokens, len(prompts))),
+        enforce_eager=enforce_eager,
     )  # fmt: skip
     engine = DecodeEngine(loaded, config, b"gpu-check")
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
@@ -417,10 +432,10 @@ def our_engine(
 
 
 def our_decode_rate(
-    loaded: LoadedModel, prompts: list[list[int]], new_tokens: int
+    loaded: LoadedModel, prompts: list[list[int]], new_tokens: int, enforce_eager: bool = False
 ) -> tuple[float, list[list[int]]]:
     """Tokens/s of the steps after every prompt has its first token (prefill excluded)."""
-    engine = our_engine(loaded, prompts, new_tokens)
+    engine = our_engine(loaded, prompts, new_tokens, enforce_eager=enforce_eager)
     tokens: list[list[int]] = [[] for _ in prompts]
     while any(not t for t in tokens):
         for out in engine.step():
@@ -551,16 +566,21 @@ def markdown(report: Report) -> str:
     if report.engine:
         lines += [
             "",
-            "| engine | size | kvrelay tok/s | transformers tok/s | ratio | tokens agree |",
-            "|---|---|---|---|---|---|",
+            "| engine | size | kvrelay tok/s | transformers tok/s | ratio | tokens agree "
+            "| eager tok/s | graphs / eager | eager tokens agree |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for e in report.engine:
             size = f"batch {e['batch']}" if e["kind"] == "decode" else f"prompt {e['prompt_len']}"
             theirs = f"{e['transformers_tok_s']:.1f}" if "transformers_tok_s" in e else "-"
             ratio = f"{e['ratio']:.2f}" if "ratio" in e else "-"
             agree = str(e.get("tokens_agree", "-"))
+            eager = f"{e['eager_tok_s']:.1f}" if "eager_tok_s" in e else "-"
+            speedup = f"{e['graphs_vs_eager']:.2f}" if "graphs_vs_eager" in e else "-"
+            eager_agree = str(e.get("eager_tokens_agree", "-"))
             lines.append(
-                f"| {e['kind']} | {size} | {e['kvrelay_tok_s']:.1f} | {theirs} | {ratio} | {agree} |"
+                f"| {e['kind']} | {size} | {e['kvrelay_tok_s']:.1f} | {theirs} | {ratio} | {agree} "
+                f"| {eager} | {speedup} | {eager_agree} |"
             )
     lines += [f"- {note}" for note in report.notes]
     return "\n".join(lines) + "\n"

@@ -34,6 +34,7 @@ def test_the_cpu_smoke_run_passes_every_part(tmp_path: Path) -> None:
     decode = [e for e in result["engine"] if e["kind"] == "decode"]
     assert [e["batch"] for e in decode] == [1, 2]
     assert all(e["tokens_agree"] and e["kvrelay_tok_s"] > 0 for e in decode)
+    assert all(e["eager_tokens_agree"] and e["eager_tok_s"] > 0 for e in decode)
     assert "kernels: 9/9 cases pass" in (tmp_path / "gpu_check.md").read_text()
 
 
