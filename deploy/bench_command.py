@@ -45,7 +45,7 @@ examples:
   kvrelay bench --compare colocated-disagg-conditional ... --sweep-rate 0.05x1.5
   # decode capacity held equal: colocated on core 1 only
   kvrelay bench --compare colocated-disagg-conditional ... --colocated-cores 1
-  # the colocated chunked-prefill budget: 512 (the default), 256, 128, 64
+  # the colocated chunked-prefill budget: 512 (the default), 1024, 256, 128, 64
   kvrelay bench --compare colocated-token-budget --model dummy:135m --cores 0,1 \\
       --workload mixed --num-prompts 8 --long-len 1024 --output-len 32 --request-rate 0.5 \\
       --slo ttft_ms=10000,itl_ms=300

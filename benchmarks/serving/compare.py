@@ -12,7 +12,7 @@ every goal is checked in every trial (`trials.py`).
   ITL and goodput of the other two over colocated's. In a sweep: the highest rate
   meeting the SLO, disaggregated's and conditional's each >= 1.5x colocated's.
 - `colocated-token-budget`: the colocated configuration at chunked-prefill budgets
-  of 512 (the decode worker's default, the baseline), 256, 128 and 64 tokens, to
+  of 512 (the decode worker's default, the baseline), 1024, 256, 128 and 64 tokens, to
   pick the budget the colocated baseline runs with (`--colocated-token-budget`);
   reported: each one's p99 ITL, interference ratio and goodput, the first two
   over the default's.
@@ -51,7 +51,7 @@ from benchmarks.serving.trials import Goal
 from benchmarks.serving.workload import Workload
 
 DEFAULT_MAX_LOCAL_PREFILL_LEN = 256
-COLOCATED_TOKEN_BUDGETS = (DEFAULT_DECODE_TOKEN_BUDGET, 256, 128, 64)
+COLOCATED_TOKEN_BUDGETS = (DEFAULT_DECODE_TOKEN_BUDGET, 1024, 256, 128, 64)
 """The budgets `colocated-token-budget` compares, the default first."""
 
 

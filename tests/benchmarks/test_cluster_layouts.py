@@ -90,6 +90,7 @@ def test_the_three_way_comparison_and_its_options() -> None:
     budgets = COMPARISONS["colocated-token-budget"].layouts(options)
     assert [(b.name, b.decode_token_budget, b.decode_cores) for b in budgets] == [
         ("colocated-512", 512, (B,)),
+        ("colocated-1024", 1024, (B,)),
         ("colocated-256", 256, (B,)),
         ("colocated-128", 128, (B,)),
         ("colocated-64", 64, (B,)),
