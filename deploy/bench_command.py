@@ -15,9 +15,9 @@ from pathlib import Path
 
 from deploy.cli_errors import UsageError
 
-# The decode worker's --max-num-batched-tokens default (benchmarks.serving.launcher's
-# DEFAULT_DECODE_TOKEN_BUDGET; not imported, so --help loads no benchmark code).
-DEFAULT_DECODE_TOKEN_BUDGET = 512
+# The colocated baseline's chunked-prefill budget (benchmarks.serving.compare's
+# COLOCATED_TOKEN_BUDGET, measured; not imported, so --help loads no benchmark code).
+COLOCATED_TOKEN_BUDGET = 256
 
 EPILOG = """\
 examples:
@@ -113,10 +113,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     where.add_argument(
         "--colocated-token-budget",
         type=int,
-        default=DEFAULT_DECODE_TOKEN_BUDGET,
+        default=COLOCATED_TOKEN_BUDGET,
         metavar="TOKENS",
         help="--compare: the colocated decode workers' tokens per step, the chunk they "
-        "prefill a prompt in (their --max-num-batched-tokens; default: %(default)s)",
+        "prefill a prompt in (their --max-num-batched-tokens; default: %(default)s, the "
+        "best of --compare colocated-token-budget here; the workers' own default is 512)",
     )
     where.add_argument(
         "--max-local-prefill-len",

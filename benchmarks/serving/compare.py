@@ -53,6 +53,10 @@ from benchmarks.serving.workload import Workload
 DEFAULT_MAX_LOCAL_PREFILL_LEN = 256
 COLOCATED_TOKEN_BUDGETS = (DEFAULT_DECODE_TOKEN_BUDGET, 1024, 256, 128, 64)
 """The budgets `colocated-token-budget` compares, the default first."""
+COLOCATED_TOKEN_BUDGET = 256
+"""The colocated baseline's budget: the best goodput and SLO attainment of
+`colocated-token-budget` on dummy:135m's mixed load (docs/benchmarks.md), where 64
+was clearly worst and 128-1024 within a short run's noise of each other."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ class LayoutOptions:
     """Every configuration's workers are pinned to these."""
     colocated_cores: tuple[int, ...] = ()
     """The colocated configuration's decode workers, one per core (empty: `cores`)."""
-    colocated_token_budget: int = DEFAULT_DECODE_TOKEN_BUDGET
+    colocated_token_budget: int = COLOCATED_TOKEN_BUDGET
     """The colocated decode workers' tokens per engine step (their prefill chunk)."""
     max_local_prefill_len: int = DEFAULT_MAX_LOCAL_PREFILL_LEN
     """Conditional: the decode worker prefills prompts up to this long itself."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import pytest
 
+from benchmarks.serving.compare import COLOCATED_TOKEN_BUDGET, LayoutOptions
 from benchmarks.serving.launcher import free_port
+from deploy import bench_command
 from deploy.cli import main
 
 ALLOWED = sorted(os.sched_getaffinity(0))
@@ -66,3 +69,11 @@ def test_unreachable_router_exits_1(capsys, tmp_path) -> None:
     assert main(argv) == 1
     assert "warm-up request failed: UNAVAILABLE" in capsys.readouterr().err
     assert not result.exists()
+
+
+def test_the_colocated_budget_flag_defaults_to_the_measured_one() -> None:
+    parser = argparse.ArgumentParser()
+    bench_command.register(parser.add_subparsers())
+    args = parser.parse_args(["bench"])
+    assert args.colocated_token_budget == COLOCATED_TOKEN_BUDGET == 256
+    assert LayoutOptions("dummy:tiny", (0, 1)).colocated_token_budget == 256
