@@ -175,8 +175,8 @@ def run_sweep(
     slo: Slo,
     settings: TrialSettings,
 ) -> tuple[list[RunResult], RateSweep]:
-    """Climbs `ladder` (see the module docstring); runs are named
-    "<configuration>@<rate>" in the returned list."""
+    """Climbs `ladder` (see the module docstring); in the returned list runs are
+    named "<configuration>@<rate>" and their config holds the `request_rate`."""
     if slo.is_empty:
         raise ValueError("--sweep-rate needs an SLO (--slo ttft_ms=...,itl_ms=...)")
     climbing = [layout.name for layout in layouts]
@@ -190,7 +190,12 @@ def run_sweep(
         at_rate = dataclasses.replace(arrivals, rate=rate)
         runs = run_trials(active, workload, at_rate, slo, settings)
         runs_by_rate[rate] = runs
-        all_runs += [dataclasses.replace(run, name=f"{run.name}@{rate:g}") for run in runs]
+        all_runs += [
+            dataclasses.replace(
+                run, name=f"{run.name}@{rate:g}", config={**run.config, "request_rate": rate}
+            )
+            for run in runs
+        ]
         for layout in active:
             goodput = Spread.of([r.metrics.goodput for r in runs if r.name == layout.name])
             goodputs[layout.name].append(goodput.median)
