@@ -166,7 +166,13 @@ class DecodeEngine:
                 loaded.device,
                 self.runner.attention_for_graph,
             )
-            self.runner.graphs.capture()
+            try:
+                self.runner.graphs.capture()
+            except RuntimeError as err:
+                raise RuntimeError(
+                    f"capturing the decode CUDA graphs failed ({err}); "
+                    "run with --enforce-eager to decode without them"
+                ) from err
         self.counters = EngineCounters()
         self._requests: dict[str, _Request] = {}
         self._unadmitted: set[str] = set()  # added, not yet in the running batch
